@@ -1,0 +1,392 @@
+"""Typed configs: the one home of every default.
+
+A YAML file holds only the differences from these defaults; `--set section.key=value` overrides are cast to
+the field's type. `load(cls, path, overrides)` reports *every* problem (unknown keys, wrong types, bad values,
+contradictory settings) in one `ConfigError`, before Ray starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line."""
+
+    def __init__(self, errors: list[str], source: str = "config"):
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    base: str = "embedded"  # 'embedded' (bundled all-MiniLM-L6-v2), a HF hub id, a local dir, or a bertray checkpoint (local or s3://)
+    max_length: int = 128  # tokens per text including [CLS]/[SEP]
+    truncation: Literal["head", "tail", "head+tail"] = "head"  # which tokens of a long text to keep
+    freeze_encoder: bool = False  # train only the classification head
+    freeze_layers: int = 0  # freeze the embeddings and the bottom N encoder layers
+    dropout: Optional[float] = None  # classifier dropout; None keeps the model's own
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # file, folder or glob of .parquet/.csv/.jsonl; local or s3://
+    validation: Optional[str] = None  # same forms; None carves a seeded stratified split out of train
+    validation_fraction: float = 0.1  # used only when validation is None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])  # joined with a space, e.g. [title, description]
+    label_column: str = "label"  # integer ids or string names
+    labels: Optional[list[str]] = None  # class names in id order; None: from labels.json beside the data, else inferred
+    clean_html: bool = False  # strip tags such as <br /> and unescape entities
+    normalize_whitespace: bool = True  # collapse runs of whitespace
+    max_train_rows: Optional[int] = None  # seeded subsample of train (after cleaning)
+    max_validation_rows: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5  # peak learning rate of AdamW
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup
+    warmup_ratio: float = 0.06  # fraction of total optimizer steps spent warming up
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # texts per worker per micro-batch
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    group_by_length: bool = True  # batches of similar length, so dynamic padding wastes little
+    eval_every: Optional[int] = None  # optimizer steps between evaluations; None = once per epoch
+    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"  # chooses the best checkpoint and drives early stopping
+    patience: Optional[int] = None  # evaluations without improvement before stopping; None = never stop early
+    class_weights: Literal["none", "balanced"] = "none"  # 'balanced' weights the loss by inverse class frequency
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, off on CPU
+    seed: int = 42
+    log_every: int = 10  # optimizer steps between progress lines
+
+
+@dataclass
+class RunConfig:
+    name: str = "finetune"  # run directory under storage; re-running the same name resumes
+    storage: str = "./runs"  # local path or s3://bucket/prefix; must be shared storage on a multi-node cluster
+    num_workers: int = 1  # data-parallel training workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
+    keep_checkpoints: int = 2  # best ones kept (by train.metric); the latest is always kept too
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS or a new local cluster
+
+
+@dataclass
+class MLMConfig:
+    probability: float = 0.15  # fraction of tokens selected for prediction (then 80% [MASK], 10% random, 10% kept)
+    whole_word: bool = False  # mask every piece of a selected word together
+    packing: bool = True  # concatenate short texts into full max_length sequences
+    eval_rows: int = 512  # fixed held-out sample for masked-LM loss / perplexity
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def _positive(errors: list[str], name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> list[str]:
+        return _check_common(self) + _check_labeled(self)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, eval_every=100, metric="loss"))
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain"))
+
+    def check(self) -> list[str]:
+        errors = _check_common(self)
+        if self.train.max_steps is None:
+            errors.append("train.max_steps: pretraining is scheduled in steps; set train.max_steps")
+        if self.train.metric != "loss":
+            errors.append(f"train.metric: masked-LM reports only 'loss' (perplexity), got {self.train.metric!r}")
+        if not 0 < self.mlm.probability < 1:
+            errors.append(f"mlm.probability: must be between 0 and 1, got {self.mlm.probability}")
+        _positive(errors, "mlm.eval_rows", self.mlm.eval_rows)
+        return errors
+
+
+def _check_common(cfg: FinetuneConfig | PretrainConfig) -> list[str]:
+    e: list[str] = []
+    m, d, o, t, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.run
+    if not d.train:
+        e.append("data.train: required (a file, folder or glob of .parquet/.csv/.jsonl, local or s3://)")
+    if not d.text_columns:
+        e.append("data.text_columns: needs at least one column")
+    if not 8 <= m.max_length <= 8192:
+        e.append(f"model.max_length: must be between 8 and 8192, got {m.max_length}")
+    if m.truncation == "head+tail" and m.max_length < 16:
+        e.append("model.truncation: 'head+tail' needs model.max_length >= 16")
+    _positive(e, "model.freeze_layers", m.freeze_layers, allow_zero=True)
+    if m.freeze_encoder and m.freeze_layers:
+        e.append("model.freeze_layers: contradicts model.freeze_encoder=true (the whole encoder is already frozen)")
+    if m.dropout is not None and not 0 <= m.dropout < 1:
+        e.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if not 0 < d.validation_fraction < 1:
+        e.append(f"data.validation_fraction: must be between 0 and 1, got {d.validation_fraction}")
+    _positive(e, "data.max_train_rows", d.max_train_rows)
+    _positive(e, "data.max_validation_rows", d.max_validation_rows)
+    _positive(e, "optim.lr", o.lr)
+    _positive(e, "optim.weight_decay", o.weight_decay, allow_zero=True)
+    if not 0 <= o.warmup_ratio < 1:
+        e.append(f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
+    _positive(e, "optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive(e, "optim.max_grad_norm", o.max_grad_norm, allow_zero=True)
+    _positive(e, "optim.grad_accum_steps", o.grad_accum_steps)
+    _positive(e, "train.batch_size", t.batch_size)
+    _positive(e, "train.epochs", t.epochs)
+    _positive(e, "train.max_steps", t.max_steps)
+    _positive(e, "train.eval_every", t.eval_every)
+    _positive(e, "train.patience", t.patience)
+    _positive(e, "train.log_every", t.log_every)
+    if t.mixed_precision in ("bf16", "fp16") and not r.use_gpu:
+        e.append(f"train.mixed_precision: {t.mixed_precision!r} needs run.use_gpu=true (use 'auto' or 'no' on CPU)")
+    if not r.name or "/" in r.name:
+        e.append(f"run.name: must be a non-empty name without '/', got {r.name!r}")
+    if not r.storage:
+        e.append("run.storage: required (local path or s3://bucket/prefix)")
+    _positive(e, "run.num_workers", r.num_workers)
+    _positive(e, "run.cpus_per_worker", r.cpus_per_worker)
+    _positive(e, "run.max_failures", r.max_failures, allow_zero=True)
+    _positive(e, "run.keep_checkpoints", r.keep_checkpoints)
+    return e
+
+
+def _check_labeled(cfg: FinetuneConfig) -> list[str]:
+    e: list[str] = []
+    if cfg.data.label_column in cfg.data.text_columns:
+        e.append(f"data.label_column: {cfg.data.label_column!r} is also listed in data.text_columns")
+    if cfg.data.labels is not None and len(set(cfg.data.labels)) < 2:
+        e.append("data.labels: needs at least two distinct class names")
+    return e
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load(cls: type, path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
+    """Build `cls` from a YAML file (or dict) plus `key.sub=value` overrides; raise ConfigError with every problem."""
+    source = str(path) if path else "config"
+    errors: list[str] = []
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError([f"cannot read config file: {exc.strerror}"], source) from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    if data:
+        raw = _deep_merge(raw, data)
+    for item in overrides or []:
+        _apply_override(cls, raw, item, errors)
+    cfg = _build(cls, raw, "", errors)
+    # Fields with a bad type fell back to their defaults above, so the cross-field checks are safe to run too.
+    errors.extend(e for e in cfg.check() if e not in errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict):
+    """Rebuild a config saved with `to_dict` (e.g. from a checkpoint); raises ConfigError on mismatch."""
+    return load(cls, data=data)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(cls: type, raw: dict, item: str, errors: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        errors.append(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-5")
+        return
+    parts = key.split(".")
+    ftype = _field_type(cls, parts)
+    if ftype is None:
+        errors.append(f"--set {key}: unknown key (known: {', '.join(_known_keys(cls))})")
+        return
+    # A str field takes the text as written; anything else is parsed as YAML ("3e-5" -> 3e-05, "[a, b]" -> list).
+    if _accepts_str(ftype) and not text.strip().startswith("["):
+        value: Any = None if text.strip().lower() in ("null", "none", "~") and _is_optional(ftype) else text
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            errors.append(f"--set {key}: cannot parse value {text!r}")
+            return
+        # YAML reads '3e-5' as a string; floats are what the user meant.
+        if isinstance(value, str) and _unwrap(ftype) is float:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            errors.append(f"--set {key}: {p} is not a section")
+            return
+    node[parts[-1]] = value
+
+
+def _field_type(cls: type, parts: list[str]):
+    hints = typing.get_type_hints(cls)
+    if parts[0] not in hints:
+        return None
+    t = hints[parts[0]]
+    if len(parts) == 1:
+        return t
+    return _field_type(t, parts[1:]) if dataclasses.is_dataclass(t) else None
+
+
+def _known_keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for name, t in typing.get_type_hints(cls).items():
+        out.extend(_known_keys(t, f"{prefix}{name}.") if dataclasses.is_dataclass(t) else [f"{prefix}{name}"])
+    return out
+
+
+def _is_optional(t) -> bool:
+    return typing.get_origin(t) in (Union, types.UnionType) and type(None) in typing.get_args(t)
+
+
+def _unwrap(t):
+    """Optional[X] -> X."""
+    if _is_optional(t):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _accepts_str(t) -> bool:
+    t = _unwrap(t)
+    return t is str or typing.get_origin(t) is Literal
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in hints:
+            close = [k for k in hints if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"{prefix}{key}: unknown key{hint}; known keys here: {', '.join(hints)}")
+    kwargs = {}
+    for name, t in hints.items():
+        if name not in raw:
+            continue
+        if dataclasses.is_dataclass(t):
+            # Start from this stage's own default for the section (e.g. pretrain's max_steps), then apply.
+            default = _default_of(cls, name)
+            merged = _deep_merge(dataclasses.asdict(default), raw[name] or {}) if isinstance(raw[name], (dict, type(None))) else raw[name]
+            kwargs[name] = _build(t, merged, f"{prefix}{name}.", errors)
+        else:
+            ok, value = _coerce(raw[name], t)
+            if ok:
+                kwargs[name] = value
+            else:
+                errors.append(f"{prefix}{name}: expected {_type_name(t)}, got {raw[name]!r}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reachable through a bug in this module
+        errors.append(f"{prefix or 'config'}: {exc}")
+        return cls()
+
+
+def _default_of(cls: type, name: str):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _coerce(value: Any, t) -> tuple[bool, Any]:
+    if _is_optional(t):
+        if value is None:
+            return True, None
+        t = _unwrap(t)
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return (value in typing.get_args(t)), value
+    if origin is list:
+        (inner,) = typing.get_args(t) or (Any,)
+        if isinstance(value, str) and inner is str:
+            value = [value]  # a lone column name is a one-element list
+        if not isinstance(value, list):
+            return False, value
+        items = [_coerce(v, inner) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict or t is dict:
+        return isinstance(value, dict), value
+    if t is Any:
+        return True, value
+    if t is bool:
+        return isinstance(value, bool), value
+    if t is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if t is str:
+        return isinstance(value, str), value
+    return isinstance(value, t), value
+
+
+def _type_name(t) -> str:
+    if _is_optional(t):
+        return f"{_type_name(_unwrap(t))} or null"
+    if typing.get_origin(t) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
+    if typing.get_origin(t) is list:
+        return f"a list of {_type_name(typing.get_args(t)[0])}"
+    return getattr(t, "__name__", str(t))

@@ -1,0 +1,215 @@
+"""Reading labeled and unlabeled text: Parquet, CSV or JSON Lines; files, folders or globs; local or s3://.
+
+Nothing is dropped silently: every row that is not used is counted under a reason, and the counts go into the
+run's report and checkpoint.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from bertray import storage
+from bertray.config import DataConfig
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, column or row."""
+
+
+def data_files(uri: str) -> list[str]:
+    files = [f for f in storage.list_files(uri) if _format(f)]
+    if not files:
+        raise DataError(f"{uri}: no data files found (looked for {', '.join(sorted(set(FORMATS)))})")
+    return files
+
+
+def _format(path: str) -> str | None:
+    for suffix, fmt in FORMATS.items():
+        if path.lower().endswith(suffix):
+            return fmt
+    return None
+
+
+def read_file(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One file as a table with only `columns`; errors name the file and, for a missing column, the columns it has."""
+    fs, p = storage.filesystem(path)
+    fmt = _format(path)
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(fs.open_input_file(p))
+            schema_names = pf.schema_arrow.names
+            _require_columns(path, schema_names, columns)
+            table = pf.read(columns=columns)
+        else:
+            with fs.open_input_stream(p) as f:
+                table = pacsv.read_csv(f) if fmt == "csv" else pajson.read_json(f)
+            _require_columns(path, table.column_names, columns)
+            table = table.select(columns) if columns else table
+    except DataError:
+        raise
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
+    return table
+
+
+def _require_columns(path: str, have: list[str], want: list[str] | None) -> None:
+    missing = [c for c in want or [] if c not in have]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; the file has: {', '.join(have)}")
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    tables = [read_file(f, columns) for f in data_files(uri)]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{uri}: files disagree on column types: {exc}") from None
+
+
+_TAG = re.compile(r"<[^>]+>")
+_WS = re.compile(r"\s+")
+
+
+def texts_from(table: pa.Table, cfg: DataConfig, source: str = "") -> list[str | None]:
+    """Join the text columns with a space and clean them; None where every text column is null."""
+    cols = []
+    for name in cfg.text_columns:
+        col = table.column(name)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+            raise DataError(f"{source}: text column {name!r} has type {col.type}, expected strings")
+        cols.append(col.to_pylist())
+    out: list[str | None] = []
+    for parts in zip(*cols):
+        present = [p for p in parts if p is not None]
+        out.append(clean(" ".join(present), cfg) if present else None)
+    return out
+
+
+def clean(text: str, cfg: DataConfig) -> str:
+    if cfg.clean_html:
+        text = html.unescape(_TAG.sub(" ", text))
+    if cfg.normalize_whitespace:
+        text = _WS.sub(" ", text).strip()
+    return text
+
+
+@dataclass
+class Labeled:
+    texts: list[str]
+    labels: np.ndarray  # int64 class ids
+    label_names: list[str]
+    report: dict = field(default_factory=dict)  # rows read / used / dropped by reason
+
+
+def label_names_for(uri: str, cfg: DataConfig, table: pa.Table) -> list[str]:
+    """Class names in id order: the config, else labels.json beside the data, else inferred from the column."""
+    if cfg.labels:
+        return list(cfg.labels)
+    beside = storage.join(uri.rsplit("/", 1)[0] if not storage.is_dir(uri) else uri, "labels.json")
+    if "*" not in beside and storage.exists(beside):
+        names = json.loads(storage.read_text(beside))
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    col = table.column(cfg.label_column)
+    values = [v for v in pc.unique(col.drop_null()).to_pylist()]
+    if pa.types.is_integer(col.type):
+        if not values:
+            return []
+        if min(values) < 0:
+            raise DataError(f"{uri}: label column {cfg.label_column!r} has negative ids; set data.labels or use names")
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values)
+
+
+def load_labeled(uri: str, cfg: DataConfig, label_names: list[str] | None = None) -> Labeled:
+    """Read texts and labels; rows with null/empty text or a missing/unknown label are dropped and counted."""
+    table = read_table(uri, list(dict.fromkeys([*cfg.text_columns, cfg.label_column])))
+    names = label_names if label_names is not None else label_names_for(uri, cfg, table)
+    texts = texts_from(table, cfg, uri)
+    col = table.column(cfg.label_column)
+    raw = col.to_pylist()
+    index = {n: i for i, n in enumerate(names)}
+    is_int = pa.types.is_integer(col.type)
+    if not (is_int or pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+        raise DataError(f"{uri}: label column {cfg.label_column!r} has type {col.type}, expected integer ids or string names")
+    dropped: Counter = Counter()
+    first_bad: dict[str, int] = {}
+    keep_t, keep_y = [], []
+    for row, (t, y) in enumerate(zip(texts, raw)):
+        reason = None
+        if t is None:
+            reason = "null_text"
+        elif not t:
+            reason = "empty_text"
+        elif y is None:
+            reason = "null_label"
+        else:
+            yid = (int(y) if 0 <= int(y) < len(names) else None) if is_int else index.get(str(y))
+            if yid is None:
+                reason = "unknown_label"
+        if reason:
+            dropped[reason] += 1
+            first_bad.setdefault(reason, row)
+            continue
+        keep_t.append(t)
+        keep_y.append(yid)
+    report = {
+        "source": uri,
+        "rows_read": table.num_rows,
+        "rows_used": len(keep_t),
+        "dropped": dict(dropped),
+        "first_dropped_row": first_bad,  # 0-based row across the files, in sorted file order
+    }
+    if not keep_t:
+        raise DataError(f"{uri}: no usable rows ({table.num_rows} read; dropped: {dict(dropped) or 'none'})")
+    return Labeled(keep_t, np.asarray(keep_y, dtype=np.int64), names, report)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): `fraction` of each class, at least one row, seeded."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        val.append(idx[:n])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def subset(d: Labeled, idx: np.ndarray) -> Labeled:
+    return Labeled([d.texts[i] for i in idx], d.labels[idx], d.label_names, dict(d.report))
+
+
+def sample(d: Labeled, n: int | None, seed: int) -> Labeled:
+    if n is None or n >= len(d.texts):
+        return d
+    idx = np.sort(np.random.default_rng(seed).choice(len(d.texts), size=n, replace=False))
+    out = subset(d, idx)
+    out.report["sampled_rows"] = n
+    return out
+
+
+def load_texts(uri: str, cfg: DataConfig) -> tuple[list[str], dict]:
+    """Unlabeled texts (for masked-LM evaluation samples and small corpora), with the drop report."""
+    table = read_table(uri, list(cfg.text_columns))
+    texts = texts_from(table, cfg, uri)
+    kept = [t for t in texts if t]
+    report = {"source": uri, "rows_read": table.num_rows, "rows_used": len(kept),
+              "dropped": {k: v for k, v in {"null_text": sum(t is None for t in texts),
+                                            "empty_text": sum(t == "" for t in texts)}.items() if v}}
+    return kept, report

