@@ -390,3 +390,90 @@ def _type_name(t) -> str:
     if typing.get_origin(t) is list:
         return f"a list of {_type_name(typing.get_args(t)[0])}"
     return getattr(t, "__name__", str(t))
+
+
+# --------------------------------------------------------------------------------------------------- labeling
+
+
+@dataclass
+class LabelConfig:
+    model: str = ""  # bertray checkpoint (local or s3://) or any HF sequence-classification folder
+    input: str = ""  # Parquet file, folder or glob; local or s3://
+    output: str = ""  # output folder; local or s3://
+    text_column: str = "text"
+    id_column: Optional[str] = "id"  # passed through and checked unique; None: none (row position is kept instead)
+    passthrough: list[str] = field(default_factory=list)  # more input columns copied to the output
+    probabilities: bool = False  # add one prob_<label> column per class
+    rows_per_file: int = 100_000  # upper bound on rows per output file (also the resume unit)
+    token_budget: int = 16384  # padded tokens per inference micro-batch
+    max_length: Optional[int] = None  # None: the checkpoint's own
+    actors: Optional[int] = None  # inference actors; None: as many as the cluster's CPUs (or GPUs) allow
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # > 0 runs inference on GPUs (fractions share a GPU)
+    quantize: Literal["none", "int8"] = "none"  # int8: dynamic quantization of linear layers (CPU only)
+    on_empty: Literal["null", "skip"] = "null"  # null/empty text: keep the row with a null label, or drop it (counted)
+    on_bad_file: Literal["error", "skip"] = "error"  # unreadable input file: stop, or skip it (reported)
+    confidence_threshold: float = 0.6  # rows whose top probability is below this are counted in the summary
+    drift_threshold: float = 0.1  # warn when the predicted label distribution is this far (total variation) from training
+    overwrite: bool = False  # start over even if the output folder holds a finished or partial run
+    ray_address: Optional[str] = None
+
+    def check(self) -> list[str]:
+        e: list[str] = []
+        for name in ("model", "input", "output"):
+            if not getattr(self, name):
+                e.append(f"{name}: required")
+        if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
+            e.append("output: must differ from input")
+        _positive(e, "rows_per_file", self.rows_per_file)
+        _positive(e, "token_budget", self.token_budget)
+        _positive(e, "actors", self.actors)
+        _positive(e, "cpus_per_actor", self.cpus_per_actor)
+        _positive(e, "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        if self.quantize == "int8" and self.gpus_per_actor:
+            e.append("quantize: int8 is a CPU option; drop it or set gpus_per_actor=0")
+        if not 0 <= self.confidence_threshold <= 1:
+            e.append(f"confidence_threshold: must be in [0, 1], got {self.confidence_threshold}")
+        if self.id_column and self.id_column in self.passthrough:
+            e.append(f"passthrough: {self.id_column!r} is the id column, already passed through")
+        return e
+
+
+# --------------------------------------------------------------------------------------------------- serving
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""  # bertray checkpoint (local or s3://) or any HF sequence-classification folder
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1  # fixed replica count (ignored with autoscaling)
+    autoscaling: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 32  # texts batched across callers into one forward pass
+    batch_wait_timeout_s: float = 0.01  # how long the first text waits for others
+    batching: bool = True  # off: each request runs alone (for benchmarks)
+    max_texts: int = 64  # per request
+    max_text_chars: int = 10_000  # per text
+    max_ongoing_requests: int = 64  # per replica, before requests queue
+    max_queued_requests: int = 128  # past this the caller gets a fast 503
+    api_key_env: Optional[str] = None  # name of an env var holding a bearer token; None: no auth
+    token_budget: int = 16384
+    ray_address: Optional[str] = None
+
+    def check(self) -> list[str]:
+        e: list[str] = []
+        if not self.model:
+            e.append("model: required")
+        if not 0 < self.port < 65536:
+            e.append(f"port: must be 1-65535, got {self.port}")
+        for name in ("replicas", "min_replicas", "max_replicas", "max_batch_size", "max_texts", "max_text_chars",
+                     "max_ongoing_requests", "max_queued_requests", "token_budget", "cpus_per_replica"):
+            _positive(e, name, getattr(self, name))
+        _positive(e, "batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
+        if self.autoscaling and self.min_replicas > self.max_replicas:
+            e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        return e

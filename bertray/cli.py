@@ -1,0 +1,177 @@
+"""`bertray pretrain|finetune|tune|label|serve|evaluate|predict|validate`: a thin layer over each stage's `run(cfg)`.
+
+Every stage takes `--config FILE.yaml` and `--set key=value` overrides; the convenience flags below are only
+shorthands for config keys. The config is validated before Ray starts: problems exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from bertray import config as C
+
+# stage -> (module, config class name, {flag: (config key, kind)}); kind: 'value' or 'flag' (store_true).
+_TRAIN_FLAGS = {
+    "--num-workers": ("run.num_workers", "value"),
+    "--use-gpu": ("run.use_gpu", "flag"),
+    "--name": ("run.name", "value"),
+    "--storage": ("run.storage", "value"),
+    "--address": ("run.ray_address", "value"),
+}
+STAGES = {
+    "pretrain": ("bertray.pretrain", "PretrainConfig", _TRAIN_FLAGS),
+    "finetune": ("bertray.finetune", "FinetuneConfig", _TRAIN_FLAGS),
+    "tune": ("bertray.tune", "TuneConfig", {
+        **_TRAIN_FLAGS,
+        "--gpus-per-trial": ("search.gpus_per_trial", "value"),
+        "--cpus-per-trial": ("search.cpus_per_trial", "value"),
+    }),
+    "label": ("bertray.label", "LabelConfig", {
+        "--model": ("model", "value"),
+        "--input": ("input", "value"),
+        "--output": ("output", "value"),
+        "--text-column": ("text_column", "value"),
+        "--id-column": ("id_column", "value"),
+        "--passthrough": ("passthrough", "value"),
+        "--probabilities": ("probabilities", "flag"),
+        "--rows-per-file": ("rows_per_file", "value"),
+        "--actors": ("actors", "value"),
+        "--gpus-per-actor": ("gpus_per_actor", "value"),
+        "--quantize": ("quantize", "value"),
+        "--skip-empty": ("on_empty", "skip"),
+        "--skip-bad-files": ("on_bad_file", "skip"),
+        "--overwrite": ("overwrite", "flag"),
+        "--address": ("ray_address", "value"),
+    }),
+    "serve": ("bertray.serve", "ServeConfig", {
+        "--model": ("model", "value"),
+        "--host": ("host", "value"),
+        "--port": ("port", "value"),
+        "--replicas": ("replicas", "value"),
+        "--autoscaling": ("autoscaling", "flag"),
+        "--api-key-env": ("api_key_env", "value"),
+        "--address": ("ray_address", "value"),
+    }),
+}
+
+
+def _known_errors() -> tuple[type, ...]:
+    from bertray.data import DataError
+    from bertray.modeling import ModelError
+    from bertray.storage import StorageError
+
+    return DataError, ModelError, StorageError, FileNotFoundError, PermissionError
+
+
+def build_config(stage: str, config_file: str | None, sets: list[str], flags: dict) -> object:
+    _, cls_name, flag_map = STAGES[stage]
+    overrides = list(sets or [])
+    for flag, (key, kind) in flag_map.items():
+        value = flags.get(flag.lstrip("-").replace("-", "_"))
+        if value in (None, False):
+            continue
+        overrides.append(f"{key}={'true' if kind == 'flag' else (kind if kind != 'value' else value)}")
+    return C.load(getattr(C, cls_name), config_file, overrides)
+
+
+def detect_stage(path: str) -> str:
+    """Guess which stage a YAML file configures from its sections (for `bertray validate`)."""
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        return "finetune"
+    if "search" in raw:
+        return "tune"
+    if "mlm" in raw:
+        return "pretrain"
+    if "input" in raw or "output" in raw:
+        return "label"
+    if {"port", "replicas", "max_batch_size"} & set(raw):
+        return "serve"
+    return "finetune"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bertray", description="Distributed BERT text classification on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for stage, (_, _, flag_map) in STAGES.items():
+        sp = sub.add_parser(stage, help=f"run the {stage} stage")
+        sp.add_argument("--config", help="YAML file holding differences from the defaults")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=3e-5 (repeatable)")
+        for flag, (key, kind) in flag_map.items():
+            if kind == "value":
+                sp.add_argument(flag, help=f"same as --set {key}=...")
+            else:
+                sp.add_argument(flag, action="store_true", help=f"same as --set {key}={'true' if kind == 'flag' else kind}")
+    v = sub.add_parser("validate", help="check a config file and exit (0 ok, 2 problems)")
+    v.add_argument("file")
+    v.add_argument("--stage", choices=list(STAGES), help="which stage it configures (default: guessed from its sections)")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e = sub.add_parser("evaluate", help="metrics JSON and confusion-matrix PNG of MODEL on labeled DATA")
+    e.add_argument("model")
+    e.add_argument("data")
+    e.add_argument("--out", default=None, help="output folder (default: outputs/evaluate-<model name>)")
+    e.add_argument("--text-column", action="append", dest="text_columns", default=None)
+    e.add_argument("--label-column", default="label")
+    e.add_argument("--quantize", choices=["none", "int8"], default="none")
+    e.add_argument("--max-rows", type=int, default=None)
+    pr = sub.add_parser("predict", help="label a few texts")
+    pr.add_argument("model")
+    pr.add_argument("texts", nargs="+")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    try:
+        if args.command == "validate":
+            stage = args.stage or detect_stage(args.file)
+            build_config(stage, args.file, args.set, {})
+            print(f"{args.file}: valid {stage} config")
+            return 0
+        if args.command == "evaluate":
+            from bertray import evaluate
+
+            result = evaluate.run_cli(args)
+            print(json.dumps(result["summary"], indent=2))
+            return 0
+        if args.command == "predict":
+            from bertray.predictor import Predictor
+
+            pred = Predictor(args.model)
+            probs = pred.predict(args.texts).probs
+            for text, p in zip(args.texts, probs):
+                i = int(p.argmax())
+                print(f"{pred.label_names[i]}\t{p[i]:.3f}\t{text}")
+            return 0
+        cfg = build_config(args.command, args.config, args.set, vars(args))
+        module = importlib.import_module(STAGES[args.command][0])
+        from bertray import runtime
+
+        runtime.init_ray(getattr(getattr(cfg, "run", cfg), "ray_address", None))
+        module.run(cfg)
+        return 0
+    except C.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _known_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

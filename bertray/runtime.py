@@ -1,0 +1,47 @@
+"""Process-level setup that only entry points (CLI, jobs/) call: never on import."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Passed to every Ray worker so S3 settings and offline model loading hold on all nodes.
+_PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATE)}
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start a local cluster; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True,
+             **({} if address else {"include_dashboard": False}))
+    res = ray.cluster_resources()
+    log.info("Ray %s: %d node(s), %s CPUs, %s GPUs", "cluster at " + address if address else "local",
+             len([n for n in ray.nodes() if n["Alive"]]), res.get("CPU", 0), res.get("GPU", 0))
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return len([n for n in ray.nodes() if n["Alive"]])
+
+
+def check_shared_storage(uri: str, what: str) -> None:
+    """A local path on a multi-node cluster would scatter checkpoints and outputs across machines."""
+    from bertray import storage
+
+    if storage.is_remote(uri) or os.environ.get("BERTRAY_ALLOW_LOCAL_STORAGE") == "1":
+        return
+    if alive_nodes() > 1:
+        raise storage.StorageError(
+            f"{what}={uri!r} is a local path but the Ray cluster has {alive_nodes()} nodes; use shared storage "
+            "(s3://bucket/prefix, or an NFS mount with BERTRAY_ALLOW_LOCAL_STORAGE=1)")
