@@ -7,11 +7,16 @@ import os
 log = logging.getLogger(__name__)
 
 # Passed to every Ray worker so S3 settings and offline model loading hold on all nodes.
-_PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+_PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TRANSFORMERS_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 
 
 def worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATE)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATE)}
+    # Per-worker weight-loading bars and load reports drown the training progress lines.
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
 
 
 def init_ray(address: str | None = None) -> None:

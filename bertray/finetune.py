@@ -1,0 +1,191 @@
+"""Fine-tune a BERT-family classifier with Ray Train: `run(cfg)`.
+
+Labeled data is read and checked once on the driver (every dropped row counted by reason), shipped to the
+workers through the object store, tokenized once per worker, and cut into length-grouped batches whose order
+depends only on (seed, epoch): that is what makes resume exact to the batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numpy as np
+import torch
+
+from bertray import data as D
+from bertray import modeling, runtime, trainer
+from bertray.config import FinetuneConfig
+from bertray.metrics import confusion, from_confusion
+from bertray.train_loop import Objective
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Train, export the best checkpoint to `<storage>/<name>/model`, and return the run summary."""
+    import ray
+
+    runtime.check_shared_storage(cfg.run.storage, "run.storage")
+    train, val = load_splits(cfg)
+    objective = ClassificationObjective(cfg, ray.put((train.texts, train.labels)), ray.put((val.texts, val.labels)),
+                                        train.label_names, report={"train": train.report, "validation": val.report})
+    log.info("fine-tuning %s on %d train / %d validation rows, classes %s", cfg.model.base, len(train.texts),
+             len(val.texts), train.label_names)
+    result = trainer.build_trainer(cfg, objective).fit()
+    summary = trainer.export_run(cfg, result, objective)
+    m = summary["metrics"]
+    log.info("best %s %.4f at step %s (accuracy %.4f, macro-F1 %.4f); model exported to %s",
+             objective.metric, m.get(objective.metric, float("nan")), summary["best_step"], m.get("accuracy", float("nan")),
+             m.get("macro_f1", float("nan")), summary["model"])
+    return summary
+
+
+def load_splits(cfg: FinetuneConfig) -> tuple[D.Labeled, D.Labeled]:
+    """Train and validation sets: validation from its own file or a seeded stratified split of train."""
+    d = cfg.data
+    full = D.load_labeled(d.train, d)
+    if d.validation:
+        train = full
+        val = D.load_labeled(d.validation, d, label_names=full.label_names)
+    else:
+        tr_idx, va_idx = D.stratified_split(full.labels, d.validation_fraction, cfg.train.seed)
+        train, val = D.subset(full, tr_idx), D.subset(full, va_idx)
+        train.report["split"] = val.report["split"] = f"stratified {d.validation_fraction:.0%} of train, seed {cfg.train.seed}"
+    train = D.sample(train, d.max_train_rows, cfg.train.seed)
+    val = D.sample(val, d.max_validation_rows, cfg.train.seed)
+    for name, part in (("train", train), ("validation", val)):
+        dropped = part.report.get("dropped")
+        if dropped:
+            log.warning("%s: dropped %s of %d rows (%s)", part.report["source"], sum(dropped.values()),
+                        part.report["rows_read"], ", ".join(f"{k}: {v}" for k, v in dropped.items()))
+    if len(val.texts) == 0:
+        raise D.DataError(f"{d.validation or d.train}: validation set is empty")
+    return train, val
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
+    """Every rank's batches for one epoch (rank r takes [r::world]); a pure function of its arguments.
+
+    Length grouping (as HF's LengthGroupedSampler): shuffle, sort within mega-batches of 50 global batches,
+    then shuffle the batches, so each batch holds texts of similar length and padding stays small. The longest
+    batch goes first so an out-of-memory shows at once, not hours in. The batch count is padded to a multiple
+    of `world` by repeating early batches, so every rank takes the same number of steps."""
+    n = len(lengths)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(n)
+    if group_by_length:
+        mega = batch_size * world * 50
+        idx = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in np.array_split(idx, max(1, math.ceil(n / mega)))])
+    batches = [idx[i:i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length and len(batches) > 1:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        longest = int(np.argmax([lengths[b].max() for b in batches]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    batches += batches[: (-len(batches)) % world]
+    return batches
+
+
+def collate(ids: list[list[int]], rows: np.ndarray, pad_id: int, multiple: int = 1, labels: np.ndarray | None = None) -> dict:
+    width = max(len(ids[r]) for r in rows)
+    width = int(math.ceil(width / multiple) * multiple)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        seq = ids[r]
+        input_ids[j, : len(seq)] = torch.as_tensor(seq)
+        mask[j, : len(seq)] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if labels is not None:
+        out["labels"] = torch.as_tensor(labels[rows], dtype=torch.long)
+    return out
+
+
+class ClassificationObjective(Objective):
+    kind = "classifier"
+
+    def __init__(self, cfg: FinetuneConfig, train_ref, val_ref, label_names: list[str], report: dict | None = None):
+        self.cfg = cfg
+        self.train_ref, self.val_ref = train_ref, val_ref
+        self.label_names = label_names
+        self.report = report or {}
+        self.metric = "loss" if cfg.train.metric == "loss" else cfg.train.metric
+        self.mode = "min" if self.metric == "loss" else "max"
+
+    # Built on each worker, not pickled from the driver.
+    def setup(self, rank: int, world: int, device: torch.device) -> None:
+        import ray
+
+        self.rank, self.world, self.device = rank, world, device
+        m = self.cfg.model
+        self._tokenizer = modeling.load_tokenizer(modeling.resolve(m.base))
+        texts, self.train_labels = ray.get(self.train_ref)
+        self.train_ids, _ = modeling.encode(self._tokenizer, texts, m.max_length, m.truncation)
+        texts, self.val_labels = ray.get(self.val_ref)
+        self.val_ids, _ = modeling.encode(self._tokenizer, texts, m.max_length, m.truncation)
+        self.lengths = np.array([len(x) for x in self.train_ids])
+        self.pad_id = self._tokenizer.pad_token_id or 0
+        # Tensor cores want multiples of 8; on CPU padding further only costs.
+        self.pad_multiple = 8 if device.type == "cuda" else 1
+        counts = np.bincount(self.train_labels, minlength=len(self.label_names))
+        self.class_weight = None
+        if self.cfg.train.class_weights == "balanced":
+            w = len(self.train_labels) / (len(self.label_names) * np.maximum(counts, 1))
+            self.class_weight = torch.tensor(w, dtype=torch.float32, device=device)
+        self.train_distribution = {n: float(c / counts.sum()) for n, c in zip(self.label_names, counts)}
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def build_model(self):
+        return modeling.build_classifier(self.cfg.model, self.label_names)
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        t = self.cfg.train
+        return plan_batches(self.lengths, t.batch_size, self.world, t.seed + epoch, t.group_by_length)[self.rank::self.world]
+
+    def steps_per_epoch(self) -> int:
+        return len(self._batches(0))
+
+    def train_batches(self, epoch: int, skip: int):
+        for rows in self._batches(epoch)[skip:]:
+            yield collate(self.train_ids, rows, self.pad_id, self.pad_multiple, self.train_labels)
+
+    def loss(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weight)
+
+    @torch.inference_mode()
+    def evaluate(self, model, device) -> dict:
+        import torch.distributed as dist
+
+        model.eval()
+        n_cls = len(self.label_names)
+        rows = np.arange(len(self.val_ids))[self.rank::self.world]
+        rows = rows[np.argsort([len(self.val_ids[r]) for r in rows], kind="stable")]
+        cm = np.zeros((n_cls, n_cls), dtype=np.int64)
+        loss_sum = 0.0
+        bs = max(32, self.cfg.train.batch_size * 2)
+        for i in range(0, len(rows), bs):
+            batch = collate(self.val_ids, rows[i:i + bs], self.pad_id, self.pad_multiple, self.val_labels)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            cm += confusion(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), n_cls)
+        if self.world > 1 and dist.is_initialized():
+            # Every rank scored a disjoint share; summing confusion matrices gives the exact global metrics.
+            t = torch.tensor(np.append(cm.ravel(), loss_sum), dtype=torch.float64)
+            dist.all_reduce(t)
+            cm = t[:-1].numpy().astype(np.int64).reshape(n_cls, n_cls)
+            loss_sum = float(t[-1])
+        out = from_confusion(cm, self.label_names)
+        out["loss"] = loss_sum / max(1, int(cm.sum()))
+        return out
+
+    def checkpoint_meta(self) -> dict:
+        return {
+            "kind": self.kind,
+            "base_model": self.cfg.model.base,
+            "label_names": self.label_names,
+            "train_label_distribution": self.train_distribution,
+            "data_report": self.report,
+        }

@@ -1,0 +1,261 @@
+"""`bertray serve`: a classifier checkpoint behind Ray Serve, with dynamic batching, an HTTP API and a web page.
+
+    bertray serve --model runs/sst2/model --port 8000       # then open http://127.0.0.1:8000/ (API docs at /docs)
+    serve deploy cluster/serve_config.yaml                   # the same app on a running cluster or a KubeRay RayService
+
+One FastAPI ingress deployment holds the model, loaded once per replica. The texts of concurrent requests are
+flattened into one `@serve.batch` queue, so one forward pass serves many callers, and `Predictor` orders each batch
+by length so little compute goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload
+into a fast 503 from the proxy instead of an ever longer queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from ray import serve
+from ray.serve import Application
+
+from bertray.config import ConfigError, ServeConfig, load
+
+# Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
+_MAX_JSON_BYTES_PER_CHAR = 12
+_BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the texts
+_ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr] = Field(description="texts to classify (1 to max_texts, each at most max_text_chars)",
+                                   examples=[["a gripping, beautifully acted film", "dull and far too long"]])
+    probabilities: StrictBool = Field(False, description="also return the probability of every class")
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="probability of `label`")
+    probabilities: dict[str, float] | None = Field(None, description="every class's probability, if asked for")
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model: str
+
+
+_ERROR_RESPONSES = {
+    400: {"description": "body is not valid JSON"},
+    401: {"description": "missing or wrong API key (only when the server has one)"},
+    413: {"description": "too many texts, a text too long, or a body too large"},
+    422: {"description": "well-formed JSON of the wrong shape: a missing field, a wrong type, an empty list or text"},
+    503: {"description": "overloaded: the replica queue is full; retry later"},
+}
+
+app = FastAPI(title="bertray", description="Text classification with a fine-tuned BERT on Ray Serve.")
+
+
+@serve.deployment
+@serve.ingress(app)
+class Classifier:
+    """The model plus the HTTP API; `build_app` sets replicas, limits and resources from the ServeConfig."""
+
+    def __init__(self, cfg: ServeConfig):
+        from bertray.predictor import Predictor
+
+        self.cfg = cfg
+        self.predictor = Predictor(cfg.model, device="cuda" if cfg.gpus_per_replica > 0 else "cpu",
+                                   token_budget=cfg.token_budget)
+        self.info = {**self.predictor.describe(), "limits": {"max_texts": cfg.max_texts,
+                                                             "max_text_chars": cfg.max_text_chars}}
+        self.api_key = _api_key(cfg.api_key_env)
+        self.page = _page(auth=self.api_key is not None)
+        self.max_body_bytes = cfg.max_texts * cfg.max_text_chars * _MAX_JSON_BYTES_PER_CHAR + _BODY_SLACK_BYTES
+        # The decorator's sizes are placeholders; these are the configured ones.
+        self._predict_one.set_max_batch_size(cfg.max_batch_size)
+        self._predict_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # One forward pass at a time, off the event loop: while it runs, new requests are still parsed and queue
+        # up for the next batch (torch uses its own intra-op threads inside the pass).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-model")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz", summary="liveness: 200 while the replica answers (no API key needed)")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model", summary="model name, labels, metrics it was trained to, and request limits",
+             responses={401: _ERROR_RESPONSES[401]})
+    async def model(self, request: Request) -> dict:
+        self._authorize(request)
+        return self.info
+
+    @app.post("/v1/classify", summary="label texts", response_model=ClassifyResponse, response_model_exclude_none=True,
+              responses=_ERROR_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
+    async def classify(self, request: Request) -> dict:
+        # The body is parsed here rather than by FastAPI so that auth comes first and every error says where it is.
+        self._authorize(request)
+        req = _parse(await self._read_body(request))
+        _check_limits(req.texts, self.cfg)
+        if self.cfg.batching:
+            probs = await asyncio.gather(*(self._predict_one(t) for t in req.texts))
+        else:
+            probs = await self._forward(req.texts)
+        names = self.predictor.label_names
+        out = []
+        for p in probs:
+            best = int(np.argmax(p))
+            pred = {"label": names[best], "score": float(p[best])}
+            if req.probabilities:
+                pred["probabilities"] = {n: float(x) for n, x in zip(names, p)}
+            out.append(pred)
+        return {"predictions": out, "model": self.info["model"]}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _predict_one(self, texts: list[str]) -> list[np.ndarray]:
+        """Called with one text per caller; Serve gathers the texts of concurrent callers into one list."""
+        return list(await self._forward(texts))
+
+    async def _forward(self, texts: list[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._model_thread, lambda: self.predictor.predict(texts).probs)
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise HTTPException(413, _too_large(int(declared), self.max_body_bytes, self.cfg))
+        body = bytearray()
+        async for chunk in request.stream():  # a chunked upload has no Content-Length: count as it arrives
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise HTTPException(413, _too_large(len(body), self.max_body_bytes, self.cfg))
+        return bytes(body)
+
+
+# --------------------------------------------------------------------------------------------- request checks
+
+
+def _parse(body: bytes) -> ClassifyRequest:
+    if not body.strip():
+        raise HTTPException(400, 'empty body: send JSON such as {"texts": ["some text"]}')
+    try:
+        raw = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, f"body is not UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise HTTPException(400, "JSON nested too deeply") from None
+    try:
+        return ClassifyRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise HTTPException(422, _describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """'texts[3]: Input should be a valid string; probabilities: ...' from pydantic's error list."""
+    errors = exc.errors(include_url=False)
+    parts = []
+    for e in errors[:_ERRORS_SHOWN]:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "body"
+        parts.append(f"{where}: {e['msg']}" + (f" (got {type(e['input']).__name__})" if e["type"].endswith("_type") else ""))
+    if len(errors) > _ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - _ERRORS_SHOWN} more")
+    return "; ".join(parts)
+
+
+def _check_limits(texts: list[str], cfg: ServeConfig) -> None:
+    if not texts:
+        raise HTTPException(422, "texts: empty list; send at least one text")
+    if len(texts) > cfg.max_texts:
+        raise HTTPException(413, f"texts: {len(texts)} texts; at most {cfg.max_texts} per request")
+    for i, t in enumerate(texts):
+        if len(t) > cfg.max_text_chars:
+            raise HTTPException(413, f"texts[{i}]: longer than {cfg.max_text_chars} characters ({len(t)})")
+        if not t.strip():
+            raise HTTPException(422, f"texts[{i}]: empty text")
+
+
+def _too_large(n: int, limit: int, cfg: ServeConfig) -> str:
+    return (f"body is {n} bytes, over the {limit}-byte limit that {cfg.max_texts} texts of "
+            f"{cfg.max_text_chars} characters need")
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+
+
+def _api_key(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "")
+    if not key:
+        # Refuse to start rather than serve without the protection the config asked for.
+        raise ConfigError([f"api_key_env: environment variable {env_name} is not set (or empty) on the replica"],
+                          "serve config")
+    return key
+
+
+def _page(auth: bool) -> str:
+    html = (resources.files("bertray") / "web" / "index.html").read_text(encoding="utf-8")
+    return html.replace('<meta name="bertray-auth" content="none">',
+                        f'<meta name="bertray-auth" content="{"bearer" if auth else "none"}">')
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    """The Serve application for `cfg`: replicas (or autoscaling), limits and resources from the config."""
+    errors = cfg.check()
+    if errors:
+        raise ConfigError(errors, "serve config")
+    if cfg.autoscaling:
+        # With batching a replica works best with about one batch in flight; scale out past that.
+        scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                          "target_ongoing_requests": min(cfg.max_batch_size, cfg.max_ongoing_requests)}}
+    else:
+        scaling = {"num_replicas": cfg.replicas}
+    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    if cfg.api_key_env and os.environ.get(cfg.api_key_env):
+        # Hand the key from the launching shell to the replicas; on a cluster, set the variable in the pod's
+        # environment (a Kubernetes Secret) instead, and it is read there.
+        actor["runtime_env"] = {"env_vars": {cfg.api_key_env: os.environ[cfg.api_key_env]}}
+    return Classifier.options(max_ongoing_requests=cfg.max_ongoing_requests,
+                              max_queued_requests=cfg.max_queued_requests,
+                              ray_actor_options=actor, **scaling).bind(cfg)
+
+
+def app_builder(args: dict) -> Application:
+    """Import path for `serve deploy` / a RayService: `args` are ServeConfig keys (e.g. {"model": "s3://..."})."""
+    return build_app(load(ServeConfig, data=args))
+
+
+def run(cfg: ServeConfig) -> None:
+    """Serve on cfg.host:cfg.port until Ctrl-C (Ray already initialised by the CLI)."""
+    _api_key(cfg.api_key_env)  # fail here, not in a replica that retries forever
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name="bertray", route_prefix="/", blocking=False)
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"serving {cfg.model}\n  page: {url}/\n  API docs: {url}/docs\nCtrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(60)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,133 @@
+"""Fixtures for the Serve tests: a classifier trained in the test, and a running Serve app on loopback."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+
+import pytest
+import requests
+
+LABELS = ["negative", "positive"]
+API_KEY_ENV = "BERTRAY_TEST_SERVE_KEY"
+API_KEY = "s3cret-test-key"
+
+_GOOD = ["good", "great", "lovely", "wonderful"]
+_BAD = ["bad", "awful", "terrible", "boring"]
+_FILLER = ["the film was", "this movie is", "acting", "a plot that felt", "honestly", "overall quite", "story"]
+
+
+def _separable_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Sentences whose label is fixed by one sentiment word: trivially learnable by a tiny BERT."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        word = rng.choice(_GOOD if y else _BAD)
+        parts = [rng.choice(_FILLER), word, rng.choice(_FILLER)][: rng.randint(2, 3)]
+        rng.shuffle(parts)
+        texts.append(" ".join(parts))
+        labels.append(y)
+    return texts, labels
+
+
+@pytest.fixture(scope="session")
+def separable_texts():
+    """`f(n, seed) -> (texts, labels)`: the toy task the trained_classifier learned (label ids index LABELS)."""
+    return _separable_texts
+
+
+@pytest.fixture(scope="session")
+def serve_api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tiny_bert, tmp_path_factory) -> str:
+    """A tiny BERT classifier fine-tuned here, in-process, until it separates 'good' words from 'bad' ones;
+    saved as a bertray checkpoint (bertray.json with labels and metrics)."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from bertray import checkpoint
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    texts, labels = _separable_texts(256, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(120):
+        idx = [(step * 32 + j) % len(texts) for j in range(32)]
+        batch = tok([texts[i] for i in idx], padding=True, return_tensors="pt")
+        loss = model(**batch, labels=torch.tensor([labels[i] for i in idx])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    held_out, y = _separable_texts(64, seed=2)
+    with torch.no_grad():
+        pred = model(**tok(held_out, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    accuracy = sum(int(p == t) for p, t in zip(pred, y)) / len(y)
+    assert accuracy == 1.0, f"the test classifier did not learn the toy task (held-out accuracy {accuracy})"
+    out = tmp_path_factory.mktemp("serve-classifier")
+    checkpoint.save(out, model, tok, {"kind": "classifier", "base_model": tiny_bert, "label_names": LABELS,
+                                      "config": {"model": {"max_length": 64, "truncation": "head"}},
+                                      "metrics": {"accuracy": accuracy}})
+    return str(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            r = requests.get(url + "/healthz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except requests.ConnectionError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/healthz not healthy after {timeout}s (last: {last})")
+
+
+@pytest.fixture(scope="module")
+def serve_apps(ray_cluster, trained_classifier):
+    """One Serve instance on a free loopback port with three apps:
+    '' (open), '/keyed' (API key required) and '/tight' (tiny queue and long batch wait, to provoke 503s).
+    Returns {name: base URL}."""
+    from ray import serve
+
+    from bertray.config import ServeConfig
+    from bertray.serve import build_app
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    os.environ[API_KEY_ENV] = API_KEY
+    common = dict(model=trained_classifier, cpus_per_replica=0.5, max_texts=8, max_text_chars=200)
+    apps = {
+        "open": (ServeConfig(**common), "/"),
+        "keyed": (ServeConfig(**common, api_key_env=API_KEY_ENV), "/keyed"),
+        "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=64,
+                              batch_wait_timeout_s=1.0), "/tight"),
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for name, (cfg, prefix) in apps.items():
+            serve.run(build_app(cfg), name=name, route_prefix=prefix, blocking=False)
+        urls = {name: base + prefix.rstrip("/") for name, (_, prefix) in apps.items()}
+        for url in urls.values():
+            wait_healthy(url)
+        yield urls
+    finally:
+        serve.shutdown()
+        os.environ.pop(API_KEY_ENV, None)
