@@ -379,7 +379,7 @@ def _execute(cfg: LabelConfig, plan: Plan, pending: list[Unit], actors: int, ear
         # One block per unit, so the pool spreads units over actors instead of one actor taking them all.
         ds = ray.data.from_items([dataclasses.asdict(u) for u in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
-            LabelWorker, batch_size=1, concurrency=actors, num_cpus=cfg.cpus_per_actor,
+            LabelWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor or None,
             fn_constructor_kwargs={"cfg": cfg, "schema": plan.schema, "label_names": plan.label_names})
         return _collect(cfg, ds.iter_rows(), pending, plan, earlier)

@@ -117,14 +117,18 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head
         # Fast tokenizers report overflow only via a second pass; count truncated texts cheaply by length.
         cut = sum(len(x) == max_length for x in ids)
         return ids, cut
-    body = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    # Whatever the tokenizer wraps a text in ([CLS] .. [SEP] for BERT, <s> .. </s> for RoBERTa), from an empty text.
+    specials = tokenizer("", add_special_tokens=True)["input_ids"]
+    prefix, suffix = specials[:1], specials[1:]
+    # verbose=False: texts longer than the model's limit are expected here; they are cut below.
+    body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     out, cut = [], 0
     head_n = room // 4
     for ids in body:
         if len(ids) > room:
             cut += 1
             ids = ids[-room:] if truncation == "tail" else ids[:head_n] + ids[len(ids) - (room - head_n):]
-        out.append(tokenizer.build_inputs_with_special_tokens(ids))
+        out.append(prefix + ids + suffix)
     return out, cut
 
 

@@ -59,6 +59,76 @@ _ERROR_RESPONSES = {
     503: {"description": "overloaded: the replica queue is full; retry later"},
 }
 
+# --------------------------------------------------------------------------------------------- request checks
+
+
+def _parse(body: bytes) -> ClassifyRequest:
+    if not body.strip():
+        raise HTTPException(400, 'empty body: send JSON such as {"texts": ["some text"]}')
+    try:
+        raw = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, f"body is not UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise HTTPException(400, "JSON nested too deeply") from None
+    try:
+        return ClassifyRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise HTTPException(422, _describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """'texts[3]: Input should be a valid string; probabilities: ...' from pydantic's error list."""
+    errors = exc.errors(include_url=False)
+    parts = []
+    for e in errors[:_ERRORS_SHOWN]:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "body"
+        parts.append(f"{where}: {e['msg']}" + (f" (got {type(e['input']).__name__})" if e["type"].endswith("_type") else ""))
+    if len(errors) > _ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - _ERRORS_SHOWN} more")
+    return "; ".join(parts)
+
+
+def _check_limits(texts: list[str], cfg: ServeConfig) -> None:
+    if not texts:
+        raise HTTPException(422, "texts: empty list; send at least one text")
+    if len(texts) > cfg.max_texts:
+        raise HTTPException(413, f"texts: {len(texts)} texts; at most {cfg.max_texts} per request")
+    for i, t in enumerate(texts):
+        if len(t) > cfg.max_text_chars:
+            raise HTTPException(413, f"texts[{i}]: longer than {cfg.max_text_chars} characters ({len(t)})")
+        if not t.strip():
+            raise HTTPException(422, f"texts[{i}]: empty text")
+
+
+def _too_large(n: int, limit: int, cfg: ServeConfig) -> str:
+    return (f"body is {n} bytes, over the {limit}-byte limit that {cfg.max_texts} texts of "
+            f"{cfg.max_text_chars} characters need")
+
+
+def _api_key(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "")
+    if not key:
+        # Refuse to start rather than serve without the protection the config asked for.
+        raise ConfigError([f"api_key_env: environment variable {env_name} is not set (or empty) on the replica"],
+                          "serve config")
+    return key
+
+
+def _page(auth: bool) -> str:
+    html = (resources.files("bertray") / "web" / "index.html").read_text(encoding="utf-8")
+    return html.replace('<meta name="bertray-auth" content="none">',
+                        f'<meta name="bertray-auth" content="{"bearer" if auth else "none"}">')
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+
+# Helpers above come first on purpose: serve.ingress pickles the app, and with it these methods and the module
+# globals they use, when the class is defined.
 app = FastAPI(title="bertray", description="Text classification with a fine-tuned BERT on Ray Serve.")
 
 
@@ -150,73 +220,7 @@ class Classifier:
         return bytes(body)
 
 
-# --------------------------------------------------------------------------------------------- request checks
-
-
-def _parse(body: bytes) -> ClassifyRequest:
-    if not body.strip():
-        raise HTTPException(400, 'empty body: send JSON such as {"texts": ["some text"]}')
-    try:
-        raw = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(400, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise HTTPException(400, f"body is not UTF-8 (byte {exc.start})") from None
-    except RecursionError:
-        raise HTTPException(400, "JSON nested too deeply") from None
-    try:
-        return ClassifyRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise HTTPException(422, _describe(exc)) from None
-
-
-def _describe(exc: ValidationError) -> str:
-    """'texts[3]: Input should be a valid string; probabilities: ...' from pydantic's error list."""
-    errors = exc.errors(include_url=False)
-    parts = []
-    for e in errors[:_ERRORS_SHOWN]:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "body"
-        parts.append(f"{where}: {e['msg']}" + (f" (got {type(e['input']).__name__})" if e["type"].endswith("_type") else ""))
-    if len(errors) > _ERRORS_SHOWN:
-        parts.append(f"and {len(errors) - _ERRORS_SHOWN} more")
-    return "; ".join(parts)
-
-
-def _check_limits(texts: list[str], cfg: ServeConfig) -> None:
-    if not texts:
-        raise HTTPException(422, "texts: empty list; send at least one text")
-    if len(texts) > cfg.max_texts:
-        raise HTTPException(413, f"texts: {len(texts)} texts; at most {cfg.max_texts} per request")
-    for i, t in enumerate(texts):
-        if len(t) > cfg.max_text_chars:
-            raise HTTPException(413, f"texts[{i}]: longer than {cfg.max_text_chars} characters ({len(t)})")
-        if not t.strip():
-            raise HTTPException(422, f"texts[{i}]: empty text")
-
-
-def _too_large(n: int, limit: int, cfg: ServeConfig) -> str:
-    return (f"body is {n} bytes, over the {limit}-byte limit that {cfg.max_texts} texts of "
-            f"{cfg.max_text_chars} characters need")
-
-
 # ------------------------------------------------------------------------------------------------------ setup
-
-
-def _api_key(env_name: str | None) -> str | None:
-    if env_name is None:
-        return None
-    key = os.environ.get(env_name, "")
-    if not key:
-        # Refuse to start rather than serve without the protection the config asked for.
-        raise ConfigError([f"api_key_env: environment variable {env_name} is not set (or empty) on the replica"],
-                          "serve config")
-    return key
-
-
-def _page(auth: bool) -> str:
-    html = (resources.files("bertray") / "web" / "index.html").read_text(encoding="utf-8")
-    return html.replace('<meta name="bertray-auth" content="none">',
-                        f'<meta name="bertray-auth" content="{"bearer" if auth else "none"}">')
 
 
 def build_app(cfg: ServeConfig) -> Application:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -77,6 +78,7 @@ class LoopState:
     samples: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    resumed_at: list[int] = field(default_factory=list)  # step of every resume from a checkpoint
 
 
 # --------------------------------------------------------------------------------------------------- sessions
@@ -301,6 +303,7 @@ class Loop:
             "total_steps": self.total_steps,
             "history": st.history,
             "worker_nodes": self.s.worker_nodes,
+            "resumed_at": st.resumed_at,
         }
         ckpt_io.save(directory, self.model, self.obj.tokenizer, meta)
         torch.save({
@@ -317,13 +320,16 @@ class Loop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
+        self.state.resumed_at.append(self.state.step)
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
 
     def _print(self, msg: str) -> None:
-        # print, not logging: Ray forwards worker stdout to the driver with the worker's prefix.
-        print(f"[bertray] {msg}", flush=True)
+        # Straight to stdout, which Ray forwards to the driver once: Ray Train patches print() into a logger
+        # that echoes every line a second time.
+        sys.stdout.write(f"[bertray] {msg}\n")
+        sys.stdout.flush()
 
 
 class _Window:

@@ -22,7 +22,7 @@ def run_dir(cfg) -> str:
 
 
 def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | None = None,
-                  storage_uri: str | None = None):
+                  storage_uri: str | None = None, datasets: dict | None = None):
     """A TorchTrainer running the shared loop; re-running with the same name and storage resumes."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -37,6 +37,7 @@ def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "objective": objective, "session": "train"},
+        datasets=datasets,  # Ray Data streams (pretraining); each worker reads its shard
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}),
@@ -91,6 +92,7 @@ def export_run(cfg, result, objective: Objective, out_uri: str | None = None) ->
             "metrics": meta.get("metrics", {}),
             "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
             "worker_nodes": last_meta.get("worker_nodes", []),
+            "resumed_at": last_meta.get("resumed_at", []),
             "data_report": meta.get("data_report"),
         }
         _write_artifacts(rdir, summary, history, meta, objective, tmp)

@@ -2,12 +2,12 @@
 # Launch: cluster/local_cluster.sh start [WORKERS]   (then: cluster/local_cluster.sh status | stop)
 #
 # A real multi-node Ray cluster on one machine, for development: a head node that runs no work
-# (--num-cpus=0, like the KubeRay head in cluster/raycluster.yaml) plus WORKERS worker nodes, each a separate
-# `ray start` process group with its own raylet, object store and temp dir, and a custom resource
+# (--num-cpus=0, like the KubeRay head in cluster/raycluster.yaml) plus WORKERS worker nodes, each its own
+# `ray start --block` process with its own raylet, object store and temp dir, and a custom resource
 # `worker_<i>` so work can be pinned to one node. Everything binds to 127.0.0.1.
 #
-# It never runs `ray stop`: that kills every Ray process on the machine, including other people's clusters.
-# Each node is started with `setsid ... --block`, so stopping it means signalling its own process group.
+# It never runs `ray stop`: that kills every Ray process on the machine, other people's clusters included.
+# `stop` signals only the process trees this script started (their pids are in $BERTRAY_CLUSTER_DIR).
 #
 # Settings (environment):
 #   BERTRAY_CLUSTER_DIR  state, logs and temp dirs (default /tmp/bertray-cluster; keep it short: Ray's unix
@@ -16,9 +16,11 @@
 #   OBJECT_STORE_BYTES   object store per node (default 200000000)
 #   AWS_*, HF_*          inherited by every node, so tasks and jobs reach S3 (e.g. a loopback moto_server)
 #
-# After `start`, submit jobs with the printed RAY_API_SERVER_ADDRESS, e.g.
-#   ray job submit --address http://127.0.0.1:<port> --working-dir . --runtime-env jobs/runtime_env.yaml \
-#     -- python jobs/finetune.py --config jobs/configs/sst2-finetune-local.yaml --num-workers 2 --storage s3://bucket/runs
+# Ray 2.60 turns on token authentication for local clusters; this script makes that explicit
+# (RAY_AUTH_MODE=token, token in ~/.ray/auth_token, created if missing). Clients need the same setting:
+#   source "$BERTRAY_CLUSTER_DIR/cluster.env"     # RAY_AUTH_MODE, RAY_API_SERVER_ADDRESS, RAY_GCS_ADDRESS
+#   ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \
+#     -- python jobs/finetune.py --config jobs/configs/sst2-finetune-local.yaml --storage s3://bucket/runs
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +32,7 @@ if [[ -x "$REPO/.venv/bin/ray" ]]; then
 else
   RAY="$(command -v ray)"; PY="$(command -v python3)"
 fi
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
@@ -39,30 +42,34 @@ free_port() {
 
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# Node ports: Ray's defaults (10001 client, 52365 agent, 10002-19999 workers) would collide with any other
-# Ray on this machine, so every node gets its own free ports and OS-chosen worker ports.
-common_flags() {
-  echo --block --node-ip-address=127.0.0.1 --disable-usage-stats \
+# Ray's default ports (10001 client, 52365 agent, 10002-19999 workers) would collide with any other Ray on
+# this machine, so every node gets free ports of its own and OS-chosen worker ports.
+node_flags() {
+  echo --block --node-ip-address=127.0.0.1 --disable-usage-stats --num-gpus=0 \
     --dashboard-agent-listen-port="$(free_port)" --min-worker-port=0 --max-worker-port=0 \
     --object-store-memory="$OBJECT_STORE_BYTES"
 }
 
-# wait_nodes N: until the dashboard reports N alive nodes (or fail after 90 s with the logs' tail).
+# wait_nodes N DASHBOARD_PORT: until the cluster reports N alive nodes; fails after 120 s with the logs' tail.
 wait_nodes() {
-  local want="$1" dash="$2"
-  for _ in $(seq 1 180); do
-    got="$("$PY" - "$dash" <<'EOF' 2>/dev/null || echo 0
-import json, sys, urllib.request
-with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/nodes?view=summary", timeout=2) as r:
-    nodes = json.load(r)["data"]["summary"]
-print(sum(1 for n in nodes if n["raylet"]["state"] == "ALIVE"))
+  if ! "$PY" - "$1" "$2" <<'EOF'
+import sys, time
+from ray.util.state import list_nodes
+
+want, address, deadline = int(sys.argv[1]), f"http://127.0.0.1:{sys.argv[2]}", time.time() + 120
+while time.time() < deadline:
+    try:
+        if sum(n.state == "ALIVE" for n in list_nodes(address=address, raise_on_missing_output=False)) >= want:
+            sys.exit(0)
+    except Exception:  # the dashboard is still starting; keep polling until the deadline
+        pass
+    time.sleep(1)
+sys.exit(1)
 EOF
-)"
-    [[ "$got" -ge "$want" ]] && return 0
-    sleep 0.5
-  done
-  tail -n 20 "$STATE"/*.log >&2 || true
-  die "only $got of $want nodes came up after 90 s; logs in $STATE"
+  then
+    tail -n 15 "$STATE"/*.log >&2 || true
+    die "fewer than $1 nodes alive after 120 s; logs in $STATE"
+  fi
 }
 
 start() {
@@ -70,47 +77,60 @@ start() {
   [[ "$workers" =~ ^[0-9]+$ ]] || die "WORKERS must be a number, got '$workers'"
   alive "$STATE/head.pid" && die "already running (state in $STATE); run '$0 stop' first"
   rm -rf "$STATE"; mkdir -p "$STATE"
+  [[ "$RAY_AUTH_MODE" == token ]] && "$RAY" get-auth-token --generate >/dev/null
   local gcs dash client
   gcs="$(free_port)"; dash="$(free_port)"; client="$(free_port)"
 
-  # shellcheck disable=SC2046  # common_flags is a list of flags
-  setsid "$RAY" start --head --num-cpus=0 --num-gpus=0 --port="$gcs" --ray-client-server-port="$client" \
-    --dashboard-host=127.0.0.1 --dashboard-port="$dash" --temp-dir="$STATE/head" $(common_flags) \
+  # shellcheck disable=SC2046  # node_flags is a list of flags
+  setsid "$RAY" start --head --num-cpus=0 --port="$gcs" --ray-client-server-port="$client" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$dash" --temp-dir="$STATE/head" $(node_flags) \
     >"$STATE/head.log" 2>&1 </dev/null &
   echo $! >"$STATE/head.pid"
   wait_nodes 1 "$dash"
 
   for i in $(seq 1 "$workers"); do
     # shellcheck disable=SC2046
-    setsid "$RAY" start --address="127.0.0.1:$gcs" --num-cpus="$CPUS_PER_WORKER" --num-gpus=0 \
-      --resources="{\"worker_$i\": 1}" --temp-dir="$STATE/w$i" $(common_flags) \
+    setsid "$RAY" start --address="127.0.0.1:$gcs" --num-cpus="$CPUS_PER_WORKER" \
+      --resources="{\"worker_$i\": 1}" --temp-dir="$STATE/w$i" $(node_flags) \
       >"$STATE/worker-$i.log" 2>&1 </dev/null &
     echo $! >"$STATE/worker-$i.pid"
-    # One at a time: nodes joining at once race on the head's runtime-env and socket files.
+    # One node at a time: a node registers its ports with the GCS as it starts.
     wait_nodes $((i + 1)) "$dash"
   done
 
   cat >"$STATE/cluster.env" <<EOF
-RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
-RAY_GCS_ADDRESS=127.0.0.1:$gcs
+export RAY_AUTH_MODE=$RAY_AUTH_MODE
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
+export RAY_GCS_ADDRESS=127.0.0.1:$gcs
 EOF
   echo "Ray cluster up: head (no work) + $workers worker node(s) x $CPUS_PER_WORKER CPUs"
-  echo "  jobs:    ray job submit --address http://127.0.0.1:$dash --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/<stage>.py ..."
-  echo "  drivers: bertray <stage> --address 127.0.0.1:$gcs ...   (or RAY_ADDRESS=127.0.0.1:$gcs)"
-  echo "  state:   $STATE/cluster.env, logs in $STATE/*.log"
+  echo "  source $STATE/cluster.env"
+  echo "  jobs:    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/<stage>.py ..."
+  echo "  drivers: bertray <stage> --address 127.0.0.1:$gcs ..."
+  echo "  logs:    $STATE/*.log and $STATE/*/session_latest/logs"
 }
 
-# stop_node PIDFILE: SIGTERM the node's process group (ray start, raylet, its workers), SIGKILL after 15 s.
+# descendants PID: PID and every process below it (Ray workers start their own process groups, so a
+# group kill would miss them).
+descendants() {
+  ps -eo pid=,ppid= | awk -v root="$1" '
+    { parent[$1] = $2 }
+    END { for (p in parent) { q = p; while (q != root && (q in parent) && q > 1) q = parent[q]; if (q == root) print p } }'
+}
+
+# stop_node PIDFILE: SIGTERM `ray start --block` (it stops its raylet and workers), SIGKILL what is left after 20 s.
 stop_node() {
-  local pidfile="$1" pid
+  local pidfile="$1" pid tree
   [[ -f "$pidfile" ]] || return 0
   pid="$(cat "$pidfile")"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 1 30); do
-    pgrep -g "$pid" >/dev/null 2>&1 || break
+  tree="$(descendants "$pid")"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.5
   done
-  kill -KILL -- "-$pid" 2>/dev/null || true
+  # shellcheck disable=SC2086
+  [[ -n "$tree" ]] && kill -KILL $tree 2>/dev/null || true
   rm -f "$pidfile"
 }
 
@@ -125,7 +145,7 @@ status() {
   [[ -f "$STATE/cluster.env" ]] || die "no cluster in $STATE (start one with '$0 start')"
   for f in "$STATE"/head.pid "$STATE"/worker-*.pid; do
     [[ -e "$f" ]] || continue
-    if alive "$f"; then echo "$(basename "$f" .pid): running (pgid $(cat "$f"))"; else echo "$(basename "$f" .pid): dead"; fi
+    if alive "$f"; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid): dead"; fi
   done
   # shellcheck disable=SC1091
   source "$STATE/cluster.env"

@@ -1,0 +1,168 @@
+"""Fine-tuning on a real local Ray cluster: 2 DDP workers, S3 storage on a loopback server, fault tolerance."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bertray import config as C
+from bertray import finetune, storage
+from bertray.predictor import Predictor
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_cfg(base: str, data_dir, storage_uri: str, name: str, **overrides):
+    data = {
+        "model": {"base": base, "max_length": 48},
+        "data": {"train": str(data_dir) + "/train.parquet", "validation": str(data_dir) + "/validation.parquet"},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 16, "max_steps": 12, "eval_every": 4, "log_every": 4},
+        "run": {"name": name, "storage": storage_uri, "num_workers": 2},
+    }
+    return C.load(C.FinetuneConfig, data=data, overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_two_worker_finetune_exports_a_self_describing_checkpoint(ray_cluster, tiny_bert, sst2_small, tmp_path):
+    cfg = tiny_cfg(tiny_bert, sst2_small, str(tmp_path / "runs"), "two-workers")
+    s = finetune.run(cfg)
+    assert s["final_step"] == 12 and len(s["worker_nodes"]) == 2
+    assert set(s["metrics"]) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "loss"}
+    assert sum(map(sum, s["metrics"]["confusion_matrix"])) == 100  # the whole validation set, summed over workers
+    run_dir = tmp_path / "runs" / "two-workers"
+    for f in ("metrics.json", "curves.png", "confusion_matrix.png", "model/bertray.json", "model/model.safetensors"):
+        assert (run_dir / f).exists(), f
+    assert not (run_dir / "model" / "train_state.pt").exists()
+    meta = json.loads((run_dir / "model" / "bertray.json").read_text())
+    assert meta["kind"] == "classifier" and meta["label_names"] == ["negative", "positive"]
+    assert meta["config"]["optim"]["lr"] == 1e-3 and meta["base_model"] == tiny_bert
+    assert set(meta["train_label_distribution"]) == {"negative", "positive"}
+    # Plain transformers loads it, with no bertray import.
+    code = ("from transformers import AutoModelForSequenceClassification as M, AutoTokenizer as T; import sys;"
+            f"m = M.from_pretrained({str(run_dir / 'model')!r}); t = T.from_pretrained({str(run_dir / 'model')!r});"
+            "print(m.config.id2label[1], m(**t(['fine'], return_tensors='pt')).logits.shape[-1]);"
+            "assert 'bertray' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["positive", "2"]
+
+
+@pytest.mark.s3
+def test_finetune_reads_data_and_base_from_s3_and_checkpoints_there(ray_cluster, tiny_bert, sst2_small, s3_bucket):
+    storage.upload_dir(sst2_small, f"{s3_bucket}/data")
+    storage.upload_dir(tiny_bert, f"{s3_bucket}/models/tiny")
+    cfg = tiny_cfg(f"{s3_bucket}/models/tiny", f"{s3_bucket}/data", f"{s3_bucket}/runs", "s3-run")
+    s = finetune.run(cfg)
+    assert s["model"] == f"{s3_bucket}/runs/s3-run/model"
+    listed = storage.list_files(f"{s3_bucket}/runs/s3-run")
+    assert any("/checkpoint_" in f and f.endswith("train_state.pt") for f in listed)
+    assert f"{s3_bucket}/runs/s3-run/metrics.json" in listed
+    pred = Predictor(s["model"])
+    assert pred.label_names == ["negative", "positive"] and pred.predict(["a fine film"]).probs.shape == (1, 2)
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return [a.pid for a in actors if a.pid]
+
+
+def test_killed_worker_resumes_from_checkpoint_at_same_step(ray_cluster, tiny_bert, sst2_small, tmp_path):
+    """SIGKILL a DDP worker after the first checkpoint: the group restarts and finishes the planned steps."""
+    cfg = tiny_cfg(tiny_bert, sst2_small, str(tmp_path / "runs"), "fault", **{"train.max_steps": 40, "train.eval_every": 5})
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(finetune.run(cfg)))
+    t.start()
+    run_dir = tmp_path / "runs" / "fault"
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and t.is_alive():
+        ckpts = list(run_dir.glob("checkpoint_*/train_state.pt"))
+        pids = _train_worker_pids()
+        if ckpts and len(pids) == 2:
+            killed = pids[-1]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert killed, "never saw a checkpoint with two live workers"
+    t.join(timeout=400)
+    assert not t.is_alive() and result, "training did not finish after the worker was killed"
+    assert result["final_step"] == 40
+    assert result["resumed_at"] and result["resumed_at"][0] > 0 and result["resumed_at"][0] % 5 == 0
+
+
+@pytest.mark.slow
+def test_rerunning_the_same_command_resumes_after_driver_dies(tiny_bert, sst2_small, tmp_path):
+    """Kill the whole driver (and its local Ray) mid-run; the same command picks up at the last checkpoint."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "bertray.cli", "finetune", "--set", f"model.base={tiny_bert}", "--set", "model.max_length=48",
+           "--set", f"data.train={sst2_small}/train.parquet", "--set", f"data.validation={sst2_small}/validation.parquet",
+           "--set", "train.batch_size=8", "--set", "train.max_steps=60", "--set", "train.eval_every=5",
+           "--set", "run.cpus_per_worker=1", "--name", "rerun", "--storage", str(runs)]
+    # Its own local Ray (no RAY_ADDRESS), so killing the driver takes that whole cluster down with it.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((runs / "rerun").glob("checkpoint_*/train_state.pt")):
+        time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((runs / "rerun" / "metrics.json").read_text())
+    assert summary["final_step"] == 60
+    assert summary["resumed_at"] and summary["resumed_at"][0] >= 5
+
+
+@pytest.mark.slow
+def test_embedded_minilm_finetunes_for_a_few_steps(ray_cluster, sst2_small, tmp_path):
+    cfg = C.load(C.FinetuneConfig, data={
+        "model": {"base": "embedded", "max_length": 32},
+        "data": {"train": f"{sst2_small}/train.parquet", "validation": f"{sst2_small}/validation.parquet"},
+        "train": {"batch_size": 8, "max_steps": 4, "eval_every": 4},
+        "run": {"name": "minilm", "storage": str(tmp_path / "runs"), "num_workers": 1}})
+    s = finetune.run(cfg)
+    assert s["final_step"] == 4
+    pred = Predictor(s["model"])
+    assert pred.meta["base_model"] == "embedded" and pred.model.config.hidden_size == 384
+    assert np.allclose(pred.predict(["great", "awful"]).probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_bad_data_fails_before_training_with_a_clear_error(ray_cluster, tiny_bert, tmp_path):
+    pq.write_table(pa.table({"sentence": ["a", "b"], "label": [0, 1]}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": ["a"], "label": [0]}), tmp_path / "validation.parquet")
+    cfg = tiny_cfg(tiny_bert, tmp_path, str(tmp_path / "runs"), "bad")
+    from bertray.data import DataError
+
+    with pytest.raises(DataError, match=r"missing column\(s\) 'text'; the file has: sentence, label"):
+        finetune.run(cfg)
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_cli_predict_and_evaluate(ray_cluster, tiny_bert, sst2_small, tmp_path):
+    cfg = tiny_cfg(tiny_bert, sst2_small, str(tmp_path / "runs"), "cli", **{"run.num_workers": 1, "train.max_steps": 4})
+    model = finetune.run(cfg)["model"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "bertray.cli", "predict", model, "a gorgeous film", "dull"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("negative", "positive") for line in lines)
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "bertray.cli", "evaluate", model, f"{sst2_small}/validation.parquet",
+                        "--out", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 100 and 0 <= m["accuracy"] <= 1 and (out / "confusion_matrix.png").stat().st_size > 1000
+    r = subprocess.run([sys.executable, "-m", "bertray.cli", "evaluate", model, str(tmp_path / "missing.parquet")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "no data files found" in r.stderr and "Traceback" not in r.stderr

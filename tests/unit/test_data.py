@@ -1,0 +1,78 @@
+"""Reading labeled data: formats, cleaning, and every dropped row counted by reason."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bertray import data as D
+from bertray.config import DataConfig
+
+
+def cfg(**kw):
+    return DataConfig(train="x", **kw)
+
+
+def test_drops_are_counted_by_reason(tmp_path):
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["good", None, "  ", "bad", "fine", "meh"],
+                             "label": ["pos", "neg", "neg", "neg", None, "what"]}), p)
+    out = D.load_labeled(str(p), cfg(), label_names=["neg", "pos"])
+    assert out.texts == ["good", "bad"] and out.labels.tolist() == [1, 0]
+    assert out.report["dropped"] == {"null_text": 1, "empty_text": 1, "null_label": 1, "unknown_label": 1}
+    assert out.report["rows_read"] == 6 and out.report["rows_used"] + sum(out.report["dropped"].values()) == 6
+    assert out.report["first_dropped_row"]["unknown_label"] == 5
+
+
+def test_missing_column_names_the_columns_that_exist(tmp_path):
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"sentence": ["a"], "label": [0]}), p)
+    with pytest.raises(D.DataError, match=r"d.parquet: missing column\(s\) 'text'; the file has: sentence, label"):
+        D.load_labeled(str(p), cfg())
+
+
+def test_empty_and_corrupt_files(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), empty)
+    with pytest.raises(D.DataError, match="no usable rows"):
+        D.load_labeled(str(empty), cfg())
+    bad = tmp_path / "junk.parquet"
+    bad.write_bytes(b"this is not parquet")
+    with pytest.raises(D.DataError, match="junk.parquet: cannot read as parquet"):
+        D.load_labeled(str(bad), cfg())
+    with pytest.raises(D.DataError, match="no data files found"):
+        D.load_labeled(str(tmp_path / "nothing-here"), cfg())
+
+
+def test_unknown_integer_label_and_non_string_text(tmp_path):
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": [0, 1, 7]}), p)
+    out = D.load_labeled(str(p), cfg(labels=["neg", "pos"]))
+    assert out.report["dropped"] == {"unknown_label": 1}
+    q = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": [1, 2], "label": [0, 1]}), q)
+    with pytest.raises(D.DataError, match="text column 'text' has type int64, expected strings"):
+        D.load_labeled(str(q), cfg())
+
+
+def test_csv_jsonl_multiple_text_columns_and_cleaning(tmp_path):
+    (tmp_path / "a.csv").write_text('title,body,label\nGreat,"loved <br />it",pos\nAwful,"hated   it",neg\n')
+    (tmp_path / "b.jsonl").write_text(json.dumps({"title": "Meh", "body": "ok &amp; fine", "label": "pos"}) + "\n")
+    out = D.load_labeled(str(tmp_path), cfg(text_columns=["title", "body"], clean_html=True))
+    assert out.label_names == ["neg", "pos"]
+    assert out.texts == ["Great loved it", "Awful hated it", "Meh ok & fine"]
+
+
+def test_labels_json_beside_the_data_names_classes(tmp_path):
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), tmp_path / "train.parquet")
+    (tmp_path / "labels.json").write_text('["negative", "positive"]')
+    assert D.load_labeled(str(tmp_path / "train.parquet"), cfg()).label_names == ["negative", "positive"]
+
+
+def test_stratified_split_is_seeded_and_keeps_class_shares():
+    y = np.array([0] * 80 + [1] * 20)
+    tr, va = D.stratified_split(y, 0.1, seed=3)
+    assert len(va) == 10 and (y[va] == 1).sum() == 2
+    assert set(tr) | set(va) == set(range(100)) and not set(tr) & set(va)
+    assert D.stratified_split(y, 0.1, seed=3)[1].tolist() == va.tolist()

@@ -1,0 +1,63 @@
+"""Pieces of the training path that need no Ray: batching, truncation, metrics."""
+import numpy as np
+import pytest
+
+from bertray import metrics as M
+from bertray import modeling
+from bertray.finetune import collate, plan_batches
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_plan_batches_covers_every_row_and_splits_evenly(world):
+    lengths = np.random.default_rng(0).integers(3, 60, size=101)
+    batches = plan_batches(lengths, 8, world, seed=5, group_by_length=True)
+    assert len(batches) % world == 0
+    seen = np.concatenate(batches)
+    assert set(seen.tolist()) == set(range(101))
+    assert plan_batches(lengths, 8, world, seed=5, group_by_length=True)[0].tolist() == batches[0].tolist()
+    assert lengths[batches[0]].max() == lengths.max()  # longest first: OOM shows at once
+
+
+def test_length_grouping_cuts_padding():
+    lengths = np.random.default_rng(1).integers(3, 120, size=2000)
+
+    def padded(bs):
+        return sum(len(b) * lengths[b].max() for b in bs)
+
+    grouped = padded(plan_batches(lengths, 32, 1, 0, True))
+    plain = padded(plan_batches(lengths, 32, 1, 0, False))
+    assert grouped < 0.7 * plain
+
+
+def test_collate_pads_dynamically():
+    ids = [[101, 5, 102], [101, 5, 6, 7, 102]]
+    b = collate(ids, np.array([0, 1]), pad_id=0, labels=np.array([1, 0]))
+    assert b["input_ids"].shape == (2, 5) and b["attention_mask"].sum() == 8 and b["labels"].tolist() == [1, 0]
+    assert collate(ids, np.array([0]), pad_id=0, multiple=8)["input_ids"].shape == (1, 8)
+
+
+def test_truncation_policies():
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    words = [f"w{i}" for i in range(200)]
+    text = " ".join(words)
+    for policy in ("head", "tail", "head+tail"):
+        ids, cut = modeling.encode(tok, [text, "short"], 32, policy)
+        assert len(ids[0]) == 32 and cut == 1 and ids[0][0] == tok.cls_token_id and ids[0][-1] == tok.sep_token_id
+    head = tok.decode(modeling.encode(tok, [text], 32, "head")[0][0], skip_special_tokens=True)
+    tail = tok.decode(modeling.encode(tok, [text], 32, "tail")[0][0], skip_special_tokens=True)
+    both = tok.decode(modeling.encode(tok, [text], 32, "head+tail")[0][0], skip_special_tokens=True)
+    assert head.startswith("w0") and tail.endswith("w199") and both.startswith("w0") and both.endswith("w199")
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    p[:5] = 0
+    m = M.from_confusion(M.confusion(y, p, 3), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, p)
+    assert [m["per_class"][k]["recall"] for k in "abc"] == pytest.approx(rec.tolist())
+    assert m["confusion_matrix"][0][0] == int(((y == 0) & (p == 0)).sum())
