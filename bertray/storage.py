@@ -39,7 +39,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
+        # allow_delayed_open lets Arrow send small files as one PutObject instead of a multipart upload:
+        # fewer round trips, and S3-compatible servers (MinIO, moto) handle it more reliably.
+        return pafs.S3FileSystem(allow_delayed_open=True, **kwargs), uri[len("s3://"):].rstrip("/")
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for unknown schemes
