@@ -477,3 +477,231 @@ class ServeConfig:
         if self.autoscaling and self.min_replicas > self.max_replicas:
             e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
         return e
+
+
+# --------------------------------------------------------------------------------------------------- sweeps
+
+# A search-space entry is exactly one of these, e.g. `optim.lr: {loguniform: [1.0e-5, 1.0e-3]}`.
+# Ranges: loguniform/uniform draw floats in [lo, hi]; randint draws integers lo..hi, both ends included.
+# Lists: choice draws one value per trial; grid runs every value (every combination across grid keys).
+SPACE_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+_RANGE_KINDS = ("loguniform", "uniform", "randint")
+# What a trial may vary: data is read once for the whole sweep, run.* and search.* describe the sweep itself, and
+# train.metric is what trials are ranked by.
+_SWEEPABLE_SECTIONS = ("model", "optim", "train")
+_NOT_SWEEPABLE = {"train.metric": "it ranks the trials, so it is one value for the whole sweep"}
+_LEAF_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
+                 "num_epochs": "epochs", "steps": "max_steps", "seq_len": "max_length"}
+
+
+@dataclass
+class SearchConfig:
+    space: dict = field(default_factory=dict)  # dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [v, ...]}
+    algorithm: Literal["grid", "random", "optuna"] = "random"  # grid: every combination once; random: num_samples draws per grid combination; optuna: TPE
+    num_samples: int = 10  # trials drawn by random / optuna (grid ignores it)
+    scheduler: Literal["none", "asha", "pbt"] = "none"  # asha: stop weak trials early; pbt: weak trials copy strong ones' weights and perturb pbt_keys
+    grace_period: int = 1  # ASHA: evaluations every trial gets before it may be stopped
+    reduction_factor: float = 3.0  # ASHA: about 1/reduction_factor of the trials reaching a rung go on past it
+    perturbation_interval: int = 2  # PBT: evaluations between exploit/explore decisions
+    pbt_keys: list[str] = field(default_factory=lambda: ["optim.lr", "optim.weight_decay"])  # float keys of `space` that PBT perturbs
+    pbt_synch: bool = True  # PBT: trials wait for each other at each perturbation, so they are compared at equal steps
+    gpus_per_trial: float = 0.0  # per worker; fractions (e.g. 0.25) pack several small-model trials on one GPU
+    cpus_per_trial: float = 1.0  # per worker
+    workers_per_trial: int = 1  # 1: a trial trains in its own process; >1: each trial is a data-parallel Ray Train run
+    max_concurrent_trials: Optional[int] = None  # None: as many as the cluster's CPUs/GPUs hold at the per-trial resources
+    resume_failed: bool = False  # on resume, also retry failed trials from their last checkpoint (default: they stay failed)
+
+
+@dataclass
+class TuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="sweep"))
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def trial_base(self) -> FinetuneConfig:
+        """The fine-tuning config every trial starts from, before its sampled values are applied; it is what the
+        best model's checkpoint records, so `bertray finetune` can reproduce the winner."""
+        import copy
+
+        s = self.search
+        run = dataclasses.replace(self.run, num_workers=s.workers_per_trial, use_gpu=s.gpus_per_trial > 0,
+                                  cpus_per_worker=s.cpus_per_trial)
+        return FinetuneConfig(model=copy.deepcopy(self.model), data=copy.deepcopy(self.data),
+                              optim=copy.deepcopy(self.optim), train=copy.deepcopy(self.train), run=run)
+
+    def check(self) -> list[str]:
+        s = self.search
+        base = self.trial_base()
+        e = base.check()
+        for name in ("num_workers", "use_gpu", "cpus_per_worker"):
+            if getattr(self.run, name) != getattr(RunConfig(), name):
+                e.append(f"run.{name}: a sweep sizes its trials with search.workers_per_trial, search.cpus_per_trial "
+                         "and search.gpus_per_trial")
+        space, space_errors = parse_space(s.space)
+        e += space_errors
+        e += _check_trial_values(base, space, set(e))
+        _positive(e, "search.num_samples", s.num_samples)
+        _positive(e, "search.grace_period", s.grace_period)
+        if s.reduction_factor <= 1:
+            e.append(f"search.reduction_factor: must be > 1, got {s.reduction_factor}")
+        _positive(e, "search.perturbation_interval", s.perturbation_interval)
+        _positive(e, "search.gpus_per_trial", s.gpus_per_trial, allow_zero=True)
+        _positive(e, "search.cpus_per_trial", s.cpus_per_trial)
+        _positive(e, "search.workers_per_trial", s.workers_per_trial)
+        _positive(e, "search.max_concurrent_trials", s.max_concurrent_trials)
+        if s.workers_per_trial > 1 and s.gpus_per_trial not in (0, 1):
+            e.append(f"search.gpus_per_trial: data-parallel trials (workers_per_trial > 1) take whole GPUs, got "
+                     f"{s.gpus_per_trial}")
+        kinds = {k: kind for k, (kind, _) in space.items()}
+        ranges = sorted(k for k, kind in kinds.items() if kind in _RANGE_KINDS)
+        if s.algorithm == "grid" and ranges:
+            e.append(f"search.algorithm: 'grid' cannot enumerate the ranges of {', '.join(ranges)}; give them "
+                     "grid: [...] lists, or use algorithm random or optuna")
+        if s.algorithm == "random" and kinds and all(k == "grid" for k in kinds.values()):
+            e.append("search.algorithm: 'random' with only grid keys would run every combination num_samples times; "
+                     "use algorithm: grid")
+        if s.algorithm == "optuna" and "grid" in kinds.values():
+            e.append(f"search.algorithm: optuna samples, it cannot run the grid of "
+                     f"{', '.join(k for k, v in kinds.items() if v == 'grid')}; use choice: [...] instead")
+        if s.scheduler == "pbt":
+            e += _check_pbt(self, space)
+        return e
+
+
+def parse_space(space: dict) -> tuple[dict[str, tuple[str, list]], list[str]]:
+    """A search space with numbers parsed and checked: ({key: (kind, values)}, every problem found).
+
+    YAML reads `1e-3` (no dot) as a string, so numeric strings are parsed here for numeric fields."""
+    import difflib
+
+    out: dict[str, tuple[str, list]] = {}
+    errors: list[str] = []
+    if not isinstance(space, dict) or not space:
+        return out, ["search.space: needs at least one key, e.g. optim.lr: {loguniform: [1.0e-5, 1.0e-3]}"]
+    known = [k for k in _known_keys(FinetuneConfig) if k.split(".")[0] in _SWEEPABLE_SECTIONS and k not in _NOT_SWEEPABLE]
+    for key, spec in space.items():
+        where = f"search.space.{key}"
+        parts = str(key).split(".")
+        ftype = _field_type(FinetuneConfig, parts)
+        if ftype is None or dataclasses.is_dataclass(ftype):
+            # Same field in another section, common other names (learning_rate), then near spellings.
+            leaf = _LEAF_ALIASES.get(parts[-1], parts[-1])
+            close = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+            close += [k for k in difflib.get_close_matches(str(key), known, n=3, cutoff=0.6) if k not in close]
+            close = close[:3]
+            errors.append(f"{where}: unknown config field" + (f"; did you mean {' or '.join(close)}?" if close else
+                          f"; sweepable fields: {', '.join(known)}"))
+            continue
+        if parts[0] not in _SWEEPABLE_SECTIONS or key in _NOT_SWEEPABLE:
+            why = _NOT_SWEEPABLE.get(key, f"{parts[0]}.* settings hold for the whole sweep (data is read once)")
+            errors.append(f"{where}: cannot vary per trial: {why}")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            errors.append(f"{where}: expected one of {', '.join('{' + k + ': [...]}' for k in SPACE_KINDS)}, got {spec!r}")
+            continue
+        ((kind, args),) = spec.items()
+        if not isinstance(args, list) or not args:
+            errors.append(f"{where}: {kind} needs a non-empty list, got {args!r}")
+            continue
+        inner = _unwrap(ftype)
+        if kind in _RANGE_KINDS:
+            want = int if kind == "randint" else float
+            if inner is not want:
+                errors.append(f"{where}: {kind} draws {want.__name__}s but {key} is {_type_name(ftype)}; "
+                              + ("use randint or choice" if inner is int else "use choice or grid"))
+                continue
+            nums = [_number(a, want) for a in args]
+            if len(args) != 2 or None in nums:
+                errors.append(f"{where}: {kind} needs [lo, hi] as two {want.__name__}s, got {args!r}")
+                continue
+            lo, hi = nums
+            if not lo < hi:
+                errors.append(f"{where}: {kind} needs lo < hi, got [{lo}, {hi}]")
+                continue
+            if kind == "loguniform" and lo <= 0:
+                errors.append(f"{where}: loguniform needs lo > 0, got {lo}")
+                continue
+            out[key] = (kind, [lo, hi])
+        else:
+            values, bad = [], []
+            for v in args:
+                v = _number(v, float) if inner is float and isinstance(v, str) and _number(v, float) is not None else v
+                ok, v = _coerce(v, ftype)
+                (values if ok else bad).append(v)
+            if bad:
+                errors.append(f"{where}: {key} is {_type_name(ftype)}, but {kind} lists {', '.join(map(repr, bad))}")
+                continue
+            out[key] = (kind, values)
+    return out, errors
+
+
+def _number(value: Any, want: type):
+    """`value` as a `want` (int or float), or None; YAML's '1e-3' strings count as floats."""
+    if isinstance(value, bool):
+        return None
+    if want is int:
+        return value if isinstance(value, int) else None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _check_trial_values(base: FinetuneConfig, space: dict, known_errors: set) -> list[str]:
+    """Run the fine-tuning checks with each listed value (and each range's ends) in place, so a value no trial
+    could use (a negative lr, a batch size of 0) stops the sweep before any trial starts."""
+    import copy
+
+    errors = []
+    for key, (kind, values) in space.items():
+        *path, last = key.split(".")
+        for v in values:
+            cfg = copy.deepcopy(base)
+            node = cfg
+            for p in path:
+                node = getattr(node, p)
+            setattr(node, last, v)
+            new = [x for x in cfg.check() if x not in known_errors]
+            if new:
+                errors.append(f"search.space.{key}: value {v!r} is not allowed: {'; '.join(new)}")
+    return errors
+
+
+def planned_trials(s: SearchConfig, space: dict) -> int:
+    """How many trials a sweep runs: every grid combination (choice lists too under algorithm grid), times
+    num_samples draws for random; num_samples for optuna."""
+    import math
+
+    if s.algorithm == "optuna":
+        return s.num_samples
+    sizes = [len(v) for kind, v in space.values() if kind == "grid" or (kind == "choice" and s.algorithm == "grid")]
+    return math.prod(sizes) * (1 if s.algorithm == "grid" else s.num_samples)
+
+
+def _check_pbt(cfg: TuneConfig, space: dict) -> list[str]:
+    s = cfg.search
+    e = []
+    if s.algorithm == "optuna":
+        e.append("search.scheduler: pbt chooses its own configurations and cannot follow optuna; use algorithm random or grid")
+    if s.workers_per_trial > 1:
+        e.append("search.scheduler: pbt moves checkpoints between trials, which data-parallel trials (workers_per_trial > 1) "
+                 "keep in Ray Train; use asha or workers_per_trial: 1")
+    if not s.pbt_keys:
+        e.append("search.pbt_keys: pbt needs at least one key to perturb, e.g. [optim.lr]")
+    for key in s.pbt_keys:
+        if key not in space and key in (s.space or {}):
+            continue  # its distribution is invalid, and reported as such
+        if key not in space:
+            e.append(f"search.pbt_keys: {key} has no distribution in search.space (PBT resamples from it); add one or "
+                     "drop it from pbt_keys")
+        elif _unwrap(_field_type(FinetuneConfig, key.split("."))) is not float:
+            e.append(f"search.pbt_keys: {key} is not a float setting; PBT can only scale floats such as optim.lr")
+    population = planned_trials(s, space)
+    if population < 2:
+        e.append(f"search.num_samples: pbt needs a population of at least 2 trials, this space gives {population}")
+    return e

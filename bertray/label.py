@@ -83,13 +83,21 @@ def run(cfg: LabelConfig) -> dict:
     """Label `cfg.input` into `cfg.output`; returns (and prints, and saves) the run summary."""
     import ray
 
+    from bertray import runtime
+
     t0 = time.time()
+    # Actors on other nodes read the input, load the model and write the output themselves.
+    runtime.check_shared_storage(cfg.input, "input")
+    runtime.check_shared_storage(cfg.output, "output")
+    if not storage.is_remote(cfg.model) and storage.exists(cfg.model):
+        runtime.check_shared_storage(cfg.model, "model")
     plan = make_plan(cfg)
     done = _prepare_output(cfg, plan)
     if done.get("finished"):
         log.info("label: %s is already finished (%s exists); nothing to do. Pass --overwrite to redo it.",
                  cfg.output, SUCCESS)
-        summary = json.loads(storage.read_text(storage.join(cfg.output, SUMMARY)))
+        summary = json.loads(storage.read_text(storage.join(cfg.output, SUCCESS)))
+        summary.pop("output_files", None)
         print(json.dumps(summary, indent=2))
         return summary
     earlier: dict[str, dict] = done["units"]
@@ -637,6 +645,11 @@ def _finish(cfg: LabelConfig, plan: Plan, summaries: dict[str, dict], this_run: 
     manifest = {**summary, "output_files": [part_name(s["uid"]) for s in units if not s.get("error")]}
     storage.write_text(storage.join(cfg.output, SUMMARY), json.dumps(summary, indent=2))
     storage.write_text(storage.join(cfg.output, SUCCESS), json.dumps(manifest, indent=2))
+    missing = ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
+    log.info("label: finished: %s rows read, %s labeled, %s %s (%s), %s unreadable, %s truncated; %s part file(s) "
+             "and %s in %s", f"{total['rows_read']:,}", f"{labeled:,}", f"{sum(reasons.values()):,}",
+             "skipped" if cfg.on_empty == "skip" else "without a label", missing, f"{total['rows_unreadable']:,}",
+             f"{total['truncated']:,}", len(manifest["output_files"]), SUCCESS, cfg.output)
     return summary
 
 

@@ -8,8 +8,8 @@ flattened into one `@serve.batch` queue, so one forward pass serves many callers
 by length so little compute goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload
 into a fast 503 from the proxy instead of an ever longer queue.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see real types (Request, ...) on the route methods after
+# serve.ingress has rebuilt them, not strings.
 import asyncio
 import hmac
 import json
@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 from ray import serve
 from ray.serve import Application
 
+from bertray import modeling, storage
 from bertray.config import ConfigError, ServeConfig, load
+from bertray.modeling import ModelError
 
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
 _MAX_JSON_BYTES_PER_CHAR = 12
@@ -58,6 +60,7 @@ _ERROR_RESPONSES = {
     422: {"description": "well-formed JSON of the wrong shape: a missing field, a wrong type, an empty list or text"},
     503: {"description": "overloaded: the replica queue is full; retry later"},
 }
+
 
 # --------------------------------------------------------------------------------------------- request checks
 
@@ -127,8 +130,8 @@ def _page(auth: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------- deployment
 
-# Helpers above come first on purpose: serve.ingress pickles the app, and with it these methods and the module
-# globals they use, when the class is defined.
+# The helpers above must exist before this class: serve.ingress pickles the app, and with it the route methods and
+# the module globals they use, at class definition; a helper defined later is missing in the replica.
 app = FastAPI(title="bertray", description="Text classification with a fine-tuned BERT on Ray Serve.")
 
 
@@ -249,14 +252,24 @@ def app_builder(args: dict) -> Application:
     return build_app(load(ServeConfig, data=args))
 
 
+def _check_model(uri: str) -> None:
+    if storage.is_remote(uri):
+        if not storage.exists(storage.join(uri, "config.json")):
+            raise ModelError(f"{uri}: no config.json there; expected a classifier checkpoint folder")
+    else:
+        modeling.resolve(uri)  # raises ModelError for a missing local folder; a hub id passes through
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve on cfg.host:cfg.port until Ctrl-C (Ray already initialised by the CLI)."""
-    _api_key(cfg.api_key_env)  # fail here, not in a replica that retries forever
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name="bertray", route_prefix="/", blocking=False)
+    # Fail here with one clear line, not in replicas that Serve restarts again and again before giving up.
+    _api_key(cfg.api_key_env)
+    _check_model(cfg.model)
     url = f"http://{cfg.host}:{cfg.port}"
-    print(f"serving {cfg.model}\n  page: {url}/\n  API docs: {url}/docs\nCtrl-C to stop", flush=True)
     try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(cfg), name="bertray", route_prefix="/", blocking=False)
+        print(f"serving {cfg.model}\n  page: {url}/\n  API docs: {url}/docs\nCtrl-C to stop", flush=True)
         while True:
             time.sleep(60)
     except KeyboardInterrupt:

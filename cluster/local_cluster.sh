@@ -29,6 +29,8 @@ CPUS_PER_WORKER="${CPUS_PER_WORKER:-2}"
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-200000000}"
 if [[ -x "$REPO/.venv/bin/ray" ]]; then
   RAY="$REPO/.venv/bin/ray"; PY="$REPO/.venv/bin/python"
+  # Job entrypoints say `python ...`: on these nodes that must be the venv's, as on a cluster it is the image's.
+  export PATH="$REPO/.venv/bin:$PATH"
 else
   RAY="$(command -v ray)"; PY="$(command -v python3)"
 fi
@@ -46,71 +48,35 @@ alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 # this machine, so every node gets free ports of its own and OS-chosen worker ports.
 node_flags() {
   echo --block --node-ip-address=127.0.0.1 --disable-usage-stats --num-gpus=0 \
-    --dashboard-agent-listen-port="$(free_port)" --min-worker-port=0 --max-worker-port=0 \
-    --object-store-memory="$OBJECT_STORE_BYTES"
+    --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
+    --metrics-export-port="$(free_port)" --runtime-env-agent-port="$(free_port)" \
+    --min-worker-port=0 --max-worker-port=0 --object-store-memory="$OBJECT_STORE_BYTES"
 }
 
-# wait_nodes N DASHBOARD_PORT: until the cluster reports N alive nodes; fails after 120 s with the logs' tail.
-wait_nodes() {
-  if ! "$PY" - "$1" "$2" <<'EOF'
-import sys, time
+# wait_nodes N DASHBOARD_PORT PID: exit 0 once the cluster reports N alive nodes; 1 if the node process PID
+# dies first or 120 s pass.
+WAIT_NODES_PY='
+import os, sys, time
 from ray.util.state import list_nodes
 
-want, address, deadline = int(sys.argv[1]), f"http://127.0.0.1:{sys.argv[2]}", time.time() + 120
+want, address, pid = int(sys.argv[1]), f"http://127.0.0.1:{sys.argv[2]}", int(sys.argv[3])
+deadline = time.time() + 120
 while time.time() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(1)
     try:
         if sum(n.state == "ALIVE" for n in list_nodes(address=address, raise_on_missing_output=False)) >= want:
             sys.exit(0)
-    except Exception:  # the dashboard is still starting; keep polling until the deadline
+    except Exception:  # the dashboard is still starting: poll again until the deadline
         pass
     time.sleep(1)
 sys.exit(1)
-EOF
-  then
-    tail -n 15 "$STATE"/*.log >&2 || true
-    die "fewer than $1 nodes alive after 120 s; logs in $STATE"
-  fi
-}
+'
+wait_nodes() { "$PY" -c "$WAIT_NODES_PY" "$@"; }
 
-start() {
-  local workers="${1:-2}"
-  [[ "$workers" =~ ^[0-9]+$ ]] || die "WORKERS must be a number, got '$workers'"
-  alive "$STATE/head.pid" && die "already running (state in $STATE); run '$0 stop' first"
-  rm -rf "$STATE"; mkdir -p "$STATE"
-  [[ "$RAY_AUTH_MODE" == token ]] && "$RAY" get-auth-token --generate >/dev/null
-  local gcs dash client
-  gcs="$(free_port)"; dash="$(free_port)"; client="$(free_port)"
-
-  # shellcheck disable=SC2046  # node_flags is a list of flags
-  setsid "$RAY" start --head --num-cpus=0 --port="$gcs" --ray-client-server-port="$client" \
-    --dashboard-host=127.0.0.1 --dashboard-port="$dash" --temp-dir="$STATE/head" $(node_flags) \
-    >"$STATE/head.log" 2>&1 </dev/null &
-  echo $! >"$STATE/head.pid"
-  wait_nodes 1 "$dash"
-
-  for i in $(seq 1 "$workers"); do
-    # shellcheck disable=SC2046
-    setsid "$RAY" start --address="127.0.0.1:$gcs" --num-cpus="$CPUS_PER_WORKER" \
-      --resources="{\"worker_$i\": 1}" --temp-dir="$STATE/w$i" $(node_flags) \
-      >"$STATE/worker-$i.log" 2>&1 </dev/null &
-    echo $! >"$STATE/worker-$i.pid"
-    # One node at a time: a node registers its ports with the GCS as it starts.
-    wait_nodes $((i + 1)) "$dash"
-  done
-
-  cat >"$STATE/cluster.env" <<EOF
-export RAY_AUTH_MODE=$RAY_AUTH_MODE
-export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
-export RAY_GCS_ADDRESS=127.0.0.1:$gcs
-EOF
-  echo "Ray cluster up: head (no work) + $workers worker node(s) x $CPUS_PER_WORKER CPUs"
-  echo "  source $STATE/cluster.env"
-  echo "  jobs:    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/<stage>.py ..."
-  echo "  drivers: bertray <stage> --address 127.0.0.1:$gcs ..."
-  echo "  logs:    $STATE/*.log and $STATE/*/session_latest/logs"
-}
-
-# descendants PID: PID and every process below it (Ray workers start their own process groups, so a
+# descendants PID: PID and every process below it (Ray workers start process groups of their own, so a
 # group kill would miss them).
 descendants() {
   ps -eo pid=,ppid= | awk -v root="$1" '
@@ -134,6 +100,56 @@ stop_node() {
   rm -f "$pidfile"
 }
 
+# start_node NAME NODES_EXPECTED DASHBOARD_PORT -- RAY_START_ARGS...: start one node in a session of its own
+# and wait until it has joined. A raylet aborts when its agents miss a fixed ~15 s start-up window, which
+# happens on a loaded machine, so a node gets three attempts.
+start_node() {
+  local name="$1" want="$2" dash="$3" pid
+  shift 4
+  for attempt in 1 2 3; do
+    # 9>&-: the node must not inherit the lock (it would hold it for as long as it lives).
+    setsid "$RAY" start "$@" >>"$STATE/$name.log" 2>&1 </dev/null 9>&- &
+    pid=$!
+    echo "$pid" >"$STATE/$name.pid"
+    wait_nodes "$want" "$dash" "$pid" && return 0
+    echo "local_cluster: $name did not come up (attempt $attempt of 3)" >&2
+    stop_node "$STATE/$name.pid"
+  done
+  tail -n 5 "$STATE/$name.log" >&2 || true
+  # The raylet's own last words (a failed check says what it waited for).
+  grep -h " C \| F " "$STATE"/*/session_*/logs/raylet.out 2>/dev/null | tail -n 3 | cut -c1-400 >&2 || true
+  die "$name did not come up; logs in $STATE/$name.log and $STATE/*/session_latest/logs"
+}
+
+start() {
+  local workers="${1:-2}" gcs dash client
+  [[ "$workers" =~ ^[0-9]+$ ]] || die "WORKERS must be a number, got '$workers'"
+  alive "$STATE/head.pid" && die "already running (state in $STATE); run '$0 stop' first"
+  rm -rf "$STATE"; mkdir -p "$STATE"
+  if [[ "$RAY_AUTH_MODE" == token ]]; then "$RAY" get-auth-token --generate >/dev/null; fi
+  gcs="$(free_port)"; dash="$(free_port)"; client="$(free_port)"
+
+  # shellcheck disable=SC2046  # node_flags is a list of flags
+  start_node head 1 "$dash" -- --head --num-cpus=0 --port="$gcs" --ray-client-server-port="$client" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$dash" --temp-dir="$STATE/head" $(node_flags)
+  for i in $(seq 1 "$workers"); do
+    # shellcheck disable=SC2046
+    start_node "worker-$i" $((i + 1)) "$dash" -- --address="127.0.0.1:$gcs" --num-cpus="$CPUS_PER_WORKER" \
+      --resources="{\"worker_$i\": 1}" --temp-dir="$STATE/w$i" $(node_flags)
+  done
+
+  cat >"$STATE/cluster.env" <<EOF
+export RAY_AUTH_MODE=$RAY_AUTH_MODE
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
+export RAY_GCS_ADDRESS=127.0.0.1:$gcs
+EOF
+  echo "Ray cluster up: head (no work) + $workers worker node(s) x $CPUS_PER_WORKER CPUs"
+  echo "  source $STATE/cluster.env"
+  echo "  jobs:    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/<stage>.py ..."
+  echo "  drivers: bertray <stage> --address 127.0.0.1:$gcs ..."
+  echo "  logs:    $STATE/*.log and $STATE/*/session_latest/logs"
+}
+
 stop() {
   [[ -d "$STATE" ]] || { echo "no cluster state in $STATE"; return 0; }
   for f in "$STATE"/worker-*.pid; do [[ -e "$f" ]] && stop_node "$f"; done
@@ -152,9 +168,16 @@ status() {
   "$RAY" status --address="$RAY_GCS_ADDRESS"
 }
 
+# One start or stop at a time per state dir: two of them would overwrite each other's pid files.
+lock() {
+  mkdir -p "$(dirname "$STATE")"
+  exec 9>"$STATE.lock"
+  flock -w 300 9 || die "another local_cluster.sh holds $STATE.lock"
+}
+
 case "${1:-}" in
-  start) start "${2:-2}" ;;
-  stop) stop ;;
+  start) lock; start "${2:-2}" ;;
+  stop) lock; stop ;;
   status) status ;;
   *) echo "usage: $0 start [WORKERS] | stop | status" >&2; exit 2 ;;
 esac

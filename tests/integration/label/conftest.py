@@ -89,7 +89,17 @@ def corpus(tmp_path) -> tuple[Path, pa.Table]:
     return folder, make_corpus(folder)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def corpus_maker():
     """make_corpus itself, for tests that need another size (test modules cannot import a conftest)."""
     return make_corpus
+
+
+@pytest.fixture()
+def write_parquet_here():
+    """write_parquet(path, {column: values}) -> path."""
+    def write(path: Path, rows: dict) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(rows), path)
+        return path
+    return write

@@ -1,4 +1,4 @@
-"""Fixtures for the Serve tests: a classifier trained in the test, and a running Serve app on loopback."""
+"""Fixtures for the Serve tests: a classifier fine-tuned in the test, and a running Serve app on loopback."""
 from __future__ import annotations
 
 import os
@@ -43,40 +43,30 @@ def serve_api_key() -> str:
     return API_KEY
 
 
-@pytest.fixture(scope="session")
-def trained_classifier(tiny_bert, tmp_path_factory) -> str:
-    """A tiny BERT classifier fine-tuned here, in-process, until it separates 'good' words from 'bad' ones;
-    saved as a bertray checkpoint (bertray.json with labels and metrics)."""
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+@pytest.fixture(scope="module")
+def trained_classifier(ray_cluster, tiny_bert, tmp_path_factory) -> str:
+    """The tiny BERT fine-tuned by the real stage (`bertray.finetune.run`, one Ray Train worker) until it separates
+    'good' words from 'bad' ones; returns the exported checkpoint folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from bertray import checkpoint
+    from bertray import config as C
+    from bertray import finetune
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    model = BertForSequenceClassification.from_pretrained(
-        tiny_bert, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    texts, labels = _separable_texts(256, seed=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(120):
-        idx = [(step * 32 + j) % len(texts) for j in range(32)]
-        batch = tok([texts[i] for i in idx], padding=True, return_tensors="pt")
-        loss = model(**batch, labels=torch.tensor([labels[i] for i in idx])).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    held_out, y = _separable_texts(64, seed=2)
-    with torch.no_grad():
-        pred = model(**tok(held_out, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
-    accuracy = sum(int(p == t) for p, t in zip(pred, y)) / len(y)
-    assert accuracy == 1.0, f"the test classifier did not learn the toy task (held-out accuracy {accuracy})"
-    out = tmp_path_factory.mktemp("serve-classifier")
-    checkpoint.save(out, model, tok, {"kind": "classifier", "base_model": tiny_bert, "label_names": LABELS,
-                                      "config": {"model": {"max_length": 64, "truncation": "head"}},
-                                      "metrics": {"accuracy": accuracy}})
-    return str(out)
+    root = tmp_path_factory.mktemp("serve-finetune")
+    for split, (n, seed) in {"train": (256, 1), "validation": (64, 2)}.items():
+        texts, labels = _separable_texts(n, seed)
+        pq.write_table(pa.table({"text": texts, "label": labels}), root / f"{split}.parquet")
+    cfg = C.load(C.FinetuneConfig, data={
+        "model": {"base": tiny_bert, "max_length": 32},
+        "data": {"train": str(root / "train.parquet"), "validation": str(root / "validation.parquet"), "labels": LABELS},
+        "optim": {"lr": 3e-3},
+        "train": {"batch_size": 32, "max_steps": 60, "eval_every": 30, "log_every": 30},
+        "run": {"name": "toy", "storage": str(root / "runs"), "num_workers": 1, "max_failures": 0},
+    })
+    summary = finetune.run(cfg)
+    assert summary["metrics"]["accuracy"] == 1.0, f"the toy task was not learned: {summary['metrics']}"
+    return summary["model"]
 
 
 def _free_port() -> int:
@@ -103,7 +93,7 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 @pytest.fixture(scope="module")
 def serve_apps(ray_cluster, trained_classifier):
     """One Serve instance on a free loopback port with three apps:
-    '' (open), '/keyed' (API key required) and '/tight' (tiny queue and long batch wait, to provoke 503s).
+    '/' (open), '/keyed' (API key required) and '/tight' (tiny queue and long batch wait, to provoke 503s).
     Returns {name: base URL}."""
     from ray import serve
 
@@ -118,12 +108,13 @@ def serve_apps(ray_cluster, trained_classifier):
         "open": (ServeConfig(**common), "/"),
         "keyed": (ServeConfig(**common, api_key_env=API_KEY_ENV), "/keyed"),
         "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=64,
-                              batch_wait_timeout_s=1.0), "/tight"),
+                              batch_wait_timeout_s=3.0), "/tight"),
     }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        for name, (cfg, prefix) in apps.items():
-            serve.run(build_app(cfg), name=name, route_prefix=prefix, blocking=False)
+        # One call deploys the three apps side by side: their replicas start in parallel.
+        serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix)
+                        for name, (cfg, prefix) in apps.items()])
         urls = {name: base + prefix.rstrip("/") for name, (_, prefix) in apps.items()}
         for url in urls.values():
             wait_healthy(url)

@@ -1,0 +1,258 @@
+"""Load figures for BENCHMARKS.md: `bertray.serve` over HTTP on loopback, dynamic batching on vs off.
+
+    nohup nice -n 5 .venv/bin/python bench/serve_load.py > /tmp/serve_load.log 2>&1 &
+
+Serves the embedded MiniLM as a 2-class classifier (random head: speed does not depend on the weights) on one
+replica, and drives it with 1, 8 and 32 closed-loop clients (each sends one text, waits for the answer, sends the
+next) for a fixed time per step, first with batching on, then off, in the same run. Texts are SST-2 validation
+sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, same torch thread
+count as the replica). Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
+throughput at 32 clients; p99 at 1 client <= 1.5x the single-text latency.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+LABELS = ["negative", "positive"]
+WARMUP_S = 2.0  # per configuration, before the first measured step: first batches pay for lazy init
+
+
+def machine() -> dict:
+    """CPU model and cores as lscpu reports them, plus the load average: other work on the machine skews figures."""
+    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        if line.startswith("Model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def build_model(folder: Path) -> str:
+    """The embedded MiniLM with a fresh 2-class head, saved as a bertray checkpoint."""
+    from bertray import checkpoint, modeling
+    from bertray.config import ModelConfig
+
+    cfg = ModelConfig()
+    model = modeling.build_classifier(cfg, LABELS)
+    tok = modeling.load_tokenizer(modeling.resolve(cfg.base))
+    checkpoint.save(folder, model, tok, {"kind": "classifier", "base_model": cfg.base, "label_names": LABELS,
+                                         "config": {"model": dataclasses.asdict(cfg)}, "metrics": {}})
+    return str(folder)
+
+
+def texts(n: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(SST2 / "validation.parquet", columns=["text"]).column("text").to_pylist()[:n]
+
+
+def single_text_latency(model: str, sample: list[str], seconds: float, threads: int) -> dict:
+    """The model alone: one text per `predict` call, in this process, with the replica's torch thread count."""
+    import torch
+
+    from bertray.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    pred = Predictor(model)
+    for t in sample[:20]:
+        pred.predict([t])
+    lat = []
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        pred.predict([sample[i % len(sample)]])
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    return _summary(lat, seconds, errors=0)
+
+
+def _summary(lat: list[float], seconds: float, errors: int) -> dict:
+    ms = np.array(lat) * 1000
+    return {"requests": len(lat), "errors": errors, "rps": len(lat) / seconds,
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+async def _load(url: str, sample: list[str], clients: int, seconds: float) -> dict:
+    """`clients` closed-loop callers for `seconds`; a non-200 answer or a failed connection counts as an error."""
+    import aiohttp
+
+    lat: list[float] = []
+    errors: list[str] = []
+    deadline = time.perf_counter() + seconds
+    timeout = aiohttp.ClientTimeout(total=30)
+
+    async def client(k: int, session: aiohttp.ClientSession) -> None:
+        i = k
+        while time.perf_counter() < deadline:
+            body = {"texts": [sample[i % len(sample)]]}
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json=body) as r:
+                    await r.read()
+                    ok = r.status == 200
+                    if not ok:
+                        errors.append(f"HTTP {r.status}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                ok = False
+                errors.append(type(exc).__name__)
+            if ok:
+                lat.append(time.perf_counter() - t0)
+            i += clients
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(k, session) for k in range(clients)))
+        elapsed = time.perf_counter() - started  # includes the last in-flight requests finishing after the deadline
+    out = _summary(lat, elapsed, len(errors))
+    out["error_kinds"] = sorted(set(errors))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bench(args) -> dict:
+    import ray
+    import requests
+    from ray import serve
+
+    from bertray.config import ServeConfig
+    from bertray.serve import build_app
+
+    sample = texts(args.texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_model(Path(tmp) / "minilm-classifier")
+        threads = max(1, int(args.cpus_per_replica))
+        baseline = single_text_latency(model, sample, args.baseline_seconds, threads)
+        print(f"single-text latency: p50 {baseline['p50_ms']:.2f} ms, p99 {baseline['p99_ms']:.2f} ms", flush=True)
+
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
+                                                                    "HF_HUB_OFFLINE": "1",
+                                                                    "TOKENIZERS_PARALLELISM": "false"}})
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        results = {}
+        try:
+            for batching in (True, False):
+                cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
+                                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
+                serve.run(build_app(cfg), name="bench", route_prefix="/")
+                assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
+                asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
+                mode = "on" if batching else "off"
+                for c in args.clients:
+                    r = asyncio.run(_load(url, sample, c, args.seconds))
+                    results[f"{mode}/{c}"] = r
+                    print(f"batching {mode:3} clients {c:2}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
+                          f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {r['errors']}", flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        # Again after the load steps: if it moved much, other work on the machine changed under the run.
+        baseline_after = single_text_latency(model, sample, args.baseline_seconds, threads)
+    top = max(args.clients)
+    return {
+        "baseline": baseline,
+        "baseline_after": baseline_after,
+        "serve": results,
+        "ratios": {
+            f"batched_over_unbatched_rps_at_{top}": results[f"on/{top}"]["rps"] / results[f"off/{top}"]["rps"],
+            "p99_1_client_batched_over_single_text_p50": results["on/1"]["p99_ms"] / baseline["p50_ms"],
+            "p99_1_client_unbatched_over_single_text_p50": results["off/1"]["p99_ms"] / baseline["p50_ms"],
+            "p99_1_client_batched_over_single_text_p99": results["on/1"]["p99_ms"] / baseline["p99_ms"],
+            "p99_1_client_unbatched_over_single_text_p99": results["off/1"]["p99_ms"] / baseline["p99_ms"],
+        },
+    }
+
+
+def markdown(out: dict) -> str:
+    m, a = out["machine"], out["args"]
+    b = out["baseline"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores; load average {m['load_avg']} before, {m['load_avg_after']} after.",
+        f"Command: `{out['command']}`",
+        f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
+        f"(torch threads {max(1, int(a['cpus_per_replica']))}); max_batch_size {a['max_batch_size']}, "
+        f"batch_wait_timeout_s {a['batch_wait_timeout_s']}; one SST-2 validation sentence per request; "
+        f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
+        "",
+        f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls): "
+        f"p50 {b['p50_ms']:.2f} ms, p95 {b['p95_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms "
+        f"(measured again after the load steps: p50 {out['baseline_after']['p50_ms']:.2f} ms, "
+        f"p99 {out['baseline_after']['p99_ms']:.2f} ms).",
+        "",
+        "| batching | clients | req/s | p50 ms | p95 ms | p99 ms | requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in out["serve"].items():
+        mode, c = key.split("/")
+        lines.append(f"| {mode} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} "
+                     f"| {r['requests']} | {r['errors']} |")
+    top = max(a["clients"])
+    ratios = out["ratios"]
+    lines += [
+        "",
+        f"- batched / unbatched throughput at {top} clients: "
+        f"{ratios[f'batched_over_unbatched_rps_at_{top}']:.2f}x (target >= 2x)",
+        f"- p99 at 1 client / single-text latency (target <= 1.5x): batching on "
+        f"{ratios['p99_1_client_batched_over_single_text_p99']:.2f}x of its p99, "
+        f"{ratios['p99_1_client_batched_over_single_text_p50']:.2f}x of its p50; batching off "
+        f"{ratios['p99_1_client_unbatched_over_single_text_p99']:.2f}x of its p99, "
+        f"{ratios['p99_1_client_unbatched_over_single_text_p50']:.2f}x of its p50",
+        f"- errors: {sum(r['errors'] for r in out['serve'].values())}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a classifier checkpoint (default: embedded MiniLM, random head)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured duration per (mode, clients) step")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--baseline-seconds", type=float, default=10.0)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
+    p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not SST2.exists():
+        print(f"error: SST-2 not found at {SST2}; set BERTRAY_SHARED_DATA", file=sys.stderr)
+        return 2
+    info = machine()
+    t0 = time.time()
+    out = run_bench(args)
+    out.update(machine=info, args=vars(args), wall_s=time.time() - t0,
+               command="python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]))
+    out["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(markdown(out))
+    print(f"\n(JSON: {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""Further (domain-adaptive) masked-LM pretraining with Ray Train: `run(cfg)`.
+
+Keep training the base encoder's masked-LM objective on unlabeled in-domain text, then fine-tune from the
+result (`bertray finetune --set model.base=<storage>/<name>/model`): the encoder carries over, the
+classification head is new.
+
+Data. Unlabeled text is read from Parquet (local or s3://, any number of files, larger than memory) by Ray Data
+and streamed to the DDP workers. Each worker cleans its shard's texts, tokenizes them and either packs them
+(documents joined with [SEP] and cut into full `max_length` sequences, so short sentences waste no compute on
+padding) or truncates each to `max_length`, then masks 15% of the non-special tokens (80% [MASK], 10% a random
+token, 10% kept; optionally whole words). A stream has no fixed length, so the schedule is in optimizer steps
+(`train.max_steps`) and a new pass over the data starts whenever one ends.
+
+Evaluation. A fixed sample of `mlm.eval_rows` texts (from `data.validation`, else the first rows of the last
+training file, which training then skips) is tokenized and masked once on the driver with a constant seed, so
+every evaluation scores the same positions. The workers also score it before the first update
+(`initial_metrics`: the step-0 row of a pretraining study).
+
+Resume. A killed worker or a re-run of the same command continues from the last checkpoint.
+Exact: the optimizer step, the weights, the optimizer and LR-scheduler state, and the number of micro-batches
+already consumed in the current pass over the data (they are skipped). Approximate: which texts those were.
+Ray Data hands blocks to workers in the order they finish reading and starts every pass from the first file,
+so after a restart each worker skips as many micro-batches as were consumed, not necessarily the same texts,
+and their masks are drawn afresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from dataclasses import asdict
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from bertray import checkpoint as ckpt_io
+from bertray import data as D
+from bertray import modeling, runtime, storage, trainer
+from bertray.config import ConfigError, DataConfig, MLMConfig, PretrainConfig
+from bertray.train_loop import Objective
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 0  # masks of the held-out sample: a constant, so runs with different train.seed score the same positions
+_ROWS_PER_READ = 1024  # texts per Ray Data batch, i.e. per tokenizer call
+_SHUFFLE_ROWS = 4096  # local shuffle buffer: mixes neighbouring texts of sorted files at little memory cost
+_COUNTS = ("texts_read", "null_text", "empty_text", "held_out", "truncated", "sequences", "tokens")
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Pretrain, export the best checkpoint to `<storage>/<name>/model`, and return the run summary
+    (with `initial_metrics`: the held-out loss and perplexity before training)."""
+    import ray
+
+    runtime.check_shared_storage(cfg.run.storage, "run.storage")
+    files = stream_files(cfg.data)
+    _check_spare_cpu(cfg)
+    path = modeling.resolve(cfg.model.base)
+    tokenizer = modeling.load_tokenizer(path)
+    vocab = Vocab(tokenizer)
+    _check_model(cfg, path, vocab)
+
+    eval_texts, eval_report = held_out_texts(cfg.data, files, cfg.mlm.eval_rows)
+    eval_batches = eval_batches_for(eval_texts, tokenizer, vocab, cfg)
+    eval_report["sequences"] = sum(len(b["input_ids"]) for b in eval_batches)
+    eval_report["masked_tokens"] = int(sum((b["labels"] != -100).sum() for b in eval_batches))
+    holdout = frozenset() if cfg.data.validation else frozenset(eval_texts)
+    if holdout:
+        log.info("holding out the first %d texts of %s for evaluation (training skips them; set data.validation "
+                 "to evaluate on other text)", len(eval_texts), files[-1])
+    log.info("held-out sample: %d sequences, %d masked tokens", eval_report["sequences"], eval_report["masked_tokens"])
+
+    report = {"train": {"source": cfg.data.train, "files": len(files), "text_columns": list(cfg.data.text_columns)},
+              "eval": eval_report}
+    objective = MaskedLMObjective(cfg, ray.put((eval_batches, holdout)), report)
+    result = trainer.build_trainer(cfg, objective, datasets={"train": read_stream(files, cfg.data)}).fit()
+    summary = trainer.export_run(cfg, result, objective)
+    initial = summary["initial_metrics"] = ckpt_io.read_meta(summary["model"])["initial_metrics"]
+    # export_run wrote metrics.json without the step-0 evaluation, which only this stage has.
+    storage.write_text(storage.join(summary["run_dir"], "metrics.json"), json.dumps(summary, indent=2, default=str))
+    stream = (summary.get("data_report") or {}).get("train", {}).get("stream", {})
+    if stream.get("held_out"):
+        log.info("training skipped %d of %d texts read as copies of held-out evaluation texts", stream["held_out"],
+                 stream["texts_read"])
+    m = summary["metrics"]
+    log.info("held-out perplexity %.2f at step 0 -> %.2f at step %s (best); model exported to %s",
+             initial["perplexity"], m.get("perplexity", float("nan")), summary["best_step"], summary["model"])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- driver side
+
+
+def stream_files(d: DataConfig) -> list[str]:
+    """The Parquet files of `data.train`, with the text columns checked in the first and last file (checking
+    every footer of a large remote dataset would cost a round trip per file)."""
+    files = D.data_files(d.train)
+    other = [f for f in files if not f.lower().endswith((".parquet", ".pq"))]
+    if other:
+        raise D.DataError(f"{d.train}: pretraining streams Parquet files; these are not: {', '.join(other[:5])}"
+                          + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
+    for f in dict.fromkeys([files[0], files[-1]]):
+        check_text_columns(f, d.text_columns)
+    return files
+
+
+def check_text_columns(path: str, columns: list[str]) -> None:
+    fs, p = storage.filesystem(path)
+    try:
+        schema = pq.read_schema(p, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise D.DataError(f"{path}: cannot read as parquet: {exc}") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise D.DataError(f"{path}: missing text column(s) {', '.join(map(repr, missing))}; the file has: "
+                          f"{', '.join(schema.names)} (set data.text_columns)")
+    for c in columns:
+        t = schema.field(c).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise D.DataError(f"{path}: text column {c!r} has type {t}, expected strings")
+
+
+def read_stream(files: list[str], d: DataConfig):
+    import ray
+
+    fs, _ = storage.filesystem(files[0])
+    ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs).select_columns(list(d.text_columns))
+    if d.max_train_rows:
+        ds = ds.limit(d.max_train_rows)  # the first rows of the stream, not a sample: a stream cannot be sampled cheaply
+    # Every pass over the stream is a new Ray Data execution; its progress bars would drown the training lines.
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], dict]:
+    """The evaluation sample: the first `n` non-empty texts of `data.validation`, else of the last training file."""
+    if d.validation:
+        texts, report = D.load_texts(d.validation, d)
+        texts = texts[:n]
+        report["rows_used"] = len(texts)
+    else:
+        source = files[-1]
+        fs, p = storage.filesystem(source)
+        texts, read = [], 0
+        # Read only as many row batches as the sample needs: the file may be large.
+        for batch in pq.ParquetFile(fs.open_input_file(p)).iter_batches(batch_size=max(n, 256), columns=d.text_columns):
+            read += batch.num_rows
+            texts += [t for t in D.texts_from(pa.Table.from_batches([batch]), d, source) if t]
+            if len(texts) >= n:
+                break
+        texts = texts[:n]
+        report = {"source": source, "rows_read": read, "rows_used": len(texts), "held_out_from_training": True}
+    if not texts:
+        raise D.DataError(f"{report['source']}: no non-empty text for the held-out evaluation sample")
+    return texts, report
+
+
+def eval_batches_for(texts: list[str], tokenizer, vocab: "Vocab", cfg: PretrainConfig) -> list[dict]:
+    """The held-out sample as masked batches, built the same way as training batches but with a fixed seed."""
+    stream = SequenceStream(tokenizer, cfg)
+    seqs = stream.sequences(texts) + stream.flush()
+    rng = np.random.default_rng(EVAL_SEED)
+    bs = max(32, cfg.train.batch_size * 2)
+    return [make_batch(seqs[i:i + bs], vocab, cfg.mlm, rng) for i in range(0, len(seqs), bs)]
+
+
+def _check_spare_cpu(cfg: PretrainConfig) -> None:
+    """Ray Data reads the stream in tasks that need a CPU the training workers do not hold; without one the run
+    would wait forever."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = cfg.run.num_workers * cfg.run.cpus_per_worker
+    if total - taken < 1:
+        raise ConfigError([f"run.num_workers x run.cpus_per_worker = {taken:g} of the cluster's {total:g} CPUs leaves "
+                           "none for Ray Data to read the text stream; lower run.cpus_per_worker (torch threads per "
+                           "worker can be set with BERTRAY_TORCH_THREADS) or add CPUs"], "pretrain")
+
+
+def _check_model(cfg: PretrainConfig, path: str, vocab: "Vocab") -> None:
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    if limit and cfg.model.max_length > limit:
+        raise modeling.ModelError(f"model.max_length={cfg.model.max_length} exceeds what {cfg.model.base} supports "
+                                  f"(max_position_embeddings={limit})")
+    if cfg.mlm.whole_word and not vocab.is_continuation.any():
+        raise modeling.ModelError(f"mlm.whole_word: the tokenizer of {cfg.model.base} has no '##' word pieces, so word "
+                                  "boundaries are unknown; set mlm.whole_word=false")
+
+
+# --------------------------------------------------------------------------------------------------- tokens and masks
+
+
+class Vocab:
+    """What packing and masking need from the tokenizer, as arrays."""
+
+    def __init__(self, tokenizer):
+        for name in ("mask", "cls", "sep"):
+            if getattr(tokenizer, f"{name}_token_id") is None:
+                raise modeling.ModelError(f"tokenizer {tokenizer.name_or_path!r} has no {name} token; masked-LM needs one")
+        self.mask_id, self.cls_id, self.sep_id = tokenizer.mask_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.special_ids = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        size = len(tokenizer)
+        self.is_continuation = np.array([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(list(range(size)))])
+        self.random_ids = np.setdiff1d(np.arange(size), self.special_ids)  # replacements are never special tokens
+
+
+class SequenceStream:
+    """Texts -> token sequences with [CLS]/[SEP]: packed into full `max_length` sequences (documents separated by
+    [SEP], a document may span sequences), or one text per sequence truncated by `model.truncation`. Counts what
+    it read and dropped; the packing buffer carries over between calls until `flush`."""
+
+    def __init__(self, tokenizer, cfg: PretrainConfig, holdout: frozenset = frozenset()):
+        self.tokenizer, self.cfg, self.holdout = tokenizer, cfg, holdout
+        self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        self.counts: Counter = Counter()
+        self._buf: list[int] = []
+
+    def texts(self, table: pa.Table, source: str) -> list[str]:
+        kept = []
+        for t in D.texts_from(table, self.cfg.data, source):
+            reason = "null_text" if t is None else "empty_text" if not t else "held_out" if t in self.holdout else None
+            if reason:
+                self.counts[reason] += 1
+            else:
+                kept.append(t)
+        self.counts["texts_read"] += table.num_rows
+        return kept
+
+    def sequences(self, texts: list[str]) -> list[list[int]]:
+        m = self.cfg.model
+        if not self.cfg.mlm.packing:
+            ids, cut = modeling.encode(self.tokenizer, texts, m.max_length, m.truncation)
+            self.counts["truncated"] += cut
+            return ids
+        body, buf, out = m.max_length - 2, self._buf, []
+        for ids in self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
+            buf += ids
+            buf.append(self.sep_id)
+            while len(buf) >= body:
+                out.append([self.cls_id, *buf[:body], self.sep_id])
+                del buf[:body]
+        return out
+
+    def flush(self) -> list[list[int]]:
+        """The shorter last sequence of a pass (the packing remainder), so no text is lost."""
+        buf, self._buf = self._buf, []
+        if buf and buf[-1] == self.sep_id:
+            buf.pop()
+        return [[self.cls_id, *buf, self.sep_id]] if buf else []
+
+
+def mask_tokens(ids: np.ndarray, special: np.ndarray, rng: np.random.Generator, mlm: MLMConfig,
+                vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking: select `mlm.probability` of the non-special tokens (whole words if `mlm.whole_word`); of those
+    80% become [MASK], 10% a random token, 10% stay. Returns (inputs, labels) with labels -100 where unselected."""
+    b, n = ids.shape
+    if mlm.whole_word:
+        cont = vocab.is_continuation[ids] & ~special
+        # A '##' piece right after a special token lost its word to packing; it starts a word of its own.
+        after_special = np.concatenate([np.ones((b, 1), bool), special[:, :-1]], axis=1)
+        starts = (~special & ~cont) | (cont & after_special)
+        word = np.cumsum(starts, axis=1)  # pieces share their word's number
+        selected = np.take_along_axis(rng.random((b, n + 1)) < mlm.probability, word, axis=1) & ~special
+    else:
+        selected = (rng.random((b, n)) < mlm.probability) & ~special
+    if not selected.any() and (~special).any():
+        # A short batch can draw no position at all; one keeps the loss defined.
+        rows, cols = np.nonzero(~special)
+        k = rng.integers(len(rows))
+        selected[rows[k], cols[k]] = True
+    u = rng.random((b, n))
+    inputs = ids.copy()
+    inputs[selected & (u < 0.8)] = vocab.mask_id
+    replace = selected & (u >= 0.8) & (u < 0.9)
+    inputs[replace] = rng.choice(vocab.random_ids, size=int(replace.sum()))
+    return inputs, np.where(selected, ids, -100)
+
+
+def make_batch(seqs: list[list[int]], vocab: Vocab, mlm: MLMConfig, rng: np.random.Generator,
+               pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    width = int(math.ceil(max(len(s) for s in seqs) / pad_multiple) * pad_multiple)
+    ids = np.full((len(seqs), width), vocab.pad_id, dtype=np.int64)
+    attn = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        attn[i, : len(s)] = 1
+    special = np.isin(ids, vocab.special_ids) | (attn == 0)
+    inputs, labels = mask_tokens(ids, special, rng, mlm, vocab)
+    return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(attn),
+            "labels": torch.from_numpy(labels)}
+
+
+# --------------------------------------------------------------------------------------------------- model side
+
+
+class GatherMasked:
+    """Forward pre-hook on the vocabulary projection that keeps only the masked positions. That projection is the
+    costliest matmul of a small BERT (MiniLM: 11.7M multiply-adds per token, more than its six layers together),
+    and masked-LM needs its output at ~15% of the positions. Inactive (full logits) unless `select` is set."""
+
+    def __init__(self):
+        self.select: torch.Tensor | None = None
+
+    def __call__(self, module, args):
+        if self.select is None:
+            return None
+        return (args[0][self.select],)
+
+
+def attach_gather(model) -> GatherMasked | None:
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    gather = GatherMasked()
+    head.register_forward_pre_hook(gather)
+    return gather
+
+
+def masked_logits(model, batch: dict, gather: GatherMasked | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) at the masked positions only."""
+    labels = batch["labels"]
+    selected = labels != -100
+    if gather is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[selected], labels[selected]
+    gather.select = selected
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        gather.select = None
+    return logits, labels[selected]
+
+
+@torch.inference_mode()
+def masked_lm_sums(model, batches: list[dict], device: torch.device, gather) -> tuple[float, int]:
+    """(sum of cross-entropy, number of masked tokens) over `batches`."""
+    loss_sum, n = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits, labels = masked_logits(model, batch, gather)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        n += int(labels.numel())
+    return loss_sum, n
+
+
+def eval_metrics(loss_sum: float, n: int) -> dict:
+    loss = loss_sum / max(1, n)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "masked_tokens": n}
+
+
+def keep_pooler(model, base: str) -> None:
+    """Carry the base's pooler through pretraining, frozen. Masked-LM models drop it, and the sequence classifier
+    that fine-tuning builds on the export would then start from a random pooler instead of the base's: a confound
+    when comparing fine-tuning from the base with fine-tuning from the pretrained export."""
+    from transformers import AutoModel
+
+    enc = modeling.encoder_of(model)
+    if getattr(enc, "pooler", "no such module") is not None:
+        return  # it kept one, or the architecture has none
+    src, info = AutoModel.from_pretrained(modeling.resolve(base), output_loading_info=True)
+    if getattr(src, "pooler", None) is None or any("pooler" in k for k in info.get("missing_keys", [])):
+        return  # the base has no trained pooler to keep
+    enc.pooler = src.pooler.requires_grad_(False)
+
+
+def _say(msg: str) -> None:
+    # As the loop does: straight to stdout, which Ray forwards once (Ray Train's patched print() echoes twice).
+    sys.stdout.write(f"[bertray] {msg}\n")
+    sys.stdout.flush()
+
+
+def _checkpoint_meta(ckpt) -> dict:
+    """bertray.json of a Ray checkpoint, read without downloading the weights."""
+    if ckpt is None:
+        return {}
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{ckpt_io.META_FILE}") as f:
+        return json.loads(f.read())
+
+
+# --------------------------------------------------------------------------------------------------- objective
+
+
+class MaskedLMObjective(Objective):
+    kind = "mlm"
+    metric = "loss"
+    mode = "min"
+
+    def __init__(self, cfg: PretrainConfig, eval_ref, report: dict):
+        self.cfg, self.eval_ref, self.report = cfg, eval_ref, report
+        self.head_initialised = False
+        self.initial: dict = {}
+
+    # Built on each worker, not pickled from the driver.
+    def setup(self, rank: int, world: int, device: torch.device) -> None:
+        import ray
+        import ray.train
+
+        self.rank, self.world, self.device = rank, world, device
+        self._tokenizer = modeling.load_tokenizer(modeling.resolve(self.cfg.model.base))
+        self.vocab = Vocab(self._tokenizer)
+        self.eval_batches, holdout = ray.get(self.eval_ref)
+        self.stream = SequenceStream(self._tokenizer, self.cfg, holdout)
+        self.shard = ray.train.get_dataset_shard("train")  # a barrier: every rank calls it here
+        # Stream counts and the step-0 evaluation from before a restart live in the checkpoint.
+        self.previous = previous = _checkpoint_meta(ray.train.get_checkpoint())
+        self.counts_before = Counter(previous.get("data_report", {}).get("train", {}).get("stream", {}))
+        self.stream_report = dict(self.counts_before)
+        self.pad_multiple = 8 if device.type == "cuda" else 1  # tensor cores want multiples of 8
+        self.gather = None
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def build_model(self):
+        model, self.head_initialised = modeling.build_masked_lm(self.cfg.model)
+        if self.head_initialised and self.rank == 0:
+            _say(f"base {self.cfg.model.base} has no masked-LM head: initialised one (decoder tied to the word "
+                 "embeddings, transform new)")
+        keep_pooler(model, self.cfg.model.base)
+        self.gather = attach_gather(model)
+        self.initial = self.previous.get("initial_metrics") or self._score_untrained(model)
+        return model
+
+    def _score_untrained(self, model) -> dict:
+        """Held-out metrics of exactly the model training starts from, on the workers' devices (the driver may
+        have no accelerator), before the loop wraps it in DDP: every rank is here, so the all-reduce is safe."""
+        import torch.distributed as dist
+
+        model.to(self.device)
+        if self.head_initialised and self.world > 1 and dist.is_initialized():
+            # Each rank drew its own random head (seeded by rank); DDP will start every rank from rank 0's.
+            with torch.no_grad():
+                for p in model.parameters():
+                    dist.broadcast(p.data, src=0)
+        metrics = self.evaluate(model, self.device)
+        if self.rank == 0:
+            _say(f"held-out masked-LM loss before training {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f})")
+        return metrics
+
+    def steps_per_epoch(self) -> None:
+        return None  # a stream: the loop schedules by train.max_steps
+
+    def train_batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over this rank's shard as masked micro-batches, after skipping `skip` of them (resume).
+        Every rank ends the pass when the first one runs out, so DDP steps stay in lockstep."""
+        if skip and self.rank == 0:
+            _say(f"skipping the {skip} micro-batches of pass {epoch} trained on before the restart (the same count; "
+                 "under streaming not necessarily the same texts)")
+        rng = np.random.default_rng([self.cfg.train.seed, self.rank, epoch, skip])
+        source = self._sequence_batches(epoch)
+        produced = 0
+        try:
+            while True:
+                seqs = next(source, None)
+                if not self._all_ranks_have(seqs is not None):
+                    break
+                produced += 1
+                if produced <= skip:
+                    continue
+                self.stream.counts["sequences"] += len(seqs)
+                self.stream.counts["tokens"] += sum(map(len, seqs))
+                yield make_batch(seqs, self.vocab, self.cfg.mlm, rng, self.pad_multiple)
+        finally:
+            source.close()
+        if produced == 0:
+            raise D.DataError(f"{self.cfg.data.train}: no training text reached worker {self.rank} "
+                              f"({dict(self.stream.counts) or 'no rows'}); too few rows for {self.world} workers, "
+                              "or every text was empty or held out for evaluation")
+
+    def _sequence_batches(self, epoch: int) -> Iterator[list[list[int]]]:
+        bs = self.cfg.train.batch_size
+        self.stream.flush()  # a pass cut short by another rank leaves a remainder; start clean
+        rows = iter(self.shard.iter_batches(
+            batch_size=_ROWS_PER_READ, batch_format="pyarrow", local_shuffle_buffer_size=_SHUFFLE_ROWS,
+            local_shuffle_seed=(self.cfg.train.seed * 1_000_003 + epoch) * 64 + self.rank))
+        pending: list[list[int]] = []
+        try:
+            for table in rows:
+                pending += self.stream.sequences(self.stream.texts(table, self.cfg.data.train))
+                while len(pending) >= bs:
+                    yield pending[:bs]
+                    del pending[:bs]
+        finally:
+            rows.close()  # tells Ray Data this split is done with the pass, also when stopped early
+        pending += self.stream.flush()
+        for i in range(0, len(pending), bs):
+            yield pending[i:i + bs]
+
+    def _all_ranks_have(self, have: bool) -> bool:
+        if self.world == 1:
+            return have
+        import torch.distributed as dist
+
+        t = torch.tensor([int(have)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def loss(self, model, batch):
+        logits, labels = masked_logits(model, batch, self.gather)
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+    def evaluate(self, model, device) -> dict:
+        import torch.distributed as dist
+
+        # The plain module, not the DDP wrapper: ranks score different numbers of batches, and DDP's forward may
+        # broadcast buffers, a collective that would then wait for a rank that has no batch left.
+        net = getattr(model, "module", model)
+        net.eval()
+        loss_sum, n = masked_lm_sums(net, self.eval_batches[self.rank::self.world], device, self.gather)
+        counts = [self.stream.counts[k] for k in _COUNTS]
+        if self.world > 1 and dist.is_initialized():
+            t = torch.tensor([loss_sum, n, *counts], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            loss_sum, n, *counts = t.tolist()
+        self.stream_report = {k: int(self.counts_before[k] + c) for k, c in zip(_COUNTS, counts)}
+        return eval_metrics(loss_sum, int(n))
+
+    def checkpoint_meta(self) -> dict:
+        return {
+            "kind": self.kind,
+            "base_model": self.cfg.model.base,
+            "head_initialised": self.head_initialised,
+            "initial_metrics": self.initial,
+            "mlm": asdict(self.cfg.mlm),
+            "data_report": {**self.report, "train": {**self.report["train"], "stream": self.stream_report}},
+        }

@@ -1,0 +1,466 @@
+"""Hyperparameter sweeps with Ray Tune: `run(cfg)`.
+
+A trial is the ordinary fine-tuning loop (`train_loop`, session 'tune') on a copy of the config with the trial's
+sampled values in place; a sweep adds only a search space (YAML), a search algorithm and a scheduler. Data is
+read and checked once on the driver and reaches every trial through the object store.
+
+Everything lands in <run.storage>/<run.name>/: Tune's experiment state (re-running the same command resumes
+without re-running finished trials), trials.md and trials.csv (every trial), <metric>_vs_<key>.png for each
+swept number, learning_curves.png, summary.json, and best-model/ (the best trial's best checkpoint, a normal
+bertray checkpoint for `bertray label` and `bertray serve`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bertray import checkpoint as ckpt_io
+from bertray import finetune, runtime, storage, trainer
+from bertray.config import ConfigError, FinetuneConfig, TuneConfig, parse_space, planned_trials, to_dict
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"  # the resolved config a sweep started with; a resume must match it
+# A trial that ends below its planned steps without early stopping was stopped by ASHA (or PBT's cut-off).
+FINISHED, STOPPED, PATIENCE, FAILED, INTERRUPTED = ("finished", "stopped early (scheduler)",
+                                                    "stopped early (patience)", "failed", "interrupted")
+
+
+@dataclass
+class SweepData:
+    """What every trial shares: object-store references to the data read once on the driver."""
+    train_ref: object
+    val_ref: object
+    label_names: list[str]
+    report: dict
+
+
+def run(cfg: TuneConfig) -> dict:
+    """Run (or resume) the sweep, write the trial table and plots, export the best model; return the summary."""
+    import ray
+
+    runtime.check_shared_storage(cfg.run.storage, "run.storage")
+    base = cfg.trial_base()
+    concurrency = _concurrency(cfg)
+    train, val = finetune.load_splits(base)
+    data = SweepData(ray.put((train.texts, train.labels)), ray.put((val.texts, val.labels)), train.label_names,
+                     {"train": train.report, "validation": val.report})
+    # Built on the driver only for its metric and mode; each trial builds its own from the trial's config.
+    objective = finetune.ClassificationObjective(base, data.train_ref, data.val_ref, data.label_names, data.report)
+    log.info("sweep %s: %s search, scheduler %s, up to %d trial(s) at once; %d train / %d validation rows",
+             cfg.run.name, cfg.search.algorithm, cfg.search.scheduler, concurrency, len(train.texts), len(val.texts))
+    tuner = _setup_tuner(cfg, base, data, objective.metric, objective.mode, concurrency, len(train.texts))
+    grid = tuner.fit()
+    summary = summarize(cfg, grid, objective.metric, objective.mode)
+    if summary["interrupted"]:
+        raise KeyboardInterrupt  # the CLI says how to resume
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- trials
+
+
+def _trial(params: dict, *, base: FinetuneConfig, data: SweepData) -> None:
+    """One trial: the shared loop on `base` with this trial's values. The objective is built here, from the
+    trial's own config, because it reads batch size, max length and the like from its config."""
+    from bertray.train_loop import _apply_overrides, train_loop_per_worker
+
+    cfg = _apply_overrides(base, params)
+    objective = finetune.ClassificationObjective(cfg, data.train_ref, data.val_ref, data.label_names, data.report)
+    if cfg.run.num_workers == 1:
+        train_loop_per_worker({"cfg": cfg, "objective": objective, "session": "tune"})
+    else:
+        _distributed_trial(cfg, objective)
+
+
+def _distributed_trial(cfg: FinetuneConfig, objective) -> None:
+    """A data-parallel trial: a Ray Train run whose reports TuneReportCallback forwards to Tune. Its checkpoints
+    stay in Ray Train's storage (Tune sees their paths), and re-running the trial resumes the Train run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer.build_trainer(cfg, objective, callbacks=(TuneReportCallback(),), name=trial_id,
+                          storage_uri=storage.join(trainer.run_dir(cfg), "train-runs")).fit()
+
+
+class _TrialEnd:
+    """A Tune stop condition (a plain callable; Tune wraps it) that ends a trial at its last planned step or
+    once it stopped early (patience).
+
+    Needed with PBT: PBT pauses trials at each perturbation and resumes them from a checkpoint, and a trial resumed
+    at its end reports its state once more (the loop's 'report the restored state' path), which PBT would pause
+    again, for ever. The planned steps follow the loop's own schedule (max_steps, else epochs x batches per epoch
+    per worker / gradient accumulation)."""
+
+    def __init__(self, base: FinetuneConfig, n_train: int):
+        self.base, self.n_train = base, n_train
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return bool(result.get("stopped_early")) or result.get("step", 0) >= self.planned(result.get("config", {}))
+
+    def planned(self, params: dict) -> int:
+        from bertray.train_loop import _apply_overrides
+
+        cfg = _apply_overrides(self.base, params)
+        batches = math.ceil(math.ceil(self.n_train / cfg.train.batch_size) / cfg.run.num_workers)
+        return cfg.train.max_steps or math.ceil(cfg.train.epochs * max(1, batches // cfg.optim.grad_accum_steps))
+
+
+def _trial_dirname(trial) -> str:
+    # Tune's default names a trial folder after its config, which with dotted keys gets long and unreadable.
+    return f"trial-{trial.trial_id}"
+
+
+# --------------------------------------------------------------------------------------------------- tuner
+
+
+def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric: str, mode: str, concurrency: int,
+                 n_train: int):
+    from ray import tune
+
+    s = cfg.search
+    trainable = tune.with_parameters(_trial, base=base, data=data)
+    # A data-parallel trial only coordinates; its Ray Train workers hold the CPUs and GPUs. Tune refuses an empty
+    # resource request, and even a sliver of a CPU would keep a worker group that needs every CPU from starting.
+    trainable = tune.with_resources(trainable, {"memory": 1} if s.workers_per_trial > 1 else
+                                    {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    rdir = trainer.run_dir(cfg)
+    fs, exp_path = storage.filesystem(rdir)
+    fs_arg = fs if storage.is_remote(rdir) else None
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs_arg):
+        _check_same_sweep(cfg, rdir)
+        log.info("resuming the sweep at %s (finished trials are kept, unfinished ones continue from their last "
+                 "checkpoint%s)", rdir, ", failed ones are retried" if s.resume_failed else "")
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=s.resume_failed, restart_errored=False, storage_filesystem=fs_arg)
+    storage.write_text(storage.join(rdir, SWEEP_FILE), json.dumps(to_dict(cfg), indent=2, default=str))
+    space, _ = parse_space(s.space)  # already checked when the config was loaded
+    keep = cfg.run.keep_checkpoints
+    if s.scheduler == "pbt":
+        # A weak trial restores a strong one's latest checkpoint a little later; keep enough that it still exists.
+        keep = max(keep, 4)
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(space, s.algorithm),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=1 if s.algorithm == "grid" else s.num_samples,
+            search_alg=_search_alg(cfg, concurrency), scheduler=_scheduler(cfg, space),
+            # Reusing a trial's process skips re-importing torch and transformers for every trial.
+            reuse_actors=s.workers_per_trial == 1, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=cfg.run.name, storage_path=exp_path.rsplit("/", 1)[0], storage_filesystem=fs_arg,
+            # A failed trial is recorded in the table; the sweep goes on.
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=metric,
+                                                    checkpoint_score_order=mode),
+            stop=_TrialEnd(base, n_train) if s.scheduler == "pbt" else None,
+            verbose=1),
+    )
+
+
+def _param_space(space: dict, algorithm: str) -> dict:
+    from ray import tune
+
+    out = {}
+    for key, (kind, values) in space.items():
+        if kind == "grid" or (kind == "choice" and algorithm == "grid"):
+            out[key] = tune.grid_search(values)
+        elif kind == "choice":
+            out[key] = tune.choice(values)
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(*values)
+        elif kind == "uniform":
+            out[key] = tune.uniform(*values)
+        else:  # randint: ours includes hi, Tune's excludes it
+            out[key] = tune.randint(values[0], values[1] + 1)
+    return out
+
+
+def _search_alg(cfg: TuneConfig, concurrency: int):
+    """The search algorithm, which also caps concurrency: Optuna should not propose more trials than can run,
+    since each later proposal learns from the earlier trials' results."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    seed = cfg.train.seed
+    if cfg.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
+
+
+def _scheduler(cfg: TuneConfig, space: dict):
+    """ASHA and PBT count time in evaluations (one Tune iteration = one evaluation of the loop)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = cfg.search
+    if s.scheduler == "asha":
+        # max_t only places the top rung; trials end on their own schedule first, so an upper bound is enough.
+        return ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor, max_t=10_000)
+    if s.scheduler == "pbt":
+        mutations = {}
+        for key in s.pbt_keys:
+            kind, values = space[key]
+            mutations[key] = (values if kind in ("choice", "grid") else
+                              tune.loguniform(*values) if kind == "loguniform" else tune.uniform(*values))
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+                                       hyperparam_mutations=mutations, synch=s.pbt_synch, log_config=True)
+    return FIFOScheduler()
+
+
+def _concurrency(cfg: TuneConfig) -> int:
+    """Trials that fit on the cluster at once (or search.max_concurrent_trials)."""
+    import ray
+
+    s = cfg.search
+    res = ray.cluster_resources()
+    per = s.workers_per_trial
+    fits = int(res.get("CPU", 0) // (s.cpus_per_trial * per)) if s.cpus_per_trial else 10**6
+    if s.gpus_per_trial:
+        fits = min(fits, int(res.get("GPU", 0) // (s.gpus_per_trial * per)))
+    if fits < 1:
+        raise ConfigError([f"search: one trial needs {per} x ({s.cpus_per_trial} CPU, {s.gpus_per_trial} GPU) but the "
+                           f"cluster has {res.get('CPU', 0)} CPU and {res.get('GPU', 0)} GPU"], "resources")
+    return min(fits, s.max_concurrent_trials) if s.max_concurrent_trials else fits
+
+
+def _check_same_sweep(cfg: TuneConfig, rdir: str) -> None:
+    """Resuming continues the trials a sweep started with; a changed space or base config would mix two sweeps."""
+    path = storage.join(rdir, SWEEP_FILE)
+    if not storage.exists(path):
+        return
+    # Only where Ray runs and whether to retry failures may change: Tune restores everything else (trials, their
+    # resources, the searcher and scheduler, failure and checkpoint settings) as the sweep started.
+    free = ("run.ray_address", "search.resume_failed")
+    before = _flatten(json.loads(storage.read_text(path)))
+    now = _flatten(json.loads(json.dumps(to_dict(cfg), default=str)))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(free))
+    if changed:
+        raise ConfigError([f"{k}: was {before.get(k)!r} when the sweep started, now {now.get(k)!r}" for k in changed]
+                          + [f"the sweep at {rdir} would resume with different settings; choose a new run.name, "
+                             "or delete that folder to start over"], "resume")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        # search.space values are themselves dicts of distributions: compare them whole.
+        if isinstance(v, dict) and v and prefix + k != "search.space":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+def summarize(cfg: TuneConfig, grid, metric: str, mode: str) -> dict:
+    """The trial table (Markdown + CSV), plots, summary.json and the best model, all under the sweep folder."""
+    rdir = trainer.run_dir(cfg)
+    space, _ = parse_space(cfg.search.space)
+    keys = list(space)
+    # Interrupted: trials left unfinished, or (searchers create trials lazily) not all of them created yet.
+    interrupted = grid.num_terminated + grid.num_errors < max(len(grid), planned_trials(cfg.search, space))
+    rows, curves = [], {}
+    for result in grid:
+        row, curve = _trial_row(result, keys, metric, mode, interrupted)
+        rows.append(row)
+        curves[row["trial"]] = curve
+    # Best first; trials that never reported the metric (failed at start) last.
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda r: (r["best"] is None, sign * (r["best"] or 0.0)))
+    best_row = rows[0] if rows and rows[0]["best"] is not None else None
+    with tempfile.TemporaryDirectory(prefix="bertray-sweep-") as tmp:
+        _write_table(rdir, rows, keys, metric)
+        plots = _write_plots(rdir, rows, curves, space, metric, Path(tmp))
+        model_uri = None
+        if best_row is not None and not interrupted:
+            model_uri = _export_best(cfg, grid, best_row, metric, mode, rdir, Path(tmp))
+    counts = {s: sum(r["status"] == s for r in rows) for s in (FINISHED, STOPPED, PATIENCE, FAILED, INTERRUPTED)}
+    summary = {
+        "run_dir": rdir,
+        "metric": metric,
+        "mode": mode,
+        "trials": len(rows),
+        "status_counts": {k: v for k, v in counts.items() if v},
+        "trial_steps": sum(r["steps"] or 0 for r in rows),
+        "best": None if best_row is None else {
+            "trial": best_row["trial"], "value": best_row["best"], "step": best_row["best_step"],
+            "config": {k: best_row[k] for k in keys}},
+        "model": model_uri,
+        "table": storage.join(rdir, "trials.md"),
+        "plots": plots,
+        "interrupted": interrupted,
+    }
+    storage.write_text(storage.join(rdir, "summary.json"), json.dumps(summary, indent=2, default=str))
+    if best_row is not None:
+        log.info("best %s %.4f (trial %s, step %s) with %s; %d trial(s), %d trial-steps; table %s%s", metric,
+                 best_row["best"], best_row["trial"], best_row["best_step"],
+                 ", ".join(f"{k}={best_row[k]}" for k in keys), len(rows), summary["trial_steps"], summary["table"],
+                 f"; model exported to {model_uri}" if model_uri else "")
+    else:
+        log.warning("no trial reported %s; see %s", metric, summary["table"])
+    return summary
+
+
+def _trial_row(result, keys: list[str], metric: str, mode: str, interrupted: bool) -> tuple[dict, list]:
+    df = result.metrics_dataframe
+    curve = []
+    best = best_step = None
+    if df is not None and metric in df and "step" in df:
+        curve = [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if v == v]
+        if curve:
+            pick = max if mode == "max" else min
+            best_step, best = pick(curve, key=lambda sv: sv[1])
+    m = result.metrics or {}
+    steps = int(m["step"]) if "step" in m else None
+    total = _planned_steps(result)
+    if result.error is not None:
+        status = FAILED
+    elif m.get("stopped_early"):
+        status = PATIENCE
+    elif steps is not None and total is not None and steps >= total:
+        status = FINISHED
+    else:
+        status = INTERRUPTED if interrupted else STOPPED
+    config = result.config or _read_json(result, "params.json") or {}  # a trial that never reported: from its start
+    row = {"trial": _trial_id(result), **{k: config.get(k) for k in keys}, "best": best,
+           "best_step": best_step, "steps": steps, "planned_steps": total, "status": status,
+           "error": _first_line(result.error)}
+    return row, curve
+
+
+def _trial_id(result) -> str:
+    return Path(result.path).name.removeprefix("trial-")
+
+
+def _planned_steps(result) -> int | None:
+    """The trial's planned optimizer steps, from its latest checkpoint (the loop records them there)."""
+    meta = _checkpoint_meta(result.checkpoint) if result.checkpoint is not None else None
+    if meta is None and result.metrics and result.metrics.get("checkpoint_path"):
+        from ray.tune import Checkpoint
+
+        meta = _checkpoint_meta(Checkpoint(result.metrics["checkpoint_path"], result.filesystem))
+    return None if meta is None else meta.get("total_steps")
+
+
+def _checkpoint_meta(checkpoint) -> dict | None:
+    return _read_json(checkpoint, ckpt_io.META_FILE)
+
+
+def _read_json(where, name: str) -> dict | None:
+    """A JSON file inside a trial folder or checkpoint (anything with .path and .filesystem), or None."""
+    try:
+        with where.filesystem.open_input_stream(f"{where.path.rstrip('/')}/{name}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _first_line(error) -> str:
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    # Ray wraps the trial's exception; its last line names the original error.
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}"
+    return str(v)
+
+
+def _write_table(rdir: str, rows: list[dict], keys: list[str], metric: str) -> None:
+    cols = ["trial", *keys, "best", "best_step", "steps", "planned_steps", "status", "error"]
+    heads = ["trial", *keys, f"best {metric}", "best step", "steps run", "planned steps", "status", "error"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(heads)
+    for r in rows:
+        w.writerow(["" if r[c] is None else r[c] for c in cols])
+    storage.write_text(storage.join(rdir, "trials.csv"), buf.getvalue())
+    md = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    md += ["| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |" for r in rows]
+    storage.write_text(storage.join(rdir, "trials.md"), "\n".join(md) + "\n")
+
+
+def _write_plots(rdir: str, rows: list[dict], curves: dict, space: dict, metric: str, tmp: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    out = []
+    colors = {FINISHED: "tab:green", STOPPED: "tab:orange", PATIENCE: "tab:blue", FAILED: "tab:red",
+              INTERRUPTED: "tab:gray"}
+    for key, (kind, values) in space.items():
+        pts = [(r[key], r["best"], r["status"]) for r in rows
+               if r["best"] is not None and isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for status in colors:
+            sel = [(x, y) for x, y, s in pts if s == status]
+            if sel:
+                ax.scatter([x for x, _ in sel], [y for _, y in sel], label=status, color=colors[status])
+        if kind == "loguniform" or (key == "optim.lr" and min(x for x, _, _ in pts) > 0):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"best validation {metric}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"{metric}_vs_{key}.png"
+        fig.savefig(tmp / name, dpi=100)
+        plt.close(fig)
+        storage.write_bytes(storage.join(rdir, name), (tmp / name).read_bytes())
+        out.append(storage.join(rdir, name))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    status = {r["trial"]: r["status"] for r in rows}
+    for trial, curve in curves.items():
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], "o-", ms=3, lw=1, color=colors[status[trial]],
+                    alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"learning curves of {len(curves)} trials", fontsize=9)
+    ax.legend(handles=[Line2D([], [], color=c, marker="o", label=s) for s, c in colors.items() if s in status.values()],
+              fontsize=8)
+    fig.tight_layout()
+    fig.savefig(tmp / "learning_curves.png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(storage.join(rdir, "learning_curves.png"), (tmp / "learning_curves.png").read_bytes())
+    return out + [storage.join(rdir, "learning_curves.png")]
+
+
+def _export_best(cfg: TuneConfig, grid, best_row: dict, metric: str, mode: str, rdir: str, tmp: Path) -> str:
+    """Export the best trial's best checkpoint as `<sweep>/best-model`, a normal self-describing checkpoint."""
+    result = next(r for r in grid if _trial_id(r) == best_row["trial"])
+    if result.best_checkpoints:
+        ckpt, _ = trainer.best_checkpoint(result, metric, mode)
+    else:  # a data-parallel trial: its checkpoints live in Ray Train's storage, Tune saw their paths
+        from ray.tune import Checkpoint
+
+        df = result.metrics_dataframe.dropna(subset=[metric, "checkpoint_path"])
+        pick = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
+        ckpt = Checkpoint(df.loc[pick, "checkpoint_path"], result.filesystem)
+    local = ckpt.to_directory(str(tmp / "best"))
+    uri = storage.join(rdir, "best-model")
+    ckpt_io.export(local, uri, extra_meta={"sweep": {"name": cfg.run.name, "trial": best_row["trial"],
+                                                     "metric": metric, "value": best_row["best"],
+                                                     "config": {k: v for k, v in best_row.items()
+                                                                if k in cfg.search.space}}})
+    return uri

@@ -1,0 +1,16 @@
+# Launch: ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/pretrain.py --config jobs/configs/pretrain.yaml
+"""Further pretraining (masked LM) on Ray Train as a Ray job: the code and flags of `bertray pretrain`.
+
+Inside a Ray job RAY_ADDRESS is set, so the CLI connects to the job's cluster instead of starting one.
+"""
+import sys
+from pathlib import Path
+
+# `python jobs/pretrain.py` puts jobs/ on sys.path, not the repo root. In a Ray job the working_dir is on
+# PYTHONPATH anyway; this makes the file run from a checkout without installing bertray too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bertray import cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli.main(["pretrain", *sys.argv[1:]]))

@@ -1,0 +1,125 @@
+"""`bertray pretrain` end to end on a real local Ray cluster: 2 DDP workers streaming Parquet from the loopback
+S3 server, perplexity falling, resume after a killed worker, and fine-tuning from the export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertray import checkpoint, modeling, pretrain, storage
+from bertray.config import ModelConfig
+
+QUERY = "encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.mark.s3
+def test_two_workers_stream_from_s3_and_perplexity_drops(s3_pretrained):
+    data, summary = s3_pretrained
+    assert summary["final_step"] == summary["total_steps"] == 30
+    assert len(summary["worker_nodes"]) == 2
+    before, after = summary["initial_metrics"]["perplexity"], summary["metrics"]["perplexity"]
+    evals = [h["perplexity"] for h in json.loads(storage.read_text(summary["model"] + "/bertray.json"))["history"]
+             if "perplexity" in h]
+    assert len(evals) == 3 and evals[0] < before and evals[-1] < evals[0]
+    assert 10_000 < before < 100_000  # a random head over a 30,522-token vocabulary: about uniform
+    assert after < before / 20, (before, evals)
+
+    meta = checkpoint.read_meta(summary["model"])
+    assert meta["kind"] == "mlm" and meta["head_initialised"] and meta["base_model"] == data["model"]["base"]
+    assert meta["initial_metrics"] == summary["initial_metrics"] and summary["resumed_at"] == []
+    stream = meta["data_report"]["train"]["stream"]
+    assert meta["data_report"]["train"]["files"] == 3
+    assert stream["null_text"] > 0 and stream["empty_text"] > 0 and stream["held_out"] == 0
+    assert stream["sequences"] == 30 * 2 * 16 and stream["tokens"] == stream["sequences"] * 32  # packed: all full
+    saved = json.loads(storage.read_text(summary["run_dir"] + "/metrics.json"))
+    assert saved["initial_metrics"]["perplexity"] == before
+    assert storage.exists(summary["run_dir"] + "/curves.png")
+
+
+@pytest.mark.s3
+def test_finetune_starts_from_the_pretrained_encoder(s3_pretrained, tiny_bert, sst2_small, tmp_path):
+    from bertray import config as C
+    from bertray import finetune
+    from bertray.predictor import Predictor
+
+    _, summary = s3_pretrained
+    export = summary["model"]
+    pretrained = load_file(str(storage.local_dir(export) / "model.safetensors"))
+    original = load_file(os.path.join(tiny_bert, "model.safetensors"))
+    clf = modeling.build_classifier(ModelConfig(base=export), ["negative", "positive"])
+    start = dict(clf.named_parameters())
+    assert torch.equal(start["bert." + QUERY], pretrained["bert." + QUERY])
+    assert not torch.allclose(start["bert." + QUERY], original[QUERY])
+    # The pooler was carried through pretraining untouched, so only the classifier layer is new.
+    assert torch.equal(start["bert.pooler.dense.weight"], original["pooler.dense.weight"])
+
+    with pytest.raises(modeling.ModelError, match="'mlm' checkpoint, not a classifier"):
+        Predictor(export)
+
+    cfg = C.load(C.FinetuneConfig, data={
+        "model": {"base": export, "max_length": 32},
+        "data": {"train": str(sst2_small / "train.parquet"), "validation": str(sst2_small / "validation.parquet")},
+        "train": {"batch_size": 16, "max_steps": 4, "eval_every": 4},
+        "run": {"name": "ft-from-mlm", "storage": str(tmp_path / "runs"), "num_workers": 1},
+    })
+    out = finetune.run(cfg)
+    meta = checkpoint.read_meta(out["model"])
+    assert meta["kind"] == "classifier" and meta["base_model"] == export and out["final_step"] == 4
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes of this test session's own cluster (descendants of this process)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def _checkpoints(run_dir) -> list:
+    return sorted(run_dir.glob("checkpoint_*/bertray.json")) if run_dir.exists() else []
+
+
+@pytest.mark.slow  # two worker-group starts and a failure detection: about a minute, several on a busy machine
+def test_resumes_after_a_worker_is_killed(ray_cluster, tiny_bert, corpus_dir, pretrain_config, tmp_path):
+    cfg = pretrain_config(tiny_bert, str(corpus_dir), str(tmp_path / "runs"), "killed",
+                          train={"max_steps": 40, "eval_every": 10})
+    result: dict = {}
+
+    def target():
+        try:
+            result["summary"] = pretrain.run(cfg)
+        except BaseException as exc:  # re-raised in the test thread below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    run_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    # Two checkpoints on disk: the first is then certainly registered with the controller.
+    while len(_checkpoints(run_dir)) < 2 and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = _train_worker_pids()
+    assert thread.is_alive() and pids, f"run ended or no worker found before the kill: {result}"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "run did not finish after the worker was killed"
+    if "error" in result:
+        raise result["error"]
+    summary = result["summary"]
+    assert summary["final_step"] == summary["total_steps"] == 40
+    meta = checkpoint.read_meta(summary["model"])
+    resumed = summary["resumed_at"]
+    assert len(resumed) == 1 and resumed[0] in (10, 20, 30), resumed
+    history = [h for h in meta["history"] if "train_loss" in h]
+    assert [h["step"] for h in history] == list(range(5, 41, 5))  # every step exactly once after the resume

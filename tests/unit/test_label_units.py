@@ -1,0 +1,176 @@
+"""The label stage's driver-side logic without Ray: unit splitting, input checks, output-folder rules, drift."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bertray import label
+from bertray.config import ConfigError, LabelConfig
+from bertray.data import DataError
+
+LABELS = ["neg", "pos"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """Only config.json: planning reads the label names from it and never loads weights."""
+    from transformers import BertConfig
+
+    out = tmp_path_factory.mktemp("cfg-only")
+    cfg = BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+                     architectures=["BertForSequenceClassification"])
+    cfg.save_pretrained(out)
+    return str(out)
+
+
+def write(path: Path, row_group_size: int | None = None, **cols) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path, row_group_size=row_group_size)
+    return path
+
+
+def cfg_for(model_dir: str, tmp_path: Path, **kw) -> LabelConfig:
+    return LabelConfig(model=model_dir, input=str(tmp_path / "in"), output=str(tmp_path / "out"), **kw)
+
+
+@pytest.mark.parametrize("groups, rows_per_file, want", [
+    ([10, 10, 10], 20, [(0, 20), (20, 30)]),  # whole row groups while they fit
+    ([10, 10, 10], 15, [(0, 10), (10, 20), (20, 30)]),  # never merge past the bound
+    ([45], 20, [(0, 20), (20, 40), (40, 45)]),  # a row group bigger than a unit is cut inside
+    ([5, 45, 5], 20, [(0, 5), (5, 25), (25, 45), (45, 55)]),
+    ([], 20, []),
+    ([0, 7], 20, [(0, 7)]),
+])
+def test_split_rows(groups, rows_per_file, want):
+    got = label.split_rows(groups, rows_per_file)
+    assert got == want
+    assert all(b - a <= rows_per_file for a, b in got)
+    assert [r for a, b in got for r in range(a, b)] == list(range(sum(groups)))  # every row exactly once
+
+
+def test_row_groups_cover_a_range(tmp_path):
+    md = pq.read_metadata(write(tmp_path / "f.parquet", row_group_size=10, x=list(range(35))))
+    assert label._row_groups(md, 0, 10) == ([0], 0)
+    assert label._row_groups(md, 15, 32) == ([1, 2, 3], 10)
+    assert label._row_groups(md, 30, 35) == ([3], 30)
+
+
+def test_drift_is_total_variation():
+    assert label.drift({"a": 0.5, "b": 0.5}, Counter(a=5, b=5), 0.1)["tvd"] == 0
+    d = label.drift({"a": 0.9, "b": 0.1}, Counter(a=1, b=3), 0.1)
+    assert d["tvd"] == pytest.approx(0.65) and d["warning"] is True
+    assert label.drift({"a": 90, "b": 10}, Counter(a=9, b=1), 0.1) == {  # counts work like fractions
+        "tvd": 0.0, "threshold": 0.1, "warning": False, "train": {"a": 0.9, "b": 0.1}}
+    assert label.drift(None, Counter(a=1), 0.1)["tvd"] is None
+    assert label.drift({"a": 1.0}, Counter(), 0.1)["tvd"] is None
+
+
+def test_pool_size_follows_the_cluster():
+    cfg = LabelConfig(model="m", input="i", output="o")
+    assert label._pool_size(cfg, 100, {"CPU": 8.0}) == 8
+    assert label._pool_size(cfg, 3, {"CPU": 8.0}) == 3  # no more actors than units
+    assert label._pool_size(LabelConfig(model="m", input="i", output="o", cpus_per_actor=3), 100, {"CPU": 8.0}) == 2
+    assert label._pool_size(LabelConfig(model="m", input="i", output="o", actors=5), 100, {"CPU": 2.0}) == 5
+    gpu = LabelConfig(model="m", input="i", output="o", gpus_per_actor=0.5)
+    assert label._pool_size(gpu, 100, {"CPU": 8.0, "GPU": 2.0}) == 4
+    with pytest.raises(ConfigError, match="no GPUs"):
+        label._pool_size(gpu, 100, {"CPU": 8.0})
+
+
+def test_plan_splits_files_into_deterministic_units(tmp_path, model_dir):
+    write(tmp_path / "in" / "a.parquet", row_group_size=10, id=list(range(25)), text=["t"] * 25)
+    write(tmp_path / "in" / "sub" / "b.parquet", id=[100, 101], text=["u", None])
+    cfg = cfg_for(model_dir, tmp_path, rows_per_file=20)
+    plan = label.make_plan(cfg)
+    assert [(u.uid, u.start, u.stop) for u in plan.units] == [
+        ("00000-000000000000", 0, 20), ("00000-000000000020", 20, 25), ("00001-000000000000", 0, 2)]
+    assert plan.label_names == LABELS
+    assert plan.schema.names == ["id", "label", "label_id", "score", "reason"]
+    assert [f["rows"] for f in plan.files] == [25, 2]
+    assert label.make_plan(cfg).to_json(cfg) == plan.to_json(cfg)
+
+
+def test_plan_reports_every_bad_file_and_the_columns_they_have(tmp_path, model_dir):
+    write(tmp_path / "in" / "a.parquet", id=[1], body=["x"])
+    write(tmp_path / "in" / "b.parquet", id=[1], text=[b"bytes"])
+    write(tmp_path / "in" / "c.parquet", text=["fine"])
+    (tmp_path / "in" / "d.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError) as err:
+        label.make_plan(cfg_for(model_dir, tmp_path, passthrough=["extra"]))
+    msg = str(err.value)
+    assert "7 problem(s) before labeling started" in msg  # all of them at once, not the first only
+    assert "a.parquet: no text column 'text'; the file has: id (int64), body (string)" in msg
+    assert "a.parquet: no passthrough column(s) 'extra'" in msg
+    assert "b.parquet: text column 'text' has type binary, expected strings" in msg
+    assert "c.parquet: no id column 'id'; the file has: text (string). Set --id-column, or --id-column none" in msg
+    assert "d.parquet: cannot read as Parquet" in msg and "--skip-bad-files" in msg
+
+
+def test_plan_skips_unreadable_files_when_asked(tmp_path, model_dir):
+    write(tmp_path / "in" / "a.parquet", id=[1, 2], text=["x", "y"])
+    (tmp_path / "in" / "b.parquet").write_bytes(b"PAR1 truncated")
+    plan = label.make_plan(cfg_for(model_dir, tmp_path, on_bad_file="skip"))
+    assert [f["path"].rsplit("/", 1)[1] for f in plan.skipped_files] == ["b.parquet"]
+    assert [u.path.rsplit("/", 1)[1] for u in plan.units] == ["a.parquet"]
+
+
+def test_plan_checks_types_names_and_locations(tmp_path, model_dir):
+    write(tmp_path / "in" / "a.parquet", id=[1], text=["x"], label=[0])
+    write(tmp_path / "in" / "b.parquet", id=["s"], text=["y"], label=[1])
+    with pytest.raises(DataError, match=r"column 'id' has type int64 in .*a.parquet but string in .*b.parquet"):
+        label.make_plan(cfg_for(model_dir, tmp_path))
+    (tmp_path / "in" / "b.parquet").unlink()
+    with pytest.raises(ConfigError, match=r"\['label'\] would clash with the output column"):
+        label.make_plan(cfg_for(model_dir, tmp_path, passthrough=["label"]))
+    with pytest.raises(ConfigError, match="holds input files"):
+        label.make_plan(LabelConfig(model=model_dir, input=str(tmp_path), output=str(tmp_path / "in")))
+    (tmp_path / "in" / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"Parquet files only.*notes\.csv"):
+        label.make_plan(cfg_for(model_dir, tmp_path))
+
+
+def test_plan_without_id_keeps_source_position_and_promotes_all_null_columns(tmp_path, model_dir):
+    write(tmp_path / "in" / "a.parquet", text=["x"], extra=pa.array([None], pa.null()))
+    write(tmp_path / "in" / "b.parquet", text=["y"], extra=[1.5])
+    plan = label.make_plan(cfg_for(model_dir, tmp_path, id_column=None, passthrough=["extra"], probabilities=True,
+                                   on_empty="skip"))
+    assert plan.schema.names == ["extra", "source_file", "source_row", "label", "label_id", "score", "prob_neg",
+                                 "prob_pos"]
+    assert plan.schema.field("extra").type == pa.float64()
+
+
+def test_output_folder_rules(tmp_path, model_dir):
+    write(tmp_path / "in" / "a.parquet", id=[1, 2], text=["x", "y"])
+    cfg = cfg_for(model_dir, tmp_path)
+    plan = label.make_plan(cfg)
+    assert label._prepare_output(cfg, plan) == {"finished": False, "units": {}}
+    assert json.loads((tmp_path / "out" / "_plan.json").read_text())["units"][0]["uid"] == "00000-000000000000"
+    (tmp_path / "out" / ".tmp-abc").write_bytes(b"half a file")  # a writer killed mid-write
+    label._prepare_output(cfg, plan)
+    assert not (tmp_path / "out" / ".tmp-abc").exists()
+    other = LabelConfig(**{**cfg.__dict__, "probabilities": True})
+    with pytest.raises(ConfigError, match=r"different plan \(changed: config.probabilities\)"):
+        label._prepare_output(other, label.make_plan(other))
+    label._prepare_output(LabelConfig(**{**other.__dict__, "overwrite": True}), label.make_plan(other))
+    assert json.loads((tmp_path / "out" / "_plan.json").read_text())["config"]["probabilities"] is True
+    (tmp_path / "out" / "mine.txt").write_text("user file")
+    with pytest.raises(ConfigError, match="did not write .*mine.txt"):
+        label._prepare_output(cfg, plan)
+
+
+def test_non_classifier_model_is_refused_before_work(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+               architectures=["BertModel"]).save_pretrained(tmp_path / "enc")
+    write(tmp_path / "in" / "a.parquet", id=[1], text=["x"])
+    from bertray.modeling import ModelError
+
+    with pytest.raises(ModelError, match="not a sequence-classification model"):
+        label.make_plan(cfg_for(str(tmp_path / "enc"), tmp_path))

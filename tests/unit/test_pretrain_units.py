@@ -1,0 +1,154 @@
+"""Masked-LM pieces without Ray: packing, masking, the held-out sample, column checks, the masked-only head."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bertray import config as C
+from bertray import data as D
+from bertray import modeling
+from bertray import pretrain as P
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return modeling.load_tokenizer(modeling.resolve("embedded"))
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return P.Vocab(tok)
+
+
+def _cfg(**mlm) -> C.PretrainConfig:
+    return C.load(C.PretrainConfig, data={"data": {"train": "x.parquet"}, "model": {"max_length": 16}, "mlm": mlm})
+
+
+def test_packing_fills_sequences_and_keeps_every_token(tok):
+    cfg = _cfg(packing=True)
+    texts = ["a short one", "another rather short sentence here", "x", "the last text of the pass"]
+    stream = P.SequenceStream(tok, cfg)
+    seqs = stream.sequences(texts[:2]) + stream.sequences(texts[2:]) + stream.flush()
+    assert all(len(s) == 16 for s in seqs[:-1]) and len(seqs[-1]) <= 16
+    assert all(s[0] == tok.cls_token_id and s[-1] == tok.sep_token_id for s in seqs)
+    body = [t for s in seqs for t in s[1:-1]]
+    expected = []
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        expected += ids + [tok.sep_token_id]
+    assert body == expected[:-1]  # documents joined by [SEP], nothing dropped, no trailing [SEP][SEP]
+
+
+def test_truncation_mode_one_text_per_sequence(tok):
+    cfg = _cfg(packing=False)
+    stream = P.SequenceStream(tok, cfg)
+    seqs = stream.sequences(["short", "word " * 40])
+    assert len(seqs) == 2 and len(seqs[1]) == 16 and stream.counts["truncated"] == 1
+    assert stream.flush() == []
+
+
+def test_stream_counts_dropped_texts(tok):
+    cfg = _cfg()
+    stream = P.SequenceStream(tok, cfg, holdout=frozenset({"kept out"}))
+    kept = stream.texts(pa.table({"text": ["fine", None, "   ", "kept out", "also fine"]}), "mem")
+    assert kept == ["fine", "also fine"]
+    assert dict(stream.counts) == {"texts_read": 5, "null_text": 1, "empty_text": 1, "held_out": 1}
+
+
+def test_masking_rates_and_never_special(vocab):
+    rng = np.random.default_rng(0)
+    ids = rng.choice(vocab.random_ids, size=(64, 128))
+    ids[:, 0], ids[:, -1] = vocab.cls_id, vocab.sep_id
+    ids[:8, 100:] = vocab.pad_id
+    special = np.isin(ids, vocab.special_ids)
+    inputs, labels = P.mask_tokens(ids, special, rng, C.MLMConfig(), vocab)
+    sel = labels != -100
+    assert not sel[special].any()  # [CLS], [SEP] and padding never predicted
+    assert abs(sel.sum() / (~special).sum() - 0.15) < 0.01
+    assert (labels[sel] == ids[sel]).all() and (inputs[~sel] == ids[~sel]).all()
+    masked = (inputs[sel] == vocab.mask_id).mean()
+    kept = (inputs[sel] == ids[sel]).mean()
+    assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.02
+    assert not np.isin(inputs[sel & (inputs != vocab.mask_id) & (inputs != ids)], vocab.special_ids).any()
+
+
+def test_whole_word_masking_masks_all_pieces_together(tok, vocab):
+    words = "unbelievably tokenization hypersensitivity photosynthesis antidisestablishmentarianism".split() * 40
+    enc = tok(" ".join(words), add_special_tokens=True)["input_ids"]
+    ids = np.array([enc])
+    special = np.isin(ids, vocab.special_ids)
+    inputs, labels = P.mask_tokens(ids, special, np.random.default_rng(1), C.MLMConfig(whole_word=True), vocab)
+    sel = (labels != -100)[0]
+    cont = vocab.is_continuation[ids[0]]
+    assert cont.sum() > 50 and sel.any()
+    # every word is either fully selected or not at all
+    word = np.cumsum(~cont & ~special[0])
+    for w in np.unique(word[~special[0]]):
+        assert len(set(sel[(word == w) & ~special[0]])) == 1
+
+
+def test_masking_always_selects_at_least_one(vocab):
+    ids = np.array([[vocab.cls_id, 2000, vocab.sep_id]])
+    special = np.isin(ids, vocab.special_ids)
+    for seed in range(20):
+        _, labels = P.mask_tokens(ids, special, np.random.default_rng(seed), C.MLMConfig(), vocab)
+        assert (labels != -100).sum() >= 1
+
+
+def test_eval_batches_are_fixed(tok, vocab):
+    cfg = _cfg()
+    texts = [f"sentence number {i} about films" for i in range(50)]
+    a = P.eval_batches_for(texts, tok, vocab, cfg)
+    b = P.eval_batches_for(texts, tok, vocab, cfg)
+    assert all(torch.equal(x["labels"], y["labels"]) and torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_masked_only_head_gives_the_full_logit_loss(tiny_bert, tok, vocab):
+    model, initialised = modeling.build_masked_lm(C.ModelConfig(base=tiny_bert))
+    assert initialised  # tiny_bert is a bare encoder
+    model.eval()
+    batch = P.make_batch([tok("a film about films and more films")["input_ids"]] * 4, vocab, C.MLMConfig(probability=0.4),
+                         np.random.default_rng(0))
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        gather = P.attach_gather(model)
+        logits, labels = P.masked_logits(model, batch, gather)
+        assert logits.shape == (int((batch["labels"] != -100).sum()), model.config.vocab_size)
+        sparse = torch.nn.functional.cross_entropy(logits, labels)
+        # inactive outside masked_logits: the model returns full logits again
+        assert model(input_ids=batch["input_ids"]).logits.dim() == 3
+    assert torch.allclose(full, sparse, atol=1e-5)
+
+
+def test_keep_pooler_carries_the_base_pooler(tiny_bert):
+    from transformers import AutoModel
+
+    model, _ = modeling.build_masked_lm(C.ModelConfig(base=tiny_bert))
+    P.keep_pooler(model, tiny_bert)
+    base = AutoModel.from_pretrained(tiny_bert)
+    assert torch.equal(model.bert.pooler.dense.weight, base.pooler.dense.weight)
+    assert not model.bert.pooler.dense.weight.requires_grad
+
+
+def test_text_column_check_names_what_exists(tmp_path):
+    f = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"body": ["x"], "id": [1]}), f)
+    with pytest.raises(D.DataError, match=r"missing text column\(s\) 'text'.*the file has: body, id"):
+        P.stream_files(C.DataConfig(train=str(tmp_path)))
+    pq.write_table(pa.table({"text": [1, 2]}), f)
+    with pytest.raises(D.DataError, match="text column 'text' has type int64"):
+        P.check_text_columns(str(f), ["text"])
+    (tmp_path / "notes.csv").write_text("text\nhello\n")
+    with pytest.raises(D.DataError, match="streams Parquet files; these are not: .*notes.csv"):
+        P.stream_files(C.DataConfig(train=str(tmp_path)))
+
+
+def test_held_out_sample_from_last_file(tmp_path):
+    pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["", None, *[f"b{i}" for i in range(10)]]}), tmp_path / "part-1.parquet")
+    d = C.DataConfig(train=str(tmp_path))
+    texts, report = P.held_out_texts(d, P.stream_files(d), 4)
+    assert texts == ["b0", "b1", "b2", "b3"]
+    assert report["source"].endswith("part-1.parquet") and report["held_out_from_training"]
