@@ -68,7 +68,7 @@ def others_running() -> list[str]:
         if p.info["pid"] in mine or not p.info["cmdline"]:
             continue
         t = p.info["cpu_times"]
-        procs.append((t.user + t.system if t else 0.0, " ".join(p.info["cmdline"])[:90]))
+        procs.append((t.user + t.system if t else 0.0, " ".join(" ".join(p.info["cmdline"]).split())[:90]))
     return [c for _, c in sorted(procs, reverse=True)[:6]]
 
 

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
 LABELS = ["negative", "positive"]
 WARMUP_S = 2.0  # per configuration, before the first measured step: first batches pay for lazy init
+IDLE_S = 3.0  # per configuration: the Serve processes' CPU use with no requests, subtracted from each step's
 
 
 def machine() -> dict:
@@ -71,13 +72,37 @@ def single_text_latency(model: str, sample: list[str], seconds: float, threads: 
         pred.predict([t])
     lat = []
     end = time.perf_counter() + seconds
+    cpu0 = time.process_time()
     i = 0
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         pred.predict([sample[i % len(sample)]])
         lat.append(time.perf_counter() - t0)
         i += 1
-    return _summary(lat, seconds, errors=0)
+    out = _summary(lat, seconds, errors=0)
+    out["cpu_ms"] = (time.process_time() - cpu0) * 1000 / i
+    return out
+
+
+def _server_cpu_s() -> np.ndarray:
+    """CPU seconds used so far by this run's Serve proxy and replica processes (children of our local Ray), as
+    [proxy, replica].
+
+    Unlike wall-clock figures, CPU time per request hardly changes when other work shares the machine, so it
+    shows what batching saves even on a busy host."""
+    import psutil
+
+    total = np.zeros(2)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = (proc.cmdline() or [""])[0]
+            for i, prefix in enumerate(("ray::ProxyActor", "ray::ServeReplica:bench:")):
+                if title.startswith(prefix):
+                    t = proc.cpu_times()
+                    total[i] += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue  # a worker that exited between listing and reading holds no Serve work
+    return total
 
 
 def _summary(lat: list[float], seconds: float, errors: int) -> dict:
@@ -92,6 +117,7 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
     import aiohttp
 
     lat: list[float] = []
+    batch: list[int] = []  # X-Batch-Size: texts in the forward pass that answered each request
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
     timeout = aiohttp.ClientTimeout(total=30)
@@ -105,7 +131,9 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
                 async with session.post(url, json=body) as r:
                     await r.read()
                     ok = r.status == 200
-                    if not ok:
+                    if ok:
+                        batch.append(int(r.headers["X-Batch-Size"]))
+                    else:
                         errors.append(f"HTTP {r.status}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 ok = False
@@ -121,6 +149,7 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
         elapsed = time.perf_counter() - started  # includes the last in-flight requests finishing after the deadline
     out = _summary(lat, elapsed, len(errors))
     out["error_kinds"] = sorted(set(errors))
+    out["mean_batch"] = float(np.mean(batch)) if batch else 0.0
     return out
 
 
@@ -159,12 +188,24 @@ def run_bench(args) -> dict:
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
                 asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
+                # Ray's processes burn some CPU when idle too (heartbeats, metrics); measured here, subtracted below.
+                cpu0, t0 = _server_cpu_s(), time.perf_counter()
+                time.sleep(IDLE_S)
+                idle_rate = (_server_cpu_s() - cpu0) / (time.perf_counter() - t0)
                 mode = "on" if batching else "off"
                 for c in args.clients:
+                    cpu0, client0, t0 = _server_cpu_s(), time.process_time(), time.perf_counter()
                     r = asyncio.run(_load(url, sample, c, args.seconds))
+                    busy = (_server_cpu_s() - cpu0 - idle_rate * (time.perf_counter() - t0)) * 1000 / max(r["requests"], 1)
+                    r["proxy_cpu_ms_per_req"], r["replica_cpu_ms_per_req"] = float(busy[0]), float(busy[1])
+                    r["server_cpu_ms_per_req"] = float(busy.sum())
+                    r["server_idle_cpu_per_s"] = idle_rate.tolist()
+                    r["client_cpu_ms_per_req"] = (time.process_time() - client0) * 1000 / max(r["requests"], 1)
                     results[f"{mode}/{c}"] = r
                     print(f"batching {mode:3} clients {c:2}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
-                          f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {r['errors']}", flush=True)
+                          f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, mean batch {r['mean_batch']:.1f}, "
+                          f"CPU ms/req proxy {r['proxy_cpu_ms_per_req']:.1f} replica {r['replica_cpu_ms_per_req']:.1f}, "
+                          f"errors {r['errors']}", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -196,17 +237,21 @@ def markdown(out: dict) -> str:
         f"batch_wait_timeout_s {a['batch_wait_timeout_s']}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
-        f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls): "
-        f"p50 {b['p50_ms']:.2f} ms, p95 {b['p95_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms "
+        f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls, {b['cpu_ms']:.2f} ms CPU "
+        f"each): p50 {b['p50_ms']:.2f} ms, p95 {b['p95_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms "
         f"(measured again after the load steps: p50 {out['baseline_after']['p50_ms']:.2f} ms, "
         f"p99 {out['baseline_after']['p99_ms']:.2f} ms).",
         "",
-        "| batching | clients | req/s | p50 ms | p95 ms | p99 ms | requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU ms/req: CPU time of the Serve proxy and of the replica per request, less what they use when idle.",
+        "",
+        "| batching | clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | proxy CPU ms/req | replica CPU ms/req "
+        "| requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in out["serve"].items():
         mode, c = key.split("/")
         lines.append(f"| {mode} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} "
+                     f"| {r['mean_batch']:.1f} | {r['proxy_cpu_ms_per_req']:.1f} | {r['replica_cpu_ms_per_req']:.1f} "
                      f"| {r['requests']} | {r['errors']} |")
     top = max(a["clients"])
     ratios = out["ratios"]
@@ -219,6 +264,9 @@ def markdown(out: dict) -> str:
         f"{ratios['p99_1_client_batched_over_single_text_p50']:.2f}x of its p50; batching off "
         f"{ratios['p99_1_client_unbatched_over_single_text_p99']:.2f}x of its p99, "
         f"{ratios['p99_1_client_unbatched_over_single_text_p50']:.2f}x of its p50",
+        f"- server CPU per request (proxy + replica) at {top} clients: batching on "
+        f"{out['serve'][f'on/{top}']['server_cpu_ms_per_req']:.1f} ms, off "
+        f"{out['serve'][f'off/{top}']['server_cpu_ms_per_req']:.1f} ms",
         f"- errors: {sum(r['errors'] for r in out['serve'].values())}",
     ]
     return "\n".join(lines)

@@ -6,9 +6,9 @@
 The study swept lr in {1e-2, 5e-3, 2e-3, 1e-3, 5e-4} x batch in {16, 24, 32, 48, 64} per dataset, with a frozen
 encoder. Here: a 3 x 3 corner of that grid (by default) on an SST-2 subset with the embedded MiniLM on CPU, once
 with the encoder frozen (classification head only) and once fully fine-tuned; then ASHA on the same space as the
-full fine-tuning grid. Each cell is the best validation accuracy of that trial (evaluated once per epoch; the
-checkpoint bertray keeps). Every sweep is an ordinary `bertray.tune.run`, so its trials.md/csv and plots are
-under --out too. Results go to stdout and <out>/tune_study.md.
+full fine-tuning grid. Each cell is the best validation accuracy of that trial over its evaluations (once per
+epoch, or every --eval-every steps): the checkpoint bertray keeps. Every sweep is an ordinary `bertray.tune.run`,
+so its trials.md/csv and plots are under --out too. Results go to stdout and <out>/tune_study.md.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def sweep_config(args, name: str, freeze: bool, scheduler: str) -> dict:
         "model": {"base": "embedded", "max_length": args.max_length, "freeze_encoder": freeze},
         "data": {"train": str(SST2 / "train.parquet"), "validation": str(SST2 / "validation.parquet"),
                  "max_train_rows": args.train_rows, "max_validation_rows": args.val_rows},
-        "train": {"epochs": float(args.epochs), "metric": "accuracy", "log_every": 10_000, "seed": 42},
+        "train": {"epochs": float(args.epochs), "eval_every": args.eval_every, "metric": "accuracy",
+                  "log_every": 10_000, "seed": 42},
         "run": {"name": name, "storage": args.out, "keep_checkpoints": 1, "max_failures": 0},
         "search": {"algorithm": "grid", "scheduler": scheduler, "grace_period": 1, "reduction_factor": args.rf,
                    "max_concurrent_trials": args.concurrency, "cpus_per_trial": 1,
@@ -70,6 +71,8 @@ def main() -> int:
     p.add_argument("--val-rows", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="optimizer steps between evaluations (default: once per epoch); ASHA decides at evaluations")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 2e-3, 5e-4])
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--rf", type=float, default=3.0, help="ASHA reduction factor")
@@ -88,9 +91,10 @@ def main() -> int:
     report = [f"# bertray tune study (miniature)\n",
               f"machine: {platform.node()}, {platform.processor() or platform.machine()}, Ray sees {cpus:g} CPUs; "
               f"command: {' '.join(sys.argv)}\n",
-              f"data: SST-2 train first-shuffled {args.train_rows} rows (seeded sample), validation {args.val_rows} rows; "
+              f"data: SST-2, seeded samples of {args.train_rows} train and {args.val_rows} validation rows; "
               f"embedded all-MiniLM-L6-v2, max_length {args.max_length}, {args.epochs} epochs, linear decay with "
-              f"6% warmup, AdamW wd 0.01, seed 42; cells: best validation accuracy (%) over the per-epoch evaluations\n"]
+              f"6% warmup, AdamW wd 0.01, seed 42; cells: best validation accuracy (%) over the evaluations "
+              f"({'every %d steps' % args.eval_every if args.eval_every else 'once per epoch'})\n"]
     results = {}
     for name, freeze, sched in (("frozen", True, "none"), ("full", False, "none"), ("asha", False, "asha")):
         if name in args.skip:
@@ -98,7 +102,7 @@ def main() -> int:
         s = run_sweep(args, f"study-{name}", freeze, sched)
         results[name] = s
         title = {"frozen": "frozen encoder (head only), full grid", "full": "full fine-tuning, full grid",
-                 "asha": f"full fine-tuning, ASHA (grace 1 epoch, reduction factor {args.rf:g})"}[name]
+                 "asha": f"full fine-tuning, ASHA (grace 1 evaluation, reduction factor {args.rf:g})"}[name]
         report += [f"\n## {title}\n", grid_table(s, args.lrs, args.batches), "",
                    f"trial-steps {s['trial_steps']}, best {100 * s['best']['value']:.1f}% "
                    f"({json.dumps(s['best']['config'])}), wall {s['wall_s']:.0f} s, statuses {s['status_counts']}\n"]

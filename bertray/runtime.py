@@ -1,6 +1,7 @@
 """Process-level setup that only entry points (CLI, jobs/) call: never on import."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -27,7 +28,12 @@ def init_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True,
+    env = worker_env()
+    # Inside a Ray job the job's runtime env already reaches every worker, and Ray refuses a variable set in both.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    for key in (job.get("runtime_env") or {}).get("env_vars", {}):
+        env.pop(key, None)
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
              **({} if address else {"include_dashboard": False}))
     res = ray.cluster_resources()
     log.info("Ray %s: %d node(s), %s CPUs, %s GPUs", "cluster at " + address if address else "local",

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from ray import serve
@@ -175,15 +175,18 @@ class Classifier:
     @app.post("/v1/classify", summary="label texts", response_model=ClassifyResponse, response_model_exclude_none=True,
               responses=_ERROR_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
-    async def classify(self, request: Request) -> dict:
+    async def classify(self, request: Request, response: Response) -> dict:
         # The body is parsed here rather than by FastAPI so that auth comes first and every error says where it is.
         self._authorize(request)
         req = _parse(await self._read_body(request))
         _check_limits(req.texts, self.cfg)
         if self.cfg.batching:
-            probs = await asyncio.gather(*(self._predict_one(t) for t in req.texts))
+            rows = await asyncio.gather(*(self._predict_one(t) for t in req.texts))
+            probs, batch = [p for p, _ in rows], max(n for _, n in rows)
         else:
-            probs = await self._forward(req.texts)
+            probs, batch = await self._forward(req.texts), len(req.texts)
+        # How many texts the largest forward pass behind this answer held: shows batching at work (benchmarks).
+        response.headers["X-Batch-Size"] = str(batch)
         names = self.predictor.label_names
         out = []
         for p in probs:
@@ -195,9 +198,10 @@ class Classifier:
         return {"predictions": out, "model": self.info["model"]}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _predict_one(self, texts: list[str]) -> list[np.ndarray]:
+    async def _predict_one(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
         """Called with one text per caller; Serve gathers the texts of concurrent callers into one list."""
-        return list(await self._forward(texts))
+        probs = await self._forward(texts)
+        return [(p, len(texts)) for p in probs]
 
     async def _forward(self, texts: list[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()

@@ -220,6 +220,7 @@ class Loop:
                     self._evaluate_and_report()
                     reported = True
                     self.model.train()
+                    window = _Window()  # throughput windows measure training only, not evaluation or checkpoints
                 if st.step >= self.total_steps or st.stopped_early:
                     break
             else:
@@ -261,7 +262,9 @@ class Loop:
 
     def _evaluate_and_report(self) -> None:
         st, cfg = self.state, self.cfg
-        metrics = self.obj.evaluate(self.model, self.device)
+        # The plain module, not the DDP wrapper: DDP's forward broadcasts buffers, which hangs if a rank has
+        # no evaluation rows. Ranks combine their shares explicitly inside evaluate().
+        metrics = self.obj.evaluate(getattr(self.model, "module", self.model), self.device)
         value = metrics[self.obj.metric]
         better = st.best is None or (value > st.best if self.obj.mode == "max" else value < st.best)
         if better:
@@ -381,8 +384,8 @@ def _load_weights(model, directory: str) -> None:
 
     state = load_file(str(Path(directory) / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied weights (e.g. the MLM decoder) are stored once; anything else missing means a mismatched checkpoint.
-    real_missing = [k for k in missing if not k.endswith("decoder.weight")]
+    # Tied tensors (the MLM decoder's weight and bias) are stored once; anything else missing means a mismatched checkpoint.
+    real_missing = [k for k in missing if not k.endswith(("decoder.weight", "decoder.bias"))]
     if real_missing or unexpected:
         raise RuntimeError(f"checkpoint at {directory} does not match the model: missing {real_missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

@@ -8,6 +8,19 @@ Everything lands in <run.storage>/<run.name>/: Tune's experiment state (re-runni
 without re-running finished trials), trials.md and trials.csv (every trial), <metric>_vs_<key>.png for each
 swept number, learning_curves.png, summary.json, and best-model/ (the best trial's best checkpoint, a normal
 bertray checkpoint for `bertray label` and `bertray serve`).
+
+A sweep file is a fine-tuning config plus a `search` section (defaults and rules: config.SearchConfig):
+
+    # bertray tune --config sweep.yaml [--gpus-per-trial 0.25] [--cpus-per-trial 2]
+    data: {train: s3://bucket/sst2/train.parquet, validation: s3://bucket/sst2/validation.parquet}
+    train: {epochs: 3}
+    run: {name: sst2-sweep, storage: s3://bucket/sweeps}
+    search:
+      algorithm: grid                 # grid | random | optuna
+      scheduler: asha                 # none | asha | pbt
+      space:
+        optim.lr: {grid: [1.0e-2, 5.0e-3, 2.0e-3, 1.0e-3, 5.0e-4]}
+        train.batch_size: {grid: [16, 24, 32, 48, 64]}
 """
 from __future__ import annotations
 

@@ -44,7 +44,9 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 def s3_server():
     """A real S3 API over HTTP on loopback; AWS_* env points boto3, pyarrow and Ray at it."""
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The venv's own moto first: an older moto_server elsewhere on PATH mishandles multipart uploads.
+    venv_exe = Path(sys.executable).parent / "moto_server"
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -70,10 +70,20 @@ def test_finetune_reads_data_and_base_from_s3_and_checkpoints_there(ray_cluster,
 
 
 def _train_worker_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """PIDs of this cluster's live Ray Train workers: children of our raylet titled ray::RayTrainWorker.
+    (The state API needs the dashboard, which the test cluster runs without.)"""
+    import psutil
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], raise_on_missing_output=False)
-    return [a.pid for a in actors if a.pid]
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    out = []
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker") and proc.status() != "zombie":
+                out.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(out)
 
 
 def test_killed_worker_resumes_from_checkpoint_at_same_step(ray_cluster, tiny_bert, sst2_small, tmp_path):
@@ -86,9 +96,12 @@ def test_killed_worker_resumes_from_checkpoint_at_same_step(ray_cluster, tiny_be
     deadline = time.time() + 240
     killed = None
     while time.time() < deadline and t.is_alive():
-        ckpts = list(run_dir.glob("checkpoint_*/train_state.pt"))
+        # Kill only once the controller has registered a checkpoint (its snapshot names one); a checkpoint folder
+        # still being reported is, rightly, not resumed from.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        registered = snapshot.exists() and "checkpoint_" in snapshot.read_text()
         pids = _train_worker_pids()
-        if ckpts and len(pids) == 2:
+        if registered and len(pids) == 2:
             killed = pids[-1]
             os.kill(killed, signal.SIGKILL)
             break
@@ -112,7 +125,8 @@ def test_rerunning_the_same_command_resumes_after_driver_dies(tiny_bert, sst2_sm
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and not list((runs / "rerun").glob("checkpoint_*/train_state.pt")):
+    snapshot = runs / "rerun" / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
         time.sleep(0.3)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()

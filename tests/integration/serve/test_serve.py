@@ -48,6 +48,16 @@ def test_labels_and_scores_match_the_predictor(serve_apps, trained_classifier, s
     assert responses[0].json()["model"] == trained_classifier
 
 
+def test_texts_of_concurrent_callers_share_a_forward_pass(serve_apps):
+    def call(text):
+        return post(serve_apps["open"], {"texts": [text]})
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(call, ["a good film", "an awful film"] * 6))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+
+
 def test_probabilities_only_when_asked(serve_apps):
     r = post(serve_apps["open"], {"texts": ["a good film"]})
     assert r.status_code == 200, r.text
@@ -121,7 +131,17 @@ def test_api_key(serve_apps, serve_api_key):
     assert 'content="none"' in requests.get(serve_apps["open"] + "/", timeout=10).text
 
 
+def _replica_actors(app: str) -> list[str]:
+    """Names of the live replica actors of `app` (a replica that crashed and was replaced gets a new name)."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{app}#"))
+
+
 def test_many_malformed_requests_leave_the_service_healthy(serve_apps):
+    replicas = _replica_actors("open")
+    assert len(replicas) == 1, replicas
     url = serve_apps["open"] + "/v1/classify"
     bad = [b"{", b'{"texts": 5}', b'{"texts": []}', b'{"texts": [null]}', b"[[[[", b'{"texts": ["' + b"y" * 300 + b'"]}',
            b"\x80", b'{"texts": ["ok"], "probabilities": 3}']
@@ -135,6 +155,7 @@ def test_many_malformed_requests_leave_the_service_healthy(serve_apps):
         r = s.post(url, json={"texts": ["a good film", "an awful film"]}, timeout=10)
     assert r.status_code == 200, r.text
     assert [p["label"] for p in r.json()["predictions"]] == ["positive", "negative"]
+    assert _replica_actors("open") == replicas  # the same replica: none crashed and was replaced
 
 
 def test_overload_gets_a_fast_503(serve_apps):

@@ -78,7 +78,8 @@ def test_asha_stops_a_diverging_trial_early(ray_cluster, sweep_config):
     bad = rows[5.0]
     assert bad["status"] == "stopped early (scheduler)", bad
     assert int(bad["steps run"]) < int(bad["planned steps"]) == 6
-    assert float(bad["best loss"]) > max(float(r["best loss"]) for lr, r in rows.items() if lr != 5.0)
+    worst_sane = max(float(r["best loss"]) for lr, r in rows.items() if lr != 5.0)
+    assert bad["best loss"] == "" or float(bad["best loss"]) > worst_sane  # "" if the loss went NaN
     assert any(r["status"] == "finished" for r in rows.values())
     assert summary["trial_steps"] < 4 * 6
     assert summary["best"]["config"]["optim.lr"] != 5.0
@@ -102,6 +103,7 @@ def pbt_sweep(ray_cluster, tiny_bert, sst2_small, tmp_path_factory):
     return _run(cfg)
 
 
+@pytest.mark.slow
 def test_pbt_exploits_a_better_trial(pbt_sweep):
     run_dir = Path(pbt_sweep["run_dir"])
     # PBT's own log: one line per exploit (weak trial <- strong trial's checkpoint and perturbed config).
@@ -112,6 +114,7 @@ def test_pbt_exploits_a_better_trial(pbt_sweep):
     assert pbt_sweep["trials"] == 2 and pbt_sweep["status_counts"] == {"finished": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="train_loop restores the optimizer's lr from the checkpoint, undoing PBT's "
                                        "perturbation; needs the Loop._restore_state change described in the report")
 def test_pbt_perturbed_lr_takes_effect_after_exploit(pbt_sweep):
