@@ -184,7 +184,8 @@ def run_bench(args) -> dict:
         try:
             for batching in (True, False):
                 cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
-                                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
+                                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                                  token_budget=args.token_budget)
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
                 asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
@@ -234,7 +235,7 @@ def markdown(out: dict) -> str:
         f"Command: `{out['command']}`",
         f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
         f"(torch threads {max(1, int(a['cpus_per_replica']))}); max_batch_size {a['max_batch_size']}, "
-        f"batch_wait_timeout_s {a['batch_wait_timeout_s']}; one SST-2 validation sentence per request; "
+        f"batch_wait_timeout_s {a['batch_wait_timeout_s']}, token_budget {a['token_budget']}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
         f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls, {b['cpu_ms']:.2f} ms CPU "
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--token-budget", type=int, default=16384,
+                   help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget)")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))
     args = p.parse_args(argv)

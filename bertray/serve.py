@@ -117,7 +117,7 @@ def _api_key(env_name: str | None) -> str | None:
     key = os.environ.get(env_name, "")
     if not key:
         # Refuse to start rather than serve without the protection the config asked for.
-        raise ConfigError([f"api_key_env: environment variable {env_name} is not set (or empty) on the replica"],
+        raise ConfigError([f"api_key_env: environment variable {env_name} is not set (or empty)"],
                           "serve config")
     return key
 
