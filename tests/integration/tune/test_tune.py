@@ -31,8 +31,12 @@ def _run(cfg: dict) -> dict:
 
 
 @pytest.mark.s3
-def test_grid_sweep_writes_complete_table_plots_and_best_model(ray_cluster, sweep_config, s3_bucket):
+def test_grid_sweep_writes_complete_table_plots_and_best_model(ray_cluster, sweep_config, s3_bucket, tmp_path,
+                                                              monkeypatch):
     from bertray.predictor import Predictor
+
+    # storage.local_dir caches remote models by URI alone; an earlier session's model at the same URI would be reused.
+    monkeypatch.setenv("BERTRAY_CACHE", str(tmp_path / "cache"))
 
     cfg = sweep_config({"algorithm": "grid", "space": {
         "optim.lr": {"grid": ["1e-4", 1.0e-3, 1.0e-2]},  # '1e-4' is how YAML reads 1e-4: a string, parsed here
