@@ -26,7 +26,8 @@ STAGES = {
     "pretrain": ("bertray.pretrain", "PretrainConfig", _TRAIN_FLAGS),
     "finetune": ("bertray.finetune", "FinetuneConfig", _TRAIN_FLAGS),
     "tune": ("bertray.tune", "TuneConfig", {
-        **_TRAIN_FLAGS,
+        **{k: v for k, v in _TRAIN_FLAGS.items() if k not in ("--num-workers", "--use-gpu")},
+        "--workers-per-trial": ("search.workers_per_trial", "value"),
         "--gpus-per-trial": ("search.gpus_per_trial", "value"),
         "--cpus-per-trial": ("search.cpus_per_trial", "value"),
     }),

@@ -155,7 +155,12 @@ def local_dir(uri: str) -> Path:
     if not is_remote(uri):
         return Path(uri.removeprefix("file://")).resolve()
     cache_root = Path(os.environ.get("BERTRAY_CACHE", Path(tempfile.gettempdir()) / "bertray-cache"))
-    target = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    # Keyed by the URI and the remote folder's config.json/bertray.json times, so a model re-exported to the
+    # same URI is downloaded again rather than served stale.
+    fs, path = filesystem(uri)
+    stamps = [str(i.mtime_ns) for i in fs.get_file_info([f"{path}/config.json", f"{path}/bertray.json"])
+              if i.type == pafs.FileType.File]
+    target = cache_root / hashlib.sha256("|".join([uri, *stamps]).encode()).hexdigest()[:16]
     done = target / ".complete"
     if not done.exists():
         tmp = Path(tempfile.mkdtemp(dir=cache_root.mkdir(parents=True, exist_ok=True) or cache_root))

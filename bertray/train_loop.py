@@ -327,6 +327,18 @@ class Loop:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
+        # The config, not the checkpoint, sets lr and weight decay: PBT restores a trial with them perturbed (its
+        # explore step); optimizer moments, step count and schedule position carry over. A plain resume is unchanged.
+        self._apply_optim_config()
+
+    def _apply_optim_config(self) -> None:
+        o = self.cfg.optim
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = o.lr
+            group["lr"] = o.lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.param_groups[0]["weight_decay"] = o.weight_decay  # group 1 (biases, LayerNorm) stays at 0
 
     def _print(self, msg: str) -> None:
         # Straight to stdout, which Ray forwards to the driver once: Ray Train patches print() into a logger

@@ -119,8 +119,6 @@ def test_pbt_exploits_a_better_trial(pbt_sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="train_loop restores the optimizer's lr from the checkpoint, undoing PBT's "
-                                       "perturbation; needs the Loop._restore_state change described in the report")
 def test_pbt_perturbed_lr_takes_effect_after_exploit(pbt_sweep):
     run_dir = Path(pbt_sweep["run_dir"])
     trials = sorted(run_dir.glob("trial-*"))
