@@ -26,7 +26,7 @@ def main() -> int:
     os.chdir(REPO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from bertray import config, evaluate, finetune, runtime
+    from bertray import config, evaluate, finetune, label, runtime
 
     cfg = config.load(config.FinetuneConfig, CONFIG)
     run_dir = Path(cfg.run.storage) / cfg.run.name
@@ -40,18 +40,12 @@ def main() -> int:
 
     ev = evaluate.evaluate(summary["model"], str(DEMO_DATA / "validation.parquet"), str(run_dir / "evaluation"))
 
-    label_line = "labeling skipped (bertray.label not available)"
-    try:
-        from bertray import label
-    except ImportError:
-        label = None
-    if label is not None:
-        out = run_dir / "labeled-corpus"
-        lcfg = config.load(config.LabelConfig, data={"model": summary["model"], "input": str(DEMO_DATA / "corpus.parquet"),
-                                                     "output": str(out), "id_column": "id", "overwrite": True})
-        ls = label.run(lcfg)
-        label_line = (f"labeled {ls.get('rows_written', '?')} of {ls.get('rows_read', '?')} corpus rows -> {out} "
-                      f"(label counts: {ls.get('label_counts', ls.get('label_distribution'))})")
+    out = run_dir / "labeled-corpus"
+    lcfg = config.load(config.LabelConfig, data={"model": summary["model"], "input": str(DEMO_DATA / "corpus.parquet"),
+                                                 "output": str(out), "id_column": "id", "overwrite": True})
+    ls = label.run(lcfg)
+    label_line = (f"labeled {ls['rows_labeled']:,} of {ls['rows_read']:,} corpus rows -> {out} "
+                  f"(label counts: {ls['label_counts']})")
     total_s = time.perf_counter() - start
     print("\n" + "=" * 72)
     print(f"demo finished in {total_s / 60:.1f} min (training {train_s / 60:.1f} min)")

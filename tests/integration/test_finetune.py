@@ -31,13 +31,19 @@ def tiny_cfg(base: str, data_dir, storage_uri: str, name: str, **overrides):
     return C.load(C.FinetuneConfig, data=data, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
-def test_two_worker_finetune_exports_a_self_describing_checkpoint(ray_cluster, tiny_bert, sst2_small, tmp_path):
-    cfg = tiny_cfg(tiny_bert, sst2_small, str(tmp_path / "runs"), "two-workers")
-    s = finetune.run(cfg)
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, tiny_bert, sst2_small, tmp_path_factory):
+    """One 2-worker fine-tune, shared by the tests that inspect its outputs (training is the slow part)."""
+    runs = tmp_path_factory.mktemp("two-worker-runs")
+    return finetune.run(tiny_cfg(tiny_bert, sst2_small, str(runs), "two-workers")), runs
+
+
+def test_two_worker_finetune_exports_a_self_describing_checkpoint(two_worker_run, tiny_bert):
+    s, runs = two_worker_run
     assert s["final_step"] == 12 and len(s["worker_nodes"]) == 2
     assert set(s["metrics"]) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "loss"}
     assert sum(map(sum, s["metrics"]["confusion_matrix"])) == 100  # the whole validation set, summed over workers
-    run_dir = tmp_path / "runs" / "two-workers"
+    run_dir = runs / "two-workers"
     for f in ("metrics.json", "curves.png", "confusion_matrix.png", "model/bertray.json", "model/model.safetensors"):
         assert (run_dir / f).exists(), f
     assert not (run_dir / "model" / "train_state.pt").exists()
@@ -119,7 +125,7 @@ def test_rerunning_the_same_command_resumes_after_driver_dies(tiny_bert, sst2_sm
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "bertray.cli", "finetune", "--set", f"model.base={tiny_bert}", "--set", "model.max_length=48",
            "--set", f"data.train={sst2_small}/train.parquet", "--set", f"data.validation={sst2_small}/validation.parquet",
-           "--set", "train.batch_size=8", "--set", "train.max_steps=60", "--set", "train.eval_every=5",
+           "--set", "train.batch_size=8", "--set", "train.max_steps=30", "--set", "train.eval_every=5",
            "--set", "run.cpus_per_worker=1", "--name", "rerun", "--storage", str(runs)]
     # Its own local Ray (no RAY_ADDRESS), so killing the driver takes that whole cluster down with it.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -133,7 +139,7 @@ def test_rerunning_the_same_command_resumes_after_driver_dies(tiny_bert, sst2_sm
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads((runs / "rerun" / "metrics.json").read_text())
-    assert summary["final_step"] == 60
+    assert summary["final_step"] == 30
     assert summary["resumed_at"] and summary["resumed_at"][0] >= 5
 
 
@@ -162,9 +168,8 @@ def test_bad_data_fails_before_training_with_a_clear_error(ray_cluster, tiny_ber
     assert not (tmp_path / "runs" / "bad").exists()
 
 
-def test_cli_predict_and_evaluate(ray_cluster, tiny_bert, sst2_small, tmp_path):
-    cfg = tiny_cfg(tiny_bert, sst2_small, str(tmp_path / "runs"), "cli", **{"run.num_workers": 1, "train.max_steps": 4})
-    model = finetune.run(cfg)["model"]
+def test_cli_predict_and_evaluate(two_worker_run, sst2_small, tmp_path):
+    model = two_worker_run[0]["model"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "bertray.cli", "predict", model, "a gorgeous film", "dull"],
                        capture_output=True, text=True, env=env)

@@ -86,10 +86,6 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def _checkpoints(run_dir) -> list:
-    return sorted(run_dir.glob("checkpoint_*/bertray.json")) if run_dir.exists() else []
-
-
 @pytest.mark.slow  # two worker-group starts and a failure detection: about a minute, several on a busy machine
 def test_resumes_after_a_worker_is_killed(ray_cluster, tiny_bert, corpus_dir, pretrain_config, tmp_path):
     cfg = pretrain_config(tiny_bert, str(corpus_dir), str(tmp_path / "runs"), "killed",
@@ -106,11 +102,16 @@ def test_resumes_after_a_worker_is_killed(ray_cluster, tiny_bert, corpus_dir, pr
     thread.start()
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.time() + 240
-    # Two checkpoints on disk: the first is then certainly registered with the controller.
-    while len(_checkpoints(run_dir)) < 2 and thread.is_alive() and time.time() < deadline:
+    # Kill only once the controller has registered a checkpoint (its snapshot names one): a folder on disk may
+    # still be in the middle of being reported, and Ray Train rightly does not resume from those.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    pids: list[int] = []
+    while thread.is_alive() and time.time() < deadline:
+        pids = _train_worker_pids()
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text() and len(pids) == 2:
+            break
         time.sleep(0.05)
-    pids = _train_worker_pids()
-    assert thread.is_alive() and pids, f"run ended or no worker found before the kill: {result}"
+    assert thread.is_alive() and len(pids) == 2, f"run ended or no registered checkpoint before the kill: {result}"
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive(), "run did not finish after the worker was killed"
