@@ -378,7 +378,9 @@ def _setup_optimizer(model, optim, device) -> torch.optim.Optimizer:
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.adam_eps, fused=device.type == "cuda")
+    # The fused kernel exists for CPU and CUDA; on CPU it is ~8x faster than the per-parameter loop for MiniLM
+    # (20 vs 175 ms a step on 2 cores), which was a fifth of each training step.
+    return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.adam_eps, fused=device.type in ("cpu", "cuda"))
 
 
 def _amp_dtype(setting: str, device: torch.device):
