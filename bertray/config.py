@@ -404,7 +404,8 @@ class LabelConfig:
     id_column: Optional[str] = "id"  # passed through and checked unique; None: none (row position is kept instead)
     passthrough: list[str] = field(default_factory=list)  # more input columns copied to the output
     probabilities: bool = False  # add one prob_<label> column per class
-    rows_per_file: int = 100_000  # upper bound on rows per output file (also the resume unit)
+    rows_per_file: int = 100_000  # upper bound on rows per output file (also the resume unit); a corpus under
+    # ~64 x this is cut into ~64 smaller units (>= 256 rows) so every actor gets work
     token_budget: int = 16384  # padded tokens per inference micro-batch
     max_length: Optional[int] = None  # None: the checkpoint's own
     actors: Optional[int] = None  # inference actors; None: as many as the cluster's CPUs (or GPUs) allow

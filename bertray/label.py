@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,10 @@ PLAN_VERSION = 1
 # Rows tokenized and predicted together inside a unit: large enough that sorting by length leaves little padding,
 # small enough that the token ids (Python ints, ~36 bytes each) stay in the tens of MB for 512-token texts.
 CHUNK_ROWS = 2048
+# A small corpus is cut into about TARGET_UNITS units (never under MIN_UNIT_ROWS rows: each unit opens its input
+# and writes a part file) so a pool of actors shares it.
+TARGET_UNITS = 64
+MIN_UNIT_ROWS = 256
 PROGRESS_EVERY_S = 5.0
 FOOTER_THREADS = 16  # footers are latency-bound on S3; read many at once
 # Settings that change what the output holds; a re-run with any of them changed is a different job.
@@ -106,7 +111,7 @@ def run(cfg: LabelConfig) -> dict:
     actors = _pool_size(cfg, len(pending), ray.cluster_resources())
     log.info("label: %d file(s) (%d skipped), %s rows in %d unit(s) of <= %s rows; %d done earlier, %d to do "
              "on %d actor(s); output %s", len(plan.files), len(plan.skipped_files), f"{total_rows:,}", len(plan.units),
-             f"{cfg.rows_per_file:,}", len(earlier), len(pending), actors, cfg.output)
+             f"{max((u.stop - u.start for u in plan.units), default=0):,}", len(earlier), len(pending), actors, cfg.output)
     t_plan = time.time() - t0
     summaries = dict(earlier)
     t1 = time.time()
@@ -150,11 +155,19 @@ def make_plan(cfg: LabelConfig) -> Plan:
                              + "\n".join(f"  - {p}" for p in problems))
     schema = _output_schema(cfg, label_names, good)
     plan_files, units = [], []
+    cap = unit_rows(sum(sum(f[1]) for _, f in good), cfg.rows_per_file)
     for index, (path, (file_schema, rg_rows, size)) in enumerate(good):
         plan_files.append({"path": path, "size": size, "rows": sum(rg_rows), "row_groups": len(rg_rows)})
         units.extend(Unit(f"{index:05d}-{start:012d}", path, start, stop)
-                     for start, stop in split_rows(rg_rows, cfg.rows_per_file))
+                     for start, stop in split_rows(rg_rows, cap))
     return Plan(plan_files, skipped, units, schema, label_names, meta)
+
+
+def unit_rows(total_rows: int, rows_per_file: int) -> int:
+    """Rows per unit: `rows_per_file`, or fewer for a small corpus so that every actor gets work (one 7k-row unit
+    kept one of two actors busy and the other idle: half the machine). Depends only on the input, so a re-run
+    plans the same units and resumes."""
+    return min(rows_per_file, max(MIN_UNIT_ROWS, math.ceil(total_rows / TARGET_UNITS)))
 
 
 def split_rows(row_group_rows: list[int], rows_per_file: int) -> list[tuple[int, int]]:

@@ -174,3 +174,12 @@ def test_non_classifier_model_is_refused_before_work(tmp_path):
 
     with pytest.raises(ModelError, match="not a sequence-classification model"):
         label.make_plan(cfg_for(str(tmp_path / "enc"), tmp_path))
+
+
+def test_a_small_corpus_is_cut_so_every_actor_gets_work():
+    from bertray.label import MIN_UNIT_ROWS, split_rows, unit_rows
+
+    assert unit_rows(7_284, 100_000) == MIN_UNIT_ROWS  # one unit would have left all actors but one idle
+    assert len(split_rows([7_284], unit_rows(7_284, 100_000))) == 29
+    assert unit_rows(10_000_000, 100_000) == 100_000  # big corpora: rows_per_file still bounds the files
+    assert unit_rows(500, 50) == 50  # an explicit small rows_per_file is kept
