@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import machine, matmul_peak
+
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path("/work/shared/data/sst2")
 BATCH = 32
@@ -48,29 +50,6 @@ TARGETS = {"vs_hf_maxlen": 2.0, "vs_hf_dynamic": 0.95, "mfu": 0.35}
 
 
 # --------------------------------------------------------------------------------------------------- machine
-
-
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")),
-                 platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
-
-
-def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 matmul FLOP/s of `reps` timed n x n products (after two untimed ones)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def non_embedding_params() -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,15 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import machine, matmul_peak
+
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
 LABELS = ["negative", "positive"]
-
-
-def machine() -> dict:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in out if ln.startswith("Model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -113,20 +108,6 @@ def write_corpus(path: Path, texts: list[str], files: int = 1, row_group_size: i
 
 
 # --------------------------------------------------------------------------------------------------- measures
-
-
-def matmul_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def time_pipeline(model_dir: str, texts: list[str]) -> float:
@@ -248,7 +229,7 @@ def speed(args) -> dict:
     sentences = sst2_sentences()
     corpora = {"short (SST-2 sentences)": sentences[: args.short],
                "long (200-500 tokens)": long_docs(sentences, pred.tokenizer, args.long)}
-    flops = matmul_flops(threads)
+    flops = matmul_peak(threads)
     flops_per_token = 2 * modeling.count_params(pred.model, non_embedding=True)
     roof_tokens = flops / flops_per_token
     del pred

@@ -15,21 +15,14 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import machine
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.90
-
-
-def machine() -> dict:
-    """CPU model and core count as lscpu reports them, plus the load average (other work on the machine)."""
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        if line.startswith("Model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> int:

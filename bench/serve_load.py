@@ -16,9 +16,7 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,19 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common import machine
+
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
 LABELS = ["negative", "positive"]
 WARMUP_S = 2.0  # per configuration, before the first measured step: first batches pay for lazy init
 IDLE_S = 3.0  # per configuration: the Serve processes' CPU use with no requests, subtracted from each step's
-
-
-def machine() -> dict:
-    """CPU model and cores as lscpu reports them, plus the load average: other work on the machine skews figures."""
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        if line.startswith("Model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def build_model(folder: Path) -> str:

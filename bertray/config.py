@@ -514,11 +514,8 @@ class SearchConfig:
 
 
 @dataclass
-class TuneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class TuneConfig(FinetuneConfig):
+    """A fine-tuning config (every trial's base) plus the search: the same sections, so the same defaults."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="sweep"))
     search: SearchConfig = field(default_factory=SearchConfig)
 
@@ -530,8 +527,8 @@ class TuneConfig:
         s = self.search
         run = dataclasses.replace(self.run, num_workers=s.workers_per_trial, use_gpu=s.gpus_per_trial > 0,
                                   cpus_per_worker=s.cpus_per_trial)
-        return FinetuneConfig(model=copy.deepcopy(self.model), data=copy.deepcopy(self.data),
-                              optim=copy.deepcopy(self.optim), train=copy.deepcopy(self.train), run=run)
+        sections = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(FinetuneConfig)}
+        return FinetuneConfig(**{**sections, "run": run})
 
     def check(self) -> list[str]:
         s = self.search
