@@ -15,8 +15,13 @@ def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+    info = {"cpu": cpu, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
             "torch": version("torch"), "python": platform.python_version()}
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
@@ -32,4 +37,24 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
         t = time.perf_counter()
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def gpu_matmul_peak(dtype, n: int = 8192, reps: int = 10) -> float:
+    """Best FLOP/s of `reps` timed n x n CUDA matmuls in `dtype` (fp32 with TF32 off: the true fp32 rate)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
     return 2 * n ** 3 / best

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, matmul_peak
+from common import gpu_matmul_peak, machine, matmul_peak
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
@@ -110,10 +110,10 @@ def write_corpus(path: Path, texts: list[str], files: int = 1, row_group_size: i
 # --------------------------------------------------------------------------------------------------- measures
 
 
-def time_pipeline(model_dir: str, texts: list[str]) -> float:
+def time_pipeline(model_dir: str, texts: list[str], device: str = "cpu") -> float:
     from transformers import pipeline
 
-    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=-1)
+    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=0 if device == "cuda" else -1)
     pipe(texts[:32], batch_size=32, truncation=True, max_length=512)  # warm-up
     t = time.perf_counter()
     out = pipe(texts, batch_size=32, truncation=True, max_length=512)
@@ -122,11 +122,11 @@ def time_pipeline(model_dir: str, texts: list[str]) -> float:
     return elapsed
 
 
-def time_predictor(model_dir: str, texts: list[str], quantize: str | None) -> float:
+def time_predictor(model_dir: str, texts: list[str], quantize: str | None, device: str = "cpu") -> float:
     from bertray.label import CHUNK_ROWS
     from bertray.predictor import Predictor
 
-    pred = Predictor(model_dir, quantize=quantize)
+    pred = Predictor(model_dir, device=device, quantize=quantize)
     pred.predict(texts[:32])  # warm-up
     t = time.perf_counter()
     for i in range(0, len(texts), CHUNK_ROWS):
@@ -134,14 +134,15 @@ def time_predictor(model_dir: str, texts: list[str], quantize: str | None) -> fl
     return time.perf_counter() - t
 
 
-def time_label_run(model_dir: str, corpus: Path, out: Path, quantize: str, rows_per_file: int) -> tuple[float, dict]:
+def time_label_run(model_dir: str, corpus: Path, out: Path, quantize: str, rows_per_file: int,
+                   gpus_per_actor: float = 0.0) -> tuple[float, dict]:
     """label.run on the running cluster: actor start and model load included."""
     from bertray import label
     from bertray.config import LabelConfig
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = LabelConfig(model=model_dir, input=str(corpus), output=str(out), id_column=None, quantize=quantize,
-                      rows_per_file=rows_per_file)
+                      rows_per_file=rows_per_file, gpus_per_actor=gpus_per_actor)
     t = time.perf_counter()
     summary = label.run(cfg)
     return time.perf_counter() - t, summary
@@ -223,13 +224,15 @@ def speed(args) -> dict:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
+    device = "cuda" if args.gpu else "cpu"
     work = Path(args.work)
     model_dir = minilm_checkpoint(work / "minilm-cls")
     pred = Predictor(model_dir)
     sentences = sst2_sentences()
     corpora = {"short (SST-2 sentences)": sentences[: args.short],
                "long (200-500 tokens)": long_docs(sentences, pred.tokenizer, args.long)}
-    flops = matmul_peak(threads)
+    # On a GPU the predictor runs under bf16 autocast, so its roofline is the bf16 matmul rate.
+    flops = gpu_matmul_peak(torch.bfloat16) if args.gpu else matmul_peak(threads)
     flops_per_token = 2 * modeling.count_params(pred.model, non_embedding=True)
     roof_tokens = flops / flops_per_token
     del pred
@@ -242,23 +245,25 @@ def speed(args) -> dict:
         corpus = write_corpus(work / f"corpus-{len(texts)}", texts)
         tiny = write_corpus(work / f"corpus-{len(texts)}-16", texts[:16])
         rpf = max(32, len(texts) // 16)  # 16 units: enough to keep every actor busy to the end
-        m = {"pipeline": time_pipeline(model_dir, texts),
-             "predictor fp32": time_predictor(model_dir, texts, None),
-             "predictor int8": time_predictor(model_dir, texts, "int8")}
-        for q in ("none", "int8"):
-            fixed, _ = time_label_run(model_dir, tiny, work / "out-tiny", q, rpf)
-            full, summary = time_label_run(model_dir, corpus, work / "out", q, rpf)
+        gpus = 1.0 if args.gpu else 0.0
+        m = {"pipeline": time_pipeline(model_dir, texts, device),
+             "predictor fp32": time_predictor(model_dir, texts, None, device)}
+        if not args.gpu:
+            m["predictor int8"] = time_predictor(model_dir, texts, "int8")
+        for q in ("none",) if args.gpu else ("none", "int8"):
+            fixed, _ = time_label_run(model_dir, tiny, work / "out-tiny", q, rpf, gpus)
+            full, summary = time_label_run(model_dir, corpus, work / "out", q, rpf, gpus)
             assert summary["rows_written"] == len(texts)
             tag = "fp32" if q == "none" else "int8"
             m[f"label {tag} (warm cluster)"] = full
             m[f"label {tag} marginal"] = full - fixed
             m[f"label {tag} actor compute"] = actor_seconds(work / "out") / summary["actors"]
-        cli = label_cli(model_dir, corpus, work / "out-cli", rpf)
+        cli = label_cli(model_dir, corpus, work / "out-cli", rpf, ["--gpus-per-actor", "1"] if args.gpu else [])
         m["label fp32 (CLI, fresh Ray)"] = cli["wall"]
         rows.append({"corpus": name, "docs": len(texts), "tokens": tokens, "seconds": m,
                      "actors": summary["actors"], "command": cli["command"]})
     ray.shutdown()
-    return {"mode": "speed", "machine": machine(), "threads": threads, "matmul_flops": flops,
+    return {"mode": "speed", "machine": machine(), "threads": threads, "device": device, "matmul_flops": flops,
             "flops_per_token": flops_per_token, "roofline_tokens_per_s": roof_tokens, "results": rows}
 
 
@@ -285,9 +290,11 @@ def memory(args) -> dict:
 
 def report_speed(r: dict) -> str:
     m = r["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (load average at the end {m['load_avg']}); torch threads "
-             f"{r['threads']}; label: {r['results'][0]['actors']} actors x 1 thread.",
-             f"Roofline: fp32 matmul {r['matmul_flops'] / 1e9:.1f} GFLOP/s / {r['flops_per_token'] / 1e6:.1f} MFLOP "
+    unit = (f"{r['results'][0]['actors']} GPU actor(s); predictor under bf16 autocast, pipeline in fp32"
+            if r.get("device") == "cuda" else f"{r['results'][0]['actors']} actors x 1 thread")
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m.get('gpu') else ''} (load average at "
+             f"the end {m['load_avg']}); torch threads {r['threads']}; label: {unit}.",
+             f"Roofline: {'bf16' if r.get('device') == 'cuda' else 'fp32'} matmul {r['matmul_flops'] / 1e9:.1f} GFLOP/s / {r['flops_per_token'] / 1e6:.1f} MFLOP "
              f"per token (2 x non-embedding params) = {r['roofline_tokens_per_s']:,.0f} tokens/s.", ""]
     for row in r["results"]:
         s = row["seconds"]
@@ -332,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-large", type=int, default=1_000_000)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, deleted after)")
     p.add_argument("--json", default=None, help="also write the raw result here")
+    p.add_argument("--gpu", action="store_true", help="CUDA: pipeline, predictor and 1-GPU label actors; no int8")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

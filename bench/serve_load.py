@@ -52,14 +52,15 @@ def texts(n: int) -> list[str]:
     return pq.read_table(SST2 / "validation.parquet", columns=["text"]).column("text").to_pylist()[:n]
 
 
-def single_text_latency(model: str, sample: list[str], seconds: float, threads: int) -> dict:
-    """The model alone: one text per `predict` call, in this process, with the replica's torch thread count."""
+def single_text_latency(model: str, sample: list[str], seconds: float, threads: int, device: str = "cpu") -> dict:
+    """The model alone: one text per `predict` call, in this process, with the replica's torch thread count and
+    device."""
     import torch
 
     from bertray.predictor import Predictor
 
     torch.set_num_threads(threads)
-    pred = Predictor(model)
+    pred = Predictor(model, device=device)
     for t in sample[:20]:
         pred.predict([t])
     lat = []
@@ -163,7 +164,8 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_model(Path(tmp) / "minilm-classifier")
         threads = max(1, int(args.cpus_per_replica))
-        baseline = single_text_latency(model, sample, args.baseline_seconds, threads)
+        device = "cuda" if args.gpus_per_replica else "cpu"
+        baseline = single_text_latency(model, sample, args.baseline_seconds, threads, device)
         print(f"single-text latency: p50 {baseline['p50_ms']:.2f} ms, p99 {baseline['p99_ms']:.2f} ms", flush=True)
 
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
@@ -176,6 +178,7 @@ def run_bench(args) -> dict:
         try:
             for batching in (True, False):
                 cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
+                                  gpus_per_replica=args.gpus_per_replica,
                                   max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
                                   token_budget=args.token_budget)
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
@@ -203,7 +206,7 @@ def run_bench(args) -> dict:
             serve.shutdown()
             ray.shutdown()
         # Again after the load steps: if it moved much, other work on the machine changed under the run.
-        baseline_after = single_text_latency(model, sample, args.baseline_seconds, threads)
+        baseline_after = single_text_latency(model, sample, args.baseline_seconds, threads, device)
     top = max(args.clients)
     return {
         "baseline": baseline,
@@ -226,7 +229,7 @@ def markdown(out: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; load average {m['load_avg']} before, {m['load_avg_after']} after.",
         f"Command: `{out['command']}`",
         f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
-        f"(torch threads {max(1, int(a['cpus_per_replica']))}); max_batch_size {a['max_batch_size']}, "
+        f"(torch threads {max(1, int(a['cpus_per_replica']))}) and {a.get('gpus_per_replica', 0):g} GPU; max_batch_size {a['max_batch_size']}, "
         f"batch_wait_timeout_s {a['batch_wait_timeout_s']}, token_budget {a['token_budget']}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
@@ -272,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--baseline-seconds", type=float, default=10.0)
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="> 0 serves (and times the baseline) on CUDA")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    p.add_argument("--token-budget", type=int, default=16384,
-                   help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))
     args = p.parse_args(argv)

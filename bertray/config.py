@@ -406,7 +406,7 @@ class LabelConfig:
     probabilities: bool = False  # add one prob_<label> column per class
     rows_per_file: int = 100_000  # upper bound on rows per output file (also the resume unit); a corpus under
     # ~64 x this is cut into ~64 smaller units (>= 256 rows) so every actor gets work
-    token_budget: int = 16384  # padded tokens per inference micro-batch
+    token_budget: Optional[int] = None  # padded tokens per inference micro-batch; None: Predictor's default for the device
     max_length: Optional[int] = None  # None: the checkpoint's own
     actors: Optional[int] = None  # inference actors; None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: float = 1.0
@@ -462,7 +462,7 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # per replica, before requests queue
     max_queued_requests: int = 128  # past this the caller gets a fast 503
     api_key_env: Optional[str] = None  # name of an env var holding a bearer token; None: no auth
-    token_budget: int = 16384
+    token_budget: Optional[int] = None  # padded tokens per inference micro-batch; None: Predictor's default for the device
     ray_address: Optional[str] = None
 
     def check(self) -> list[str]:

@@ -1,0 +1,51 @@
+"""Predictor's length-aware micro-batching: bounded batches on CPU, results back in input order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bertray import modeling
+from bertray.predictor import Predictor
+
+LABELS = ["neg", "pos"]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> str:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-cls")
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=128, num_labels=2,
+                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifier):
+    pred = Predictor(tiny_classifier, max_length=128)
+    shapes = []
+    pred.model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                         with_kwargs=True)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 100, size=300)]
+    batched = pred.predict(texts).probs
+
+    assert pred.token_budget == 2048 and pred.max_batch == 64  # the CPU defaults
+    assert sum(rows for rows, _ in shapes) == len(texts)
+    assert all(rows <= 64 and rows * width <= 2048 for rows, width in shapes), shapes
+    widths = [w for _, w in shapes]
+    assert widths == sorted(widths)  # sorted by length, so each batch pads to its own longest text only
+
+    shapes.clear()
+    one_by_one = np.concatenate([pred.predict([t]).probs for t in texts[:40]])
+    np.testing.assert_allclose(batched[:40], one_by_one, atol=1e-5)
+
+
+def test_explicit_budget_wins(tiny_classifier):
+    pred = Predictor(tiny_classifier, token_budget=512, max_batch=8)
+    assert (pred.token_budget, pred.max_batch) == (512, 8)
