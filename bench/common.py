@@ -40,11 +40,11 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def gpu_matmul_peak(dtype, n: int = 8192, reps: int = 10) -> float:
-    """Best FLOP/s of `reps` timed n x n CUDA matmuls in `dtype` (fp32 with TF32 off: the true fp32 rate)."""
+def gpu_matmul_peak(dtype, n: int = 8192, reps: int = 10, tf32: bool = False) -> float:
+    """Best FLOP/s of `reps` timed n x n CUDA matmuls in `dtype` (for fp32, TF32 tensor cores only if `tf32`)."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
     for _ in range(3):
         torch.matmul(a, b)
@@ -57,4 +57,5 @@ def gpu_matmul_peak(dtype, n: int = 8192, reps: int = 10) -> float:
         end.record()
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / 1000)
+    torch.backends.cuda.matmul.allow_tf32 = False
     return 2 * n ** 3 / best
