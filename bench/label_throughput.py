@@ -224,7 +224,7 @@ def speed(args) -> dict:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    device = "cuda" if args.gpu else "cpu"
+    device, gpus = ("cuda", 1.0) if args.gpu else ("cpu", 0.0)
     work = Path(args.work)
     model_dir = minilm_checkpoint(work / "minilm-cls")
     pred = Predictor(model_dir)
@@ -245,7 +245,6 @@ def speed(args) -> dict:
         corpus = write_corpus(work / f"corpus-{len(texts)}", texts)
         tiny = write_corpus(work / f"corpus-{len(texts)}-16", texts[:16])
         rpf = max(32, len(texts) // 16)  # 16 units: enough to keep every actor busy to the end
-        gpus = 1.0 if args.gpu else 0.0
         m = {"pipeline": time_pipeline(model_dir, texts, device),
              "predictor fp32": time_predictor(model_dir, texts, None, device)}
         if not args.gpu:

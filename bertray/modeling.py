@@ -137,3 +137,15 @@ def count_params(model, non_embedding: bool = True) -> int:
     if non_embedding:
         n -= sum(p.numel() for p in encoder_of(model).embeddings.parameters())
     return n
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a mixed-precision setting ('auto', 'bf16', 'fp16', 'no') on `device`; None: fp32.
+    Training and inference share it, so 'auto' means the same thing in both."""
+    if device.type != "cuda" or setting == "no":
+        return None  # CPU autocast is slower than fp32 on most CPUs
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16

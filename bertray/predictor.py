@@ -55,9 +55,7 @@ class Predictor:
         self.model = model.to(self.device)
         # On a GPU, inference runs under bf16 autocast (fp16 where bf16 is missing): tensor cores do several times
         # the fp32 rate, and a top-label decision does not need fp32 logits. On CPU, fp32 (autocast is slower there).
-        self.amp_dtype = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = modeling.amp_dtype("auto", self.device)
         # Micro-batch size per forward pass. On CPU, small ones win: a batch of 256 short texts padded to 64 tokens
         # spills the caches and ran at 43 docs/s on one thread, against 217 for batches of at most 64 texts and
         # 2048 padded tokens (bench/label_throughput.py, SST-2 sentences). A GPU wants big ones to fill its cores.

@@ -28,6 +28,7 @@ import torch
 from transformers import get_scheduler
 
 from bertray import checkpoint as ckpt_io
+from bertray import modeling
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class Loop:
         self.scheduler = get_scheduler(
             {"constant": "constant_with_warmup"}.get(cfg.optim.schedule, cfg.optim.schedule),
             self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
-        self.amp_dtype = _amp_dtype(cfg.train.mixed_precision, self.device)
+        self.amp_dtype = modeling.amp_dtype(cfg.train.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.eval_every = cfg.train.eval_every or self.steps_per_epoch or self.total_steps
         if self._restore_dir:
@@ -383,14 +384,6 @@ def _setup_optimizer(model, optim, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.adam_eps, fused=device.type in ("cpu", "cuda"))
 
 
-def _amp_dtype(setting: str, device: torch.device):
-    if device.type != "cuda" or setting == "no":
-        return None  # CPU autocast is slower than fp32 on most CPUs
-    if setting == "fp16":
-        return torch.float16
-    if setting == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def _load_weights(model, directory: str) -> None:
