@@ -4,6 +4,9 @@
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/tune_study.py
     # ASHA deciding every 5 steps with reduction factor 2, against the full grid on the same schedule
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/tune_study.py --eval-every 5 --rf 2 --skip frozen
+    # the wider grid, ASHA's rungs comparing validation loss (trials still ranked by accuracy)
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/tune_study.py --lrs 3e-3 1e-3 3e-4 1e-4 3e-5 1e-5 \
+        --eval-every 5 --rf 3 --skip frozen --scheduler-metric loss
 
 The study swept lr in {1e-2, 5e-3, 2e-3, 1e-3, 5e-4} x batch in {16, 24, 32, 48, 64} per dataset, with a frozen
 encoder. Here: lr {1e-2, 2e-3, 5e-4} x batch {16, 32} (by default) on a small SST-2 subset with the embedded MiniLM on CPU, once
@@ -36,6 +39,7 @@ def sweep_config(args, name: str, freeze: bool, scheduler: str) -> dict:
                   "log_every": 10_000, "seed": 42},
         "run": {"name": name, "storage": args.out, "keep_checkpoints": 1, "max_failures": 0},
         "search": {"algorithm": "grid", "scheduler": scheduler, "grace_period": 1, "reduction_factor": args.rf,
+                   "scheduler_metric": args.scheduler_metric if scheduler != "none" else None,
                    "max_concurrent_trials": args.concurrency, "cpus_per_trial": 1,
                    "space": {"optim.lr": {"grid": args.lrs}, "train.batch_size": {"grid": args.batches}}},
     }
@@ -78,6 +82,8 @@ def main() -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 2e-3, 5e-4])
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32])
     p.add_argument("--rf", type=float, default=3.0, help="ASHA reduction factor")
+    p.add_argument("--scheduler-metric", choices=["accuracy", "loss"], default=None,
+                   help="what ASHA's rungs compare (default: accuracy, which also ranks the trials)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (one CPU each)")
     p.add_argument("--out", default="/tmp/bertray-tune-study")
     p.add_argument("--skip", nargs="*", default=[], choices=["frozen", "full", "asha"])
@@ -104,7 +110,8 @@ def main() -> int:
         s = run_sweep(args, f"study-{name}", freeze, sched)
         results[name] = s
         title = {"frozen": "frozen encoder (head only), full grid", "full": "full fine-tuning, full grid",
-                 "asha": f"full fine-tuning, ASHA (grace 1 evaluation, reduction factor {args.rf:g})"}[name]
+                 "asha": f"full fine-tuning, ASHA (grace 1 evaluation, reduction factor {args.rf:g}, rungs on "
+                         f"validation {args.scheduler_metric or 'accuracy'})"}[name]
         report += [f"\n## {title}\n", grid_table(s, args.lrs, args.batches), "",
                    f"trial-steps {s['trial_steps']}, best {100 * s['best']['value']:.1f}% "
                    f"({json.dumps(s['best']['config'])}), wall {s['wall_s']:.0f} s, statuses {s['status_counts']}\n"]

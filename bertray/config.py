@@ -96,6 +96,9 @@ class MLMConfig:
     whole_word: bool = False  # mask every piece of a selected word together
     packing: bool = True  # concatenate short texts into full max_length sequences
     eval_rows: int = 512  # fixed held-out sample for masked-LM loss / perplexity
+    # Micro-batches tokenized and packed ahead in a background thread, overlapping the training step. None: 4 on a
+    # GPU (the host is otherwise idle while the GPU works), 0 on CPU (the same cores would do both).
+    prefetch: Optional[int] = None
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -138,6 +141,7 @@ class PretrainConfig:
         if not 0 < self.mlm.probability < 1:
             errors.append(f"mlm.probability: must be between 0 and 1, got {self.mlm.probability}")
         _positive(errors, "mlm.eval_rows", self.mlm.eval_rows)
+        _positive(errors, "mlm.prefetch", self.mlm.prefetch, allow_zero=True)
         return errors
 
 
@@ -501,6 +505,9 @@ class SearchConfig:
     algorithm: Literal["grid", "random", "optuna"] = "random"  # grid: every combination once; random: num_samples draws per grid combination; optuna: TPE
     num_samples: int = 10  # trials drawn by random / optuna (grid ignores it)
     scheduler: Literal["none", "asha", "pbt"] = "none"  # asha: stop weak trials early; pbt: weak trials copy strong ones' weights and perturb pbt_keys
+    # What ASHA's rungs and PBT's exploit step compare; None: train.metric, which also ranks the trials. 'loss' is
+    # finer-grained than accuracy on a small validation set, where trials stuck at the majority class all tie.
+    scheduler_metric: Optional[Literal["accuracy", "macro_f1", "loss"]] = None
     grace_period: int = 1  # ASHA: evaluations every trial gets before it may be stopped
     reduction_factor: float = 3.0  # ASHA: about 1/reduction_factor of the trials reaching a rung go on past it
     perturbation_interval: int = 2  # PBT: evaluations between exploit/explore decisions
@@ -566,6 +573,8 @@ class TuneConfig(FinetuneConfig):
                      f"{', '.join(k for k, v in kinds.items() if v == 'grid')}; use choice: [...] instead")
         if s.scheduler == "pbt":
             e += _check_pbt(self, space)
+        if s.scheduler_metric is not None and s.scheduler == "none":
+            e.append("search.scheduler_metric: only a scheduler uses it; set search.scheduler to asha or pbt, or drop it")
         return e
 
 

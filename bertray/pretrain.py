@@ -8,8 +8,10 @@ Data. Unlabeled text is read from Parquet (local or s3://, any number of files, 
 and streamed to the DDP workers. Each worker cleans its shard's texts, tokenizes them and either packs them
 (documents joined with [SEP] and cut into full `max_length` sequences, so short sentences waste no compute on
 padding) or truncates each to `max_length`, then masks 15% of the non-special tokens (80% [MASK], 10% a random
-token, 10% kept; optionally whole words). A stream has no fixed length, so the schedule is in optimizer steps
-(`train.max_steps`) and a new pass over the data starts whenever one ends.
+token, 10% kept; optionally whole words). On a GPU, tokenizing and packing run a few micro-batches ahead in a
+background thread (`mlm.prefetch`), so they overlap the training step instead of adding to it. A stream has no
+fixed length, so the schedule is in optimizer steps (`train.max_steps`) and a new pass over the data starts
+whenever one ends.
 
 Evaluation. A fixed sample of `mlm.eval_rows` texts (from `data.validation`, else the first rows of the last
 training file, which training then skips) is tokenized and masked once on the driver with a constant seed, so
@@ -294,8 +296,63 @@ def make_batch(seqs: list[list[int]], vocab: Vocab, mlm: MLMConfig, rng: np.rand
         attn[i, : len(s)] = 1
     special = np.isin(ids, vocab.special_ids) | (attn == 0)
     inputs, labels = mask_tokens(ids, special, rng, mlm, vocab)
+    # The masked positions as flat indices, found here on the host: selecting them on the GPU with a boolean mask
+    # has a data-dependent size, so it would wait for the GPU every step (see masked_logits).
+    where = np.flatnonzero(labels != -100)
     return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(attn),
-            "labels": torch.from_numpy(labels)}
+            "labels": torch.from_numpy(labels), "masked_index": torch.from_numpy(where),
+            "masked_labels": torch.from_numpy(labels.reshape(-1)[where])}
+
+
+def prefetched(source: Iterator, depth: int) -> Iterator:
+    """`source`, run `depth` items ahead in a background thread. The tokenizer releases the GIL, so a GPU worker
+    tokenizes and packs the next micro-batches while the current step runs. Errors reach the consumer; closing the
+    result (or abandoning it early) stops the thread and closes `source`, so Ray Data learns the pass is over."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            put(_Failed(exc))
+        finally:
+            source.close()
+
+    thread = threading.Thread(target=produce, name="bertray-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is end:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 # --------------------------------------------------------------------------------------------------- model side
@@ -307,12 +364,13 @@ class GatherMasked:
     and masked-LM needs its output at ~15% of the positions. Inactive (full logits) unless `select` is set."""
 
     def __init__(self):
-        self.select: torch.Tensor | None = None
+        self.select: torch.Tensor | None = None  # flat indices into (batch x positions)
 
     def __call__(self, module, args):
         if self.select is None:
             return None
-        return (args[0][self.select],)
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.select),)
 
 
 def attach_gather(model) -> GatherMasked | None:
@@ -325,17 +383,17 @@ def attach_gather(model) -> GatherMasked | None:
 
 
 def masked_logits(model, batch: dict, gather: GatherMasked | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) at the masked positions only."""
-    labels = batch["labels"]
-    selected = labels != -100
+    """(logits, labels) at the masked positions only, picked by the batch's host-computed `masked_index`."""
+    index = batch["masked_index"]
     if gather is None:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[selected], labels[selected]
-    gather.select = selected
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, index), batch["masked_labels"]
+    gather.select = index
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     finally:
         gather.select = None
-    return logits, labels[selected]
+    return logits, batch["masked_labels"]
 
 
 @torch.inference_mode()
@@ -414,6 +472,7 @@ class MaskedLMObjective(Objective):
         self.stream_report = dict(self.counts_before)
         self.pad_multiple = 8 if device.type == "cuda" else 1  # tensor cores want multiples of 8
         self.gather = None
+        self._host_group = None
 
     @property
     def tokenizer(self):
@@ -455,7 +514,10 @@ class MaskedLMObjective(Objective):
             _say(f"skipping the {skip} micro-batches of pass {epoch} trained on before the restart (the same count; "
                  "under streaming not necessarily the same texts)")
         rng = np.random.default_rng([self.cfg.train.seed, self.rank, epoch, skip])
-        source = self._sequence_batches(epoch)
+        depth = self.cfg.mlm.prefetch
+        if depth is None:
+            depth = 4 if self.device.type == "cuda" else 0
+        source = prefetched(self._sequence_batches(epoch), depth) if depth else self._sequence_batches(epoch)
         produced = 0
         try:
             while True:
@@ -499,8 +561,13 @@ class MaskedLMObjective(Objective):
             return have
         import torch.distributed as dist
 
-        t = torch.tensor([int(have)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        if self._host_group is None:
+            # A CPU (gloo) group for this per-step agreement: on NCCL the flag would be a GPU tensor, and reading
+            # it back would wait for all the GPU work queued before it, every step. Every rank arrives here first
+            # at the same point (the first batch of the run), as creating a group requires.
+            self._host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        t = torch.tensor([int(have)])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._host_group)
         return bool(t.item())
 
     def loss(self, model, batch):

@@ -164,10 +164,12 @@ class Loop:
         self.state = LoopState()
         model = objective.build_model()
         restored = session.get_checkpoint()
-        self._restore_dir = None
-        if restored is not None:
-            self._restore_dir = restored.to_directory(tempfile.mkdtemp(prefix="bertray-restore-"))
-            _load_weights(model, self._restore_dir)
+        # A restored checkpoint is copied to a scratch directory, read into memory below, then deleted: every
+        # resume (and every PBT exploit) would otherwise leave a model-sized copy behind in /tmp.
+        restore_tmp = tempfile.TemporaryDirectory(prefix="bertray-restore-") if restored is not None else None
+        if restore_tmp is not None:
+            restored.to_directory(restore_tmp.name)
+            _load_weights(model, restore_tmp.name)
         self.model = session.prepare(model)
         self.optimizer = _setup_optimizer(self.model, cfg.optim, self.device)
         spe = objective.steps_per_epoch()
@@ -181,8 +183,9 @@ class Loop:
         self.amp_dtype = modeling.amp_dtype(cfg.train.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.eval_every = cfg.train.eval_every or self.steps_per_epoch or self.total_steps
-        if self._restore_dir:
-            self._restore_state(self._restore_dir)
+        if restore_tmp is not None:
+            self._restore_state(restore_tmp.name)
+            restore_tmp.cleanup()
 
     # ----------------------------------------------------------------------------------------------- driving
 
@@ -199,6 +202,9 @@ class Loop:
         while st.step < self.total_steps and not st.stopped_early:
             micro = st.micro_in_epoch
             for batch in self.obj.train_batches(st.epoch, skip=micro):
+                # Counted on the host copy: reading a GPU tensor back (int(), .item()) waits for the GPU to finish
+                # every queued kernel, and then the host cannot prepare the next batch while the GPU works.
+                n_samples, n_tokens = int(batch["attention_mask"].shape[0]), int(batch["attention_mask"].sum())
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 micro += 1
                 sync = micro % accum == 0
@@ -208,8 +214,7 @@ class Loop:
                     with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                         loss = self.obj.loss(self.model, batch)
                     self.scaler.scale(loss / accum).backward()
-                n_tokens = int(batch["attention_mask"].sum())
-                window.add(loss.detach().item(), int(batch["attention_mask"].shape[0]), n_tokens)
+                window.add(loss.detach(), n_samples, n_tokens)
                 if not sync:
                     continue
                 self._optimizer_step()
@@ -349,21 +354,25 @@ class Loop:
 
 
 class _Window:
-    """Loss, samples and tokens since the last progress line."""
+    """Loss, samples and tokens since the last progress line. The loss is summed where it was computed (on the
+    GPU, a device tensor) and read back only when a progress line is printed, not every step."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.loss = self.samples = self.tokens = self.n = 0
 
-    def add(self, loss: float, samples: int, tokens: int) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor | float, samples: int, tokens: int) -> None:
+        self.loss = self.loss + loss
         self.samples += samples
         self.tokens += tokens
         self.n += 1
 
     def take(self) -> tuple[float, int, int, float]:
+        # Read the loss before the clock: float() of a device tensor waits for the GPU's queued work, which belongs
+        # to this window's time.
+        loss = float(self.loss) / max(1, self.n)
         now = time.perf_counter()
-        out = (self.loss / max(1, self.n), self.samples, self.tokens, now - self.start)
+        out = (loss, self.samples, self.tokens, now - self.start)
         self.__init__()
         return out
 

@@ -21,12 +21,42 @@ def run_dir(cfg) -> str:
                         cfg.run.name)
 
 
+def torch_trainer_cls(dashboard: bool | None = None):
+    """Ray Train's TorchTrainer; on a cluster without a dashboard, one that leaves out the placement-group cleaner.
+
+    Ray Train 2.60 starts a detached cleaner per run that polls the State API for the controller's liveness, and
+    the State API lives in the dashboard. A local `ray.init` here runs without one (it costs ~2 s and ~900 MB on a
+    small machine), so the cleaner could never work and would print "Failed to query Ray Train Controller actor
+    state" every second of the run (190 lines in `make demo`). What it would do, removing the workers' placement
+    group if the controller dies, cannot be done without the State API in any case; Ray still removes a dead
+    job's placement groups. `_create_default_callbacks` is private Ray API: without it (another Ray), this is
+    plain TorchTrainer."""
+    from ray.train.torch import TorchTrainer
+
+    if dashboard is None:
+        from ray._private.worker import get_dashboard_url
+
+        dashboard = bool(get_dashboard_url())
+    if dashboard or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return without_pg_cleaner(super()._create_default_callbacks())
+
+    return LocalTorchTrainer
+
+
+def without_pg_cleaner(callbacks: list) -> list:
+    return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+
 def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | None = None,
                   storage_uri: str | None = None, datasets: dict | None = None):
     """A TorchTrainer running the shared loop; re-running with the same name and storage resumes."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    TorchTrainer = torch_trainer_cls()
     uri = storage_uri or cfg.run.storage
     if storage.is_remote(uri):
         # Hand Ray the same filesystem bertray uses, so AWS_ENDPOINT_URL and region settings agree.

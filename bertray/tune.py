@@ -156,6 +156,12 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
     storage.write_text(storage.join(rdir, SWEEP_FILE), json.dumps(to_dict(cfg), indent=2, default=str))
     space, _ = parse_space(s.space)  # already checked when the config was loaded
     keep = cfg.run.keep_checkpoints
+    # The scheduler may compare trials on another metric than the one that ranks them. Tune then takes each metric
+    # from its own user: the scheduler's from the scheduler, the ranking one from the search algorithm, and none
+    # from TuneConfig (Tune refuses a metric set in both places).
+    sched_metric = s.scheduler_metric or metric
+    split = s.scheduler != "none" and sched_metric != metric
+    sched = (sched_metric, "min" if sched_metric == "loss" else "max") if split else (None, None)
     if s.scheduler == "pbt":
         # A weak trial restores a strong one's latest checkpoint a little later; keep enough that it still exists.
         keep = max(keep, 4)
@@ -163,8 +169,10 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
         trainable,
         param_space=_param_space(space, s.algorithm),
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=1 if s.algorithm == "grid" else s.num_samples,
-            search_alg=_search_alg(cfg, concurrency), scheduler=_scheduler(cfg, space),
+            metric=None if split else metric, mode=None if split else mode,
+            num_samples=1 if s.algorithm == "grid" else s.num_samples,
+            search_alg=_search_alg(cfg, concurrency, (metric, mode) if split else (None, None)),
+            scheduler=_scheduler(cfg, space, *sched),
             # Reusing a trial's process skips re-importing torch and transformers for every trial.
             reuse_actors=s.workers_per_trial == 1, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
@@ -196,28 +204,31 @@ def _param_space(space: dict, algorithm: str) -> dict:
     return out
 
 
-def _search_alg(cfg: TuneConfig, concurrency: int):
+def _search_alg(cfg: TuneConfig, concurrency: int, metric_mode: tuple = (None, None)):
     """The search algorithm, which also caps concurrency: Optuna should not propose more trials than can run,
-    since each later proposal learns from the earlier trials' results."""
+    since each later proposal learns from the earlier trials' results. `metric_mode`: set only when TuneConfig
+    does not carry the ranking metric (the scheduler uses another one)."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     seed = cfg.train.seed
     if cfg.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
+        metric, mode = metric_mode
+        return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=seed), max_concurrent=concurrency)
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
 
 
-def _scheduler(cfg: TuneConfig, space: dict):
-    """ASHA and PBT count time in evaluations (one Tune iteration = one evaluation of the loop)."""
+def _scheduler(cfg: TuneConfig, space: dict, metric: str | None = None, mode: str | None = None):
+    """ASHA and PBT count time in evaluations (one Tune iteration = one evaluation of the loop). `metric`/`mode`:
+    given only when the scheduler compares another metric than TuneConfig's (search.scheduler_metric)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = cfg.search
     if s.scheduler == "asha":
         # max_t only places the top rung; trials end on their own schedule first, so an upper bound is enough.
-        return ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
+        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor, max_t=10_000)
     if s.scheduler == "pbt":
         mutations = {}
@@ -225,7 +236,8 @@ def _scheduler(cfg: TuneConfig, space: dict):
             kind, values = space[key]
             mutations[key] = (values if kind in ("choice", "grid") else
                               tune.loguniform(*values) if kind == "loguniform" else tune.uniform(*values))
-        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+        return PopulationBasedTraining(time_attr="training_iteration", metric=metric, mode=mode,
+                                       perturbation_interval=s.perturbation_interval,
                                        hyperparam_mutations=mutations, synch=s.pbt_synch, log_config=True)
     return FIFOScheduler()
 

@@ -120,23 +120,25 @@ def test_killed_worker_resumes_from_checkpoint_at_same_step(ray_cluster, tiny_be
 
 
 @pytest.mark.slow
-def test_rerunning_the_same_command_resumes_after_driver_dies(tiny_bert, sst2_small, tmp_path):
-    """Kill the whole driver (and its local Ray) mid-run; the same command picks up at the last checkpoint."""
+def test_rerunning_the_same_command_resumes_after_driver_dies(ray_cluster, tiny_bert, sst2_small, tmp_path):
+    """SIGKILL the driver mid-run (its job's controller and workers die with it); the same command picks up at the
+    last checkpoint. Both runs join the session's cluster (--address), as commands on a long-lived cluster do: only
+    what the first run left in storage carries over, since none of its processes survive it."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "bertray.cli", "finetune", "--set", f"model.base={tiny_bert}", "--set", "model.max_length=48",
            "--set", f"data.train={sst2_small}/train.parquet", "--set", f"data.validation={sst2_small}/validation.parquet",
            "--set", "train.batch_size=8", "--set", "train.max_steps=30", "--set", "train.eval_every=5",
-           "--set", "run.cpus_per_worker=1", "--name", "rerun", "--storage", str(runs)]
-    # Its own local Ray (no RAY_ADDRESS), so killing the driver takes that whole cluster down with it.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+           "--set", "run.cpus_per_worker=1", "--name", "rerun", "--storage", str(runs),
+           "--address", ray_cluster.get_runtime_context().gcs_address]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     snapshot = runs / "rerun" / "checkpoint_manager_snapshot.json"
-    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+    while time.time() < deadline and first.poll() is None and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
         time.sleep(0.3)
+    assert first.poll() is None, "the first run ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads((runs / "rerun" / "metrics.json").read_text())
     assert summary["final_step"] == 30

@@ -49,3 +49,20 @@ def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifi
 def test_explicit_budget_wins(tiny_classifier):
     pred = Predictor(tiny_classifier, token_budget=512, max_batch=8)
     assert (pred.token_budget, pred.max_batch) == (512, 8)
+
+
+def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_classifier):
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    fp32 = Predictor(tiny_classifier)
+    q = Predictor(tiny_classifier, quantize="int8")
+    assert type(q.model.classifier) is torch.nn.Linear and type(q.model.bert.pooler.dense) is torch.nn.Linear
+    quantized = {n: m for n, m in q.model.named_modules() if isinstance(m, DynamicInt8Linear)}
+    # q, k, v, attention output, FFN in and FFN out of the one layer; nothing else.
+    assert sorted(quantized) == sorted(n for n, m in fp32.model.named_modules()
+                                       if isinstance(m, torch.nn.Linear) and ".encoder." in n)
+    assert len(quantized) == 6
+    assert all(m.weight().qscheme() == torch.per_channel_affine for m in quantized.values())
+    texts = ["a fine film", "dull and long", "x " * 50]
+    np.testing.assert_allclose(q.predict(texts).probs, fp32.predict(texts).probs, atol=0.05)

@@ -119,7 +119,9 @@ def test_masked_only_head_gives_the_full_logit_loss(tiny_bert, tok, vocab):
         sparse = torch.nn.functional.cross_entropy(logits, labels)
         # inactive outside masked_logits: the model returns full logits again
         assert model(input_ids=batch["input_ids"]).logits.dim() == 3
+        no_hook_logits, no_hook_labels = P.masked_logits(model, batch, None)  # a model without an output embedding
     assert torch.allclose(full, sparse, atol=1e-5)
+    assert torch.equal(no_hook_labels, labels) and torch.allclose(no_hook_logits, logits, atol=1e-5)
 
 
 def test_keep_pooler_carries_the_base_pooler(tiny_bert):
@@ -152,3 +154,28 @@ def test_held_out_sample_from_last_file(tmp_path):
     texts, report = P.held_out_texts(d, P.stream_files(d), 4)
     assert texts == ["b0", "b1", "b2", "b3"]
     assert report["source"].endswith("part-1.parquet") and report["held_out_from_training"]
+
+
+def test_prefetched_keeps_order_passes_errors_and_closes_its_source():
+    import threading
+
+    closed = []
+
+    def source(n, fail_at=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise ValueError(f"bad row {i}")
+                yield i
+        finally:
+            closed.append(threading.current_thread().name)
+
+    assert list(P.prefetched(source(50), depth=3)) == list(range(50))
+    with pytest.raises(ValueError, match="bad row 7"):
+        list(P.prefetched(source(50, fail_at=7), depth=2))
+    # Abandoned early (the run reached max_steps mid-pass): the thread stops and the source is closed.
+    it = P.prefetched(source(10_000), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert closed == ["bertray-prefetch"] * 3
+    assert not any(t.name == "bertray-prefetch" for t in threading.enumerate())

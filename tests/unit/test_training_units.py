@@ -61,3 +61,17 @@ def test_metrics_match_scikit_learn():
     prec, rec, f1, sup = precision_recall_fscore_support(y, p)
     assert [m["per_class"][k]["recall"] for k in "abc"] == pytest.approx(rec.tolist())
     assert m["confusion_matrix"][0][0] == int(((y == 0) & (p == 0)).sum())
+
+
+def test_trainer_without_a_dashboard_leaves_out_the_placement_group_cleaner():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from bertray import trainer
+
+    assert trainer.torch_trainer_cls(dashboard=True) is TorchTrainer
+    local = trainer.torch_trainer_cls(dashboard=False)
+    # If Ray renames the private hook, this fails, instead of the cleaner's warnings silently coming back.
+    assert issubclass(local, TorchTrainer) and "_create_default_callbacks" in vars(local)
+    kept = object()
+    assert trainer.without_pg_cleaner([PlacementGroupCleanerCallback(), kept]) == [kept]

@@ -42,6 +42,13 @@ def test_trial_base_is_a_finetune_config_sized_by_search():
     assert base.run.name == "sweep"
 
 
+def test_scheduler_metric_needs_a_scheduler():
+    errors = _errors({"space": {"optim.lr": {"choice": [1.0e-3]}}, "scheduler_metric": "loss"})
+    assert any(e.startswith("search.scheduler_metric: only a scheduler uses it") for e in errors), errors
+    errors = _errors({"space": {"optim.lr": {"choice": [1.0e-3]}}, "scheduler": "asha", "scheduler_metric": "ppl"})
+    assert any(e.startswith("search.scheduler_metric: expected one of") for e in errors), errors
+
+
 def test_every_space_problem_is_reported_at_once():
     errors = _errors({"algorithm": "optuna", "space": {
         "optim.lrr": {"loguniform": [1.0e-5, 1.0e-3]},           # typo
@@ -147,6 +154,9 @@ def test_search_algorithms_and_schedulers():
     assert isinstance(sweep._scheduler(_load({"space": space}), parsed), FIFOScheduler)
     asha = sweep._scheduler(_load({"space": space, "scheduler": "asha", "grace_period": 2, "reduction_factor": 2}), parsed)
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "training_iteration"
+    asha_on_loss = sweep._scheduler(_load({"space": space, "scheduler": "asha", "scheduler_metric": "loss"}), parsed,
+                                    "loss", "min")
+    assert (asha_on_loss._metric, asha_on_loss._mode) == ("loss", "min")
     pbt = sweep._scheduler(_load({"space": space, "scheduler": "pbt", "perturbation_interval": 3}), parsed)
     assert isinstance(pbt, PopulationBasedTraining)
     assert pbt._perturbation_interval == 3 and pbt._hyperparam_mutations["optim.weight_decay"] == [0.0, 0.01]
