@@ -415,7 +415,7 @@ class LabelConfig:
     actors: Optional[int] = None  # inference actors; None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # > 0 runs inference on GPUs (fractions share a GPU)
-    quantize: Literal["none", "int8"] = "none"  # int8: dynamic quantization of linear layers (CPU only)
+    quantize: Literal["none", "int8"] = "none"  # int8: dynamic, encoder linears only, weights per channel; CPU
     on_empty: Literal["null", "skip"] = "null"  # null/empty text: keep the row with a null label, or drop it (counted)
     on_bad_file: Literal["error", "skip"] = "error"  # unreadable input file: stop, or skip it (reported)
     confidence_threshold: float = 0.6  # rows whose top probability is below this are counted in the summary
