@@ -59,3 +59,19 @@ def gpu_matmul_peak(dtype, n: int = 8192, reps: int = 10, tf32: bool = False) ->
         best = min(best, start.elapsed_time(end) / 1000)
     torch.backends.cuda.matmul.allow_tf32 = False
     return 2 * n ** 3 / best
+
+
+def minilm_classifier(folder: Path, labels: list[str], max_length: int = 128) -> str:
+    """The embedded MiniLM with a fresh, random classification head, saved as a bertray checkpoint: what the
+    speed benchmarks run (speed does not depend on the weights)."""
+    import dataclasses
+
+    from bertray import checkpoint, modeling
+    from bertray.config import ModelConfig
+
+    cfg = ModelConfig(max_length=max_length)
+    model = modeling.build_classifier(cfg, labels)
+    tok = modeling.load_tokenizer(modeling.resolve(cfg.base))
+    checkpoint.save(folder, model, tok, {"kind": "classifier", "base_model": cfg.base, "label_names": labels,
+                                         "config": {"model": dataclasses.asdict(cfg)}, "metrics": {}})
+    return str(folder)

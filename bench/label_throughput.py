@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import gpu_matmul_peak, machine, matmul_peak
+from common import gpu_matmul_peak, machine, matmul_peak, minilm_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
@@ -41,17 +41,6 @@ LABELS = ["negative", "positive"]
 
 
 # --------------------------------------------------------------------------------------------------- inputs
-
-
-def minilm_checkpoint(folder: Path, max_length: int = 512) -> str:
-    from bertray import checkpoint, modeling
-    from bertray.config import ModelConfig
-
-    model = modeling.build_classifier(ModelConfig(), LABELS)
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    checkpoint.save(folder, model, tok, {"kind": "classifier", "base_model": "embedded", "label_names": LABELS,
-                                         "config": {"model": {"max_length": max_length, "truncation": "head"}}})
-    return str(folder)
 
 
 def tiny_checkpoint(folder: Path) -> str:
@@ -226,7 +215,7 @@ def speed(args) -> dict:
     torch.set_num_threads(threads)
     device, gpus = ("cuda", 1.0) if args.gpu else ("cpu", 0.0)
     work = Path(args.work)
-    model_dir = minilm_checkpoint(work / "minilm-cls")
+    model_dir = minilm_classifier(work / "minilm-cls", LABELS, max_length=512)
     pred = Predictor(model_dir)
     sentences = sst2_sentences()
     corpora = {"short (SST-2 sentences)": sentences[: args.short],

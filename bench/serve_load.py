@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import socket
@@ -24,26 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine
+from common import machine, minilm_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
 LABELS = ["negative", "positive"]
 WARMUP_S = 2.0  # per configuration, before the first measured step: first batches pay for lazy init
 IDLE_S = 3.0  # per configuration: the Serve processes' CPU use with no requests, subtracted from each step's
-
-
-def build_model(folder: Path) -> str:
-    """The embedded MiniLM with a fresh 2-class head, saved as a bertray checkpoint."""
-    from bertray import checkpoint, modeling
-    from bertray.config import ModelConfig
-
-    cfg = ModelConfig()
-    model = modeling.build_classifier(cfg, LABELS)
-    tok = modeling.load_tokenizer(modeling.resolve(cfg.base))
-    checkpoint.save(folder, model, tok, {"kind": "classifier", "base_model": cfg.base, "label_names": LABELS,
-                                         "config": {"model": dataclasses.asdict(cfg)}, "metrics": {}})
-    return str(folder)
 
 
 def texts(n: int) -> list[str]:
@@ -162,7 +148,7 @@ def run_bench(args) -> dict:
 
     sample = texts(args.texts)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_model(Path(tmp) / "minilm-classifier")
+        model = args.model or minilm_classifier(Path(tmp) / "minilm-classifier", LABELS)
         threads = max(1, int(args.cpus_per_replica))
         device = "cuda" if args.gpus_per_replica else "cpu"
         baseline = single_text_latency(model, sample, args.baseline_seconds, threads, device)
