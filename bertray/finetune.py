@@ -14,7 +14,7 @@ import torch
 from bertray import data as D
 from bertray import modeling, runtime, trainer
 from bertray.config import FinetuneConfig
-from bertray.metrics import confusion, from_confusion
+from bertray.metrics import confusion, from_confusion, mode_of
 from bertray.train_loop import Objective
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class ClassificationObjective(Objective):
         self.label_names = label_names
         self.report = report or {}
         self.metric = "loss" if cfg.train.metric == "loss" else cfg.train.metric
-        self.mode = "min" if self.metric == "loss" else "max"
+        self.mode = mode_of(self.metric)
 
     # Built on each worker, not pickled from the driver.
     def setup(self, rank: int, world: int, device: torch.device) -> None:

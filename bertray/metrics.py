@@ -6,6 +6,11 @@ from pathlib import Path
 import numpy as np
 
 
+def mode_of(metric: str) -> str:
+    """'min' for loss, 'max' for the scores: how Ray Train's checkpoint ranking and Tune compare a metric."""
+    return "min" if metric == "loss" else "max"
+
+
 def confusion(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """cm[true, predicted] counts."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)

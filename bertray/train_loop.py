@@ -393,8 +393,6 @@ def _setup_optimizer(model, optim, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.adam_eps, fused=device.type in ("cpu", "cuda"))
 
 
-
-
 def _load_weights(model, directory: str) -> None:
     from safetensors.torch import load_file
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from bertray import checkpoint as ckpt_io
 from bertray import finetune, runtime, storage, trainer
+from bertray.metrics import mode_of
 from bertray.config import ConfigError, FinetuneConfig, TuneConfig, parse_space, planned_trials, to_dict
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
     # from TuneConfig (Tune refuses a metric set in both places).
     sched_metric = s.scheduler_metric or metric
     split = s.scheduler != "none" and sched_metric != metric
-    sched = (sched_metric, "min" if sched_metric == "loss" else "max") if split else (None, None)
+    sched = (sched_metric, mode_of(sched_metric)) if split else (None, None)
     if s.scheduler == "pbt":
         # A weak trial restores a strong one's latest checkpoint a little later; keep enough that it still exists.
         keep = max(keep, 4)
