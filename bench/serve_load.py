@@ -255,6 +255,8 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bertray.config import ServeConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a classifier checkpoint (default: embedded MiniLM, random head)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured duration per (mode, clients) step")
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="> 0 serves (and times the baseline) on CUDA")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=ServeConfig.batch_wait_timeout_s)
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")

@@ -151,12 +151,22 @@ class Classifier:
         self.api_key = _api_key(cfg.api_key_env)
         self.page = _page(auth=self.api_key is not None)
         self.max_body_bytes = cfg.max_texts * cfg.max_text_chars * _MAX_JSON_BYTES_PER_CHAR + _BODY_SLACK_BYTES
+        self._start_batching(cfg)
+
+    def _start_batching(self, cfg: ServeConfig) -> None:
         # The decorator's sizes are placeholders; these are the configured ones.
         self._predict_one.set_max_batch_size(cfg.max_batch_size)
         self._predict_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         # One forward pass at a time, off the event loop: while it runs, new requests are still parsed and queue
         # up for the next batch (torch uses its own intra-op threads inside the pass).
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-model")
+        # Set while no batched pass runs. Serve's batcher closes a batch `batch_wait_timeout_s` after its first
+        # text even while the model is busy, and queues it behind the running pass (ray/serve/batching.py forms
+        # batches ahead of its concurrency semaphore); under load that made many small batches (4.5 texts on
+        # average at 32 callers, bench/serve_load.py). Texts that arrive during a pass wait here instead, and
+        # all enter the next batch together.
+        self._model_free = asyncio.Event()
+        self._model_free.set()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -180,11 +190,7 @@ class Classifier:
         self._authorize(request)
         req = _parse(await self._read_body(request))
         _check_limits(req.texts, self.cfg)
-        if self.cfg.batching:
-            rows = await asyncio.gather(*(self._predict_one(t) for t in req.texts))
-            probs, batch = [p for p, _ in rows], max(n for _, n in rows)
-        else:
-            probs, batch = await self._forward(req.texts), len(req.texts)
+        probs, batch = await self._classify_texts(req.texts)
         # How many texts the largest forward pass behind this answer held: shows batching at work (benchmarks).
         response.headers["X-Batch-Size"] = str(batch)
         names = self.predictor.label_names
@@ -197,10 +203,22 @@ class Classifier:
             out.append(pred)
         return {"predictions": out, "model": self.info["model"]}
 
+    async def _classify_texts(self, texts: list[str]) -> tuple[list[np.ndarray], int]:
+        """Class probabilities per text, and the size of the largest forward pass they ran in."""
+        if not self.cfg.batching:
+            return list(await self._forward(texts)), len(texts)
+        await self._model_free.wait()
+        rows = await asyncio.gather(*(self._predict_one(t) for t in texts))
+        return [p for p, _ in rows], max(n for _, n in rows)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _predict_one(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
         """Called with one text per caller; Serve gathers the texts of concurrent callers into one list."""
-        probs = await self._forward(texts)
+        self._model_free.clear()
+        try:
+            probs = await self._forward(texts)
+        finally:
+            self._model_free.set()
         return [(p, len(texts)) for p in probs]
 
     async def _forward(self, texts: list[str]) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""Serve's batched path: texts that arrive while a forward pass runs wait for it and then share one batch.
+
+Runs the deployment class's own batching code (Serve's `@serve.batch` included) on a bare instance with a slow
+stand-in model, in this process: no Ray cluster, and the timing is under the test's control.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bertray.config import ServeConfig
+from bertray.serve import Classifier
+
+# The bare instances skip the ingress wrapper's __init__, so its async __del__ is never awaited: harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def outside_a_replica(monkeypatch):
+    # Serve's batch queue reads the replica's max_ongoing_requests for a warning; there is no replica here.
+    from ray.serve import batching
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+
+
+class HeldPredictor:
+    """Records each forward pass; the first one blocks until released, as a long pass would."""
+
+    def __init__(self):
+        self.passes: list[list[str]] = []
+        self.release = threading.Event()
+
+    def predict(self, texts):
+        self.passes.append(list(texts))
+        if len(self.passes) == 1:
+            assert self.release.wait(30), "the test never released the first pass"
+        return SimpleNamespace(probs=np.tile(np.float32([0.25, 0.75]), (len(texts), 1)))
+
+
+def bare_classifier(predictor, **cfg) -> Classifier:
+    cls = Classifier.func_or_class  # the class under @serve.deployment / @serve.ingress
+    obj = cls.__new__(cls)  # skip __init__: no checkpoint to load
+    obj.cfg = ServeConfig(model="unused", **cfg)
+    obj.predictor = predictor
+    obj._start_batching(obj.cfg)
+    return obj
+
+
+def test_texts_arriving_during_a_pass_share_the_next_batch():
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.01, max_batch_size=32)
+
+    async def main():
+        first = asyncio.create_task(clf._classify_texts(["first"]))
+        await asyncio.sleep(0.3)  # the first pass is now running, and held
+        later = []
+        for wave in range(3):  # three waves of callers, each further apart than the 10 ms batch wait
+            later += [asyncio.create_task(clf._classify_texts([f"text {wave}.{k}"])) for k in range(2)]
+            await asyncio.sleep(0.1)
+        assert len(pred.passes) == 1  # nothing ran beside the held pass
+        pred.release.set()
+        return await asyncio.gather(first, *later)
+
+    results = asyncio.run(main())
+    # Without the wait for a free model, Serve would have closed one batch per wave: [first], [2], [2], [2].
+    assert [len(p) for p in pred.passes] == [1, 6], pred.passes
+    assert [batch for _, batch in results] == [1, 6, 6, 6, 6, 6, 6]
+    for probs, _ in results:
+        np.testing.assert_allclose(probs[0], [0.25, 0.75])
+
+
+def test_without_batching_each_request_runs_alone():
+    pred = HeldPredictor()
+    pred.release.set()
+    clf = bare_classifier(pred, batching=False)
+
+    async def main():
+        return await asyncio.gather(*(clf._classify_texts([f"t{i}", "x"]) for i in range(3)))
+
+    results = asyncio.run(main())
+    assert sorted(len(p) for p in pred.passes) == [2, 2, 2]
+    assert [batch for _, batch in results] == [2, 2, 2]
