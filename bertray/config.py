@@ -511,7 +511,9 @@ class SearchConfig:
     # What ASHA's rungs and PBT's exploit step compare; None: train.metric, which also ranks the trials. 'loss' is
     # finer-grained than accuracy on a small validation set, where trials stuck at the majority class all tie.
     scheduler_metric: Optional[Literal["accuracy", "macro_f1", "loss"]] = None
-    grace_period: int = 1  # ASHA: evaluations every trial gets before it may be stopped
+    # ASHA: epochs of training every trial gets before it may be stopped; its rungs sit at grace_period x
+    # reduction_factor^k epochs, and a trial is judged at its first evaluation past a rung.
+    grace_period: float = 0.5
     reduction_factor: float = 3.0  # ASHA: about 1/reduction_factor of the trials reaching a rung go on past it
     perturbation_interval: int = 2  # PBT: evaluations between exploit/explore decisions
     pbt_keys: list[str] = field(default_factory=lambda: ["optim.lr", "optim.weight_decay"])  # float keys of `space` that PBT perturbs
@@ -553,6 +555,10 @@ class TuneConfig(FinetuneConfig):
         e += _check_trial_values(base, space, set(e))
         _positive(e, "search.num_samples", s.num_samples)
         _positive(e, "search.grace_period", s.grace_period)
+        if (s.scheduler == "asha" and self.train.max_steps is None and s.grace_period and self.train.epochs
+                and s.grace_period >= self.train.epochs):
+            e.append(f"search.grace_period: ASHA's first rung ({s.grace_period:g} epochs) is at or past the end of "
+                     f"training (train.epochs {self.train.epochs:g}), so it could never stop a trial; lower it")
         if s.reduction_factor <= 1:
             e.append(f"search.reduction_factor: must be > 1, got {s.reduction_factor}")
         _positive(e, "search.perturbation_interval", s.perturbation_interval)

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,10 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
     from ray import tune
 
     s = cfg.search
+    # CheckpointConfig(num_to_keep) makes Tune snapshot the experiment state every few trial checkpoints, by design,
+    # and warn each time it does: 67 identical three-line warnings in a 12-trial sweep. Read when the tuner starts;
+    # Tune's warning about a slow snapshot stays.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_parameters(_trial, base=base, data=data)
     # A data-parallel trial only coordinates; its Ray Train workers hold the CPUs and GPUs. Tune refuses an empty
     # resource request, and even a sliver of a CPU would keep a worker group that needs every CPU from starting.
@@ -221,15 +226,18 @@ def _search_alg(cfg: TuneConfig, concurrency: int, metric_mode: tuple = (None, N
 
 
 def _scheduler(cfg: TuneConfig, space: dict, metric: str | None = None, mode: str | None = None):
-    """ASHA and PBT count time in evaluations (one Tune iteration = one evaluation of the loop). `metric`/`mode`:
-    given only when the scheduler compares another metric than TuneConfig's (search.scheduler_metric)."""
+    """ASHA counts time in epochs trained (the loop reports a fractional `epochs` at each evaluation); PBT in
+    evaluations (one Tune iteration = one evaluation of the loop). `metric`/`mode`: given only when the scheduler
+    compares another metric than TuneConfig's (search.scheduler_metric)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = cfg.search
     if s.scheduler == "asha":
+        # Epochs, not Tune iterations: a batch-32 trial evaluating every N steps has seen twice the data of a
+        # batch-16 one at the same report count, and a rung comparing them would favour the larger batch.
         # max_t only places the top rung; trials end on their own schedule first, so an upper bound is enough.
-        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, grace_period=s.grace_period,
+        return ASHAScheduler(time_attr="epochs", metric=metric, mode=mode, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor, max_t=10_000)
     if s.scheduler == "pbt":
         mutations = {}

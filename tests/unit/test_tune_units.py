@@ -105,6 +105,12 @@ def test_algorithm_and_scheduler_rules():
                      "search.gpus_per_trial: data-parallel trials (workers_per_trial > 1) take whole GPUs",
                      "search.num_samples: must be > 0", "run.num_workers: a sweep sizes its trials with"]:
         assert expected in text
+    space = {"optim.lr": {"loguniform": [1.0e-5, 1.0e-3]}}
+    text = "\n".join(_errors({"scheduler": "asha", "grace_period": 2, "space": space}, train={"epochs": 2}))
+    assert "search.grace_period: ASHA's first rung (2 epochs) is at or past the end of training (train.epochs 2)" in text
+    assert _load({"scheduler": "asha", "grace_period": 0.5, "space": space}, train={"epochs": 2}).search.grace_period == 0.5
+    # Trained by steps, the epochs are known only once the data is read: no check before.
+    assert _load({"scheduler": "asha", "grace_period": 2, "space": space}, train={"max_steps": 100}).search.grace_period == 2
 
 
 def test_mixed_precision_follows_gpus_per_trial():
@@ -153,7 +159,8 @@ def test_search_algorithms_and_schedulers():
     parsed, _ = C.parse_space(space)
     assert isinstance(sweep._scheduler(_load({"space": space}), parsed), FIFOScheduler)
     asha = sweep._scheduler(_load({"space": space, "scheduler": "asha", "grace_period": 2, "reduction_factor": 2}), parsed)
-    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "training_iteration"
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "epochs"
+    assert [t for t, _ in asha._brackets[0]._rungs][-3:] == [8, 4, 2]  # rungs at grace x factor^k epochs, top first
     asha_on_loss = sweep._scheduler(_load({"space": space, "scheduler": "asha", "scheduler_metric": "loss"}), parsed,
                                     "loss", "min")
     assert (asha_on_loss._metric, asha_on_loss._mode) == ("loss", "min")

@@ -74,7 +74,9 @@ def test_asha_stops_a_diverging_trial_early(ray_cluster, sweep_config):
     # ASHA's rungs compare validation loss while trials are ranked by accuracy (search.scheduler_metric), so Tune
     # gets the two metrics from two places. lr=5.0 blows the loss up at the first evaluation. Listed last and run
     # two at a time, it reaches ASHA's first rung after the sane trials, so the comparison there is deterministic.
-    cfg = sweep_config({"algorithm": "grid", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+    # Rungs are in epochs: 160 rows at batch 16 are 10 steps an epoch, so evaluations (every 2 steps) come at 0.2,
+    # 0.4, 0.6 epochs and the rungs at 0.2, 0.4, 0.8.
+    cfg = sweep_config({"algorithm": "grid", "scheduler": "asha", "grace_period": 0.2, "reduction_factor": 2,
                         "scheduler_metric": "loss", "space": {"optim.lr": {"grid": [1.0e-3, 2.0e-3, 5.0e-4, 5.0]}}},
                        train={"metric": "accuracy", "max_steps": 6})
     summary = _run(cfg)
