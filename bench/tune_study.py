@@ -82,6 +82,8 @@ def grid_table(summary: dict, lrs: list[float], batches: list[int]) -> str:
 
 
 def main() -> int:
+    from bertray.config import SearchConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-rows", type=int, default=160)
     p.add_argument("--val-rows", type=int, default=128)
@@ -91,8 +93,9 @@ def main() -> int:
                    help="optimizer steps between evaluations (default: once per epoch); ASHA decides at evaluations")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 2e-3, 5e-4])
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--rf", type=float, default=3.0, help="ASHA reduction factor")
-    p.add_argument("--grace", type=float, default=0.5, help="ASHA grace period, in epochs (the first rung)")
+    p.add_argument("--rf", type=float, default=SearchConfig.reduction_factor, help="ASHA reduction factor")
+    p.add_argument("--grace", type=float, default=SearchConfig.grace_period,
+                   help="ASHA grace period, in epochs (the first rung)")
     p.add_argument("--scheduler-metric", choices=["accuracy", "loss"], default=None,
                    help="what ASHA's rungs compare (default: accuracy, which also ranks the trials)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (one CPU each)")

@@ -287,8 +287,8 @@ class Loop:
             "epoch": st.epoch,
             # Training progress in epochs (fractional): ASHA's rungs are placed in it, so trials with different
             # batch sizes or evaluation intervals are compared after the same amount of data, not the same count
-            # of reports. Rounded so that a rung at 1.5 epochs is reached at step 30 of 20 per epoch.
-            **({"epochs": round(st.step / self.steps_per_epoch, 6)} if self.steps_per_epoch else {}),
+            # of reports.
+            **({"epochs": st.step / self.steps_per_epoch} if self.steps_per_epoch else {}),
             "train_loss": next((h["train_loss"] for h in reversed(st.history) if "train_loss" in h), float("nan")),
             "samples_per_s": st.samples / st.train_seconds if st.train_seconds else 0.0,
             "tokens_per_s": st.tokens / st.train_seconds if st.train_seconds else 0.0,

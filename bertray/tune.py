@@ -237,7 +237,10 @@ def _scheduler(cfg: TuneConfig, space: dict, metric: str | None = None, mode: st
         # Epochs, not Tune iterations: a batch-32 trial evaluating every N steps has seen twice the data of a
         # batch-16 one at the same report count, and a rung comparing them would favour the larger batch.
         # max_t only places the top rung; trials end on their own schedule first, so an upper bound is enough.
-        return ASHAScheduler(time_attr="epochs", metric=metric, mode=mode, grace_period=s.grace_period,
+        # Tune places rungs at grace x factor^k and reaches one when the reported epochs are >= it; in floats
+        # 0.1 x 3 is 0.30000000000000004, above the 0.3 a trial reports at step 3 of 10, which would judge it an
+        # evaluation late. Rungs a billionth lower are reached where they should be.
+        return ASHAScheduler(time_attr="epochs", metric=metric, mode=mode, grace_period=s.grace_period * (1 - 1e-9),
                              reduction_factor=s.reduction_factor, max_t=10_000)
     if s.scheduler == "pbt":
         mutations = {}

@@ -160,7 +160,12 @@ def test_search_algorithms_and_schedulers():
     assert isinstance(sweep._scheduler(_load({"space": space}), parsed), FIFOScheduler)
     asha = sweep._scheduler(_load({"space": space, "scheduler": "asha", "grace_period": 2, "reduction_factor": 2}), parsed)
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "epochs"
-    assert [t for t, _ in asha._brackets[0]._rungs][-3:] == [8, 4, 2]  # rungs at grace x factor^k epochs, top first
+    rungs = [t for t, _ in asha._brackets[0]._rungs][-3:]  # grace x factor^k epochs, top first
+    assert rungs == pytest.approx([8, 4, 2], rel=1e-8) and all(r <= x for r, x in zip(rungs, [8, 4, 2]))
+    # A rung is reached by the report at exactly its epoch, even where float products overshoot (0.1 x 3 x 3).
+    fine = sweep._scheduler(_load({"space": space, "scheduler": "asha", "grace_period": 0.1, "reduction_factor": 3}),
+                            parsed)
+    assert all(r <= step / 10 for r, step in zip([t for t, _ in fine._brackets[0]._rungs][-3:], [9, 3, 1]))
     asha_on_loss = sweep._scheduler(_load({"space": space, "scheduler": "asha", "scheduler_metric": "loss"}), parsed,
                                     "loss", "min")
     assert (asha_on_loss._metric, asha_on_loss._mode) == ("loss", "min")
