@@ -22,8 +22,11 @@ demo: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will be skipped"; }
 
+# Two xdist workers, one test file each at a time, in collection order (--no-loadscope-reorder; xdist would
+# otherwise start the files with the most tests first): the three-node cluster's file comes first, so its
+# nodes start while the machine is least loaded, and the long integration files start before the short unit ones.
 test: install browser
-	$(PY) -m pytest -q -n 2 --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

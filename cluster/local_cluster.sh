@@ -14,6 +14,7 @@
 #                        socket paths live under it and must stay under 107 characters)
 #   CPUS_PER_WORKER      logical CPUs per worker node (default 2)
 #   OBJECT_STORE_BYTES   object store per node (default 200000000)
+#   START_ATTEMPTS       tries per node before giving up (default 3): a raylet on a loaded machine can miss its agents' start-up window
 #   AWS_*, HF_*          inherited by every node, so tasks and jobs reach S3 (e.g. a loopback moto_server)
 #
 # Ray 2.60 turns on token authentication for local clusters; this script makes that explicit
@@ -102,17 +103,17 @@ stop_node() {
 
 # start_node NAME NODES_EXPECTED DASHBOARD_PORT -- RAY_START_ARGS...: start one node in a session of its own
 # and wait until it has joined. A raylet aborts when its agents miss a fixed ~15 s start-up window, which
-# happens on a loaded machine, so a node gets three attempts.
+# happens on a loaded machine, so a node gets START_ATTEMPTS tries (default 3).
 start_node() {
   local name="$1" want="$2" dash="$3" pid
   shift 4
-  for attempt in 1 2 3; do
+  for attempt in $(seq 1 "${START_ATTEMPTS:-3}"); do
     # 9>&-: the node must not inherit the lock (it would hold it for as long as it lives).
     setsid "$RAY" start "$@" >>"$STATE/$name.log" 2>&1 </dev/null 9>&- &
     pid=$!
     echo "$pid" >"$STATE/$name.pid"
     wait_nodes "$want" "$dash" "$pid" && return 0
-    echo "local_cluster: $name did not come up (attempt $attempt of 3)" >&2
+    echo "local_cluster: $name did not come up (attempt $attempt of ${START_ATTEMPTS:-3})" >&2
     stop_node "$STATE/$name.pid"
   done
   tail -n 5 "$STATE/$name.log" >&2 || true

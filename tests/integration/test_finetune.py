@@ -32,24 +32,33 @@ def tiny_cfg(base: str, data_dir, storage_uri: str, name: str, **overrides):
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_cluster, tiny_bert, sst2_small, tmp_path_factory):
-    """One 2-worker fine-tune, shared by the tests that inspect its outputs (training is the slow part)."""
-    runs = tmp_path_factory.mktemp("two-worker-runs")
-    return finetune.run(tiny_cfg(tiny_bert, sst2_small, str(runs), "two-workers")), runs
+def two_worker_run(ray_cluster, s3_server, tiny_bert, sst2_small, tmp_path_factory):
+    """One 2-worker fine-tune with its data, base model, checkpoints and export all on the loopback S3 server,
+    shared by the tests that inspect its outputs (each Ray Train run costs ~20 s of start-up on two cores; the local
+    storage path is run by the fault tests below). Returns (summary, the run folder downloaded to local disk)."""
+    import boto3
+
+    bucket = "s3://finetune-shared"
+    boto3.client("s3").create_bucket(Bucket=bucket.removeprefix("s3://"))
+    storage.upload_dir(sst2_small, f"{bucket}/data")
+    storage.upload_dir(tiny_bert, f"{bucket}/models/tiny")
+    summary = finetune.run(tiny_cfg(f"{bucket}/models/tiny", f"{bucket}/data", f"{bucket}/runs", "two-workers"))
+    local = storage.download_dir(f"{bucket}/runs/two-workers", tmp_path_factory.mktemp("two-worker-run"))
+    return summary, local
 
 
-def test_two_worker_finetune_exports_a_self_describing_checkpoint(two_worker_run, tiny_bert):
-    s, runs = two_worker_run
+@pytest.mark.s3
+def test_two_worker_finetune_exports_a_self_describing_checkpoint(two_worker_run):
+    s, run_dir = two_worker_run
     assert s["final_step"] == 12 and len(s["worker_nodes"]) == 2
     assert set(s["metrics"]) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "loss"}
     assert sum(map(sum, s["metrics"]["confusion_matrix"])) == 100  # the whole validation set, summed over workers
-    run_dir = runs / "two-workers"
     for f in ("metrics.json", "curves.png", "confusion_matrix.png", "model/bertray.json", "model/model.safetensors"):
         assert (run_dir / f).exists(), f
     assert not (run_dir / "model" / "train_state.pt").exists()
     meta = json.loads((run_dir / "model" / "bertray.json").read_text())
     assert meta["kind"] == "classifier" and meta["label_names"] == ["negative", "positive"]
-    assert meta["config"]["optim"]["lr"] == 1e-3 and meta["base_model"] == tiny_bert
+    assert meta["config"]["optim"]["lr"] == 1e-3 and meta["base_model"] == "s3://finetune-shared/models/tiny"
     assert set(meta["train_label_distribution"]) == {"negative", "positive"}
     # Plain transformers loads it, with no bertray import.
     code = ("from transformers import AutoModelForSequenceClassification as M, AutoTokenizer as T; import sys;"
@@ -62,15 +71,13 @@ def test_two_worker_finetune_exports_a_self_describing_checkpoint(two_worker_run
 
 
 @pytest.mark.s3
-def test_finetune_reads_data_and_base_from_s3_and_checkpoints_there(ray_cluster, tiny_bert, sst2_small, s3_bucket):
-    storage.upload_dir(sst2_small, f"{s3_bucket}/data")
-    storage.upload_dir(tiny_bert, f"{s3_bucket}/models/tiny")
-    cfg = tiny_cfg(f"{s3_bucket}/models/tiny", f"{s3_bucket}/data", f"{s3_bucket}/runs", "s3-run")
-    s = finetune.run(cfg)
-    assert s["model"] == f"{s3_bucket}/runs/s3-run/model"
-    listed = storage.list_files(f"{s3_bucket}/runs/s3-run")
-    assert any("/checkpoint_" in f and f.endswith("train_state.pt") for f in listed)
-    assert f"{s3_bucket}/runs/s3-run/metrics.json" in listed
+def test_finetune_on_s3_checkpoints_there_and_serves_predictions_from_there(two_worker_run):
+    s, _ = two_worker_run
+    runs = "s3://finetune-shared/runs/two-workers"
+    assert s["model"] == f"{runs}/model"
+    listed = storage.list_files(runs)
+    assert any("/checkpoint_" in f and f.endswith("train_state.pt") for f in listed)  # Ray Train's, with the optimizer
+    assert f"{runs}/metrics.json" in listed
     pred = Predictor(s["model"])
     assert pred.label_names == ["negative", "positive"] and pred.predict(["a fine film"]).probs.shape == (1, 2)
 
@@ -170,6 +177,7 @@ def test_bad_data_fails_before_training_with_a_clear_error(ray_cluster, tiny_ber
     assert not (tmp_path / "runs" / "bad").exists()
 
 
+@pytest.mark.s3
 def test_cli_predict_and_evaluate(two_worker_run, sst2_small, tmp_path, capsys):
     from bertray import cli
 

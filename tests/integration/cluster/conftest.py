@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "cluster" / "local_cluster.sh"
 RAY = REPO / ".venv" / "bin" / "ray"
-START_TIMEOUT_S = 480  # three nodes, each given three tries by the script; a loaded 2-core machine is slow
+START_TIMEOUT_S = 600  # three nodes, each given up to 5 tries by the script; a loaded 2-core machine is slow
 
 
 @dataclass
@@ -90,7 +90,10 @@ def cluster(s3_server) -> Cluster:
     failure."""
     # Short: Ray's unix socket paths live under it and must stay under 107 characters.
     state = Path(tempfile.mkdtemp(prefix="brc-", dir="/tmp"))
-    env = {**os.environ, "BERTRAY_CLUSTER_DIR": str(state), "CPUS_PER_WORKER": "2", "OBJECT_STORE_BYTES": "150000000"}
+    env = {**os.environ, "BERTRAY_CLUSTER_DIR": str(state), "CPUS_PER_WORKER": "2", "OBJECT_STORE_BYTES": "150000000",
+           # A raylet gives its agents a fixed 15 s to start (ray-project/ray#65983); the other xdist worker's
+           # jobs can make them miss it, and a retry costs ~50 s against a failed module.
+           "START_ATTEMPTS": "5"}
     try:
         proc = subprocess.run(["bash", str(SCRIPT), "start", "2"], env=env, capture_output=True, text=True,
                               timeout=START_TIMEOUT_S)
