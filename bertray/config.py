@@ -523,6 +523,9 @@ class SearchConfig:
     workers_per_trial: int = 1  # 1: a trial trains in its own process; >1: each trial is a data-parallel Ray Train run
     max_concurrent_trials: Optional[int] = None  # None: as many as the cluster's CPUs/GPUs hold at the per-trial resources
     resume_failed: bool = False  # on resume, also retry failed trials from their last checkpoint (default: they stay failed)
+    # After a finished sweep, drop the trials' optimizer state (2/3 of their checkpoints' bytes with AdamW) and keep
+    # their weights; failed trials keep theirs for resume_failed. true: keep it all, e.g. to continue a trial.
+    keep_train_state: bool = False
 
 
 @dataclass

@@ -182,6 +182,7 @@ def test_resume_refuses_a_changed_sweep(tmp_path):
     sweep._check_same_sweep(cfg, rdir)  # identical: fine
     cfg.run.ray_address = "auto"  # where Ray runs may change
     cfg.search.resume_failed = True
+    cfg.search.keep_train_state = True  # only what happens after the sweep
     sweep._check_same_sweep(cfg, rdir)
     cfg.search.space = {"optim.lr": {"loguniform": [1.0e-5, 1.0e-2]}}
     cfg.train.batch_size = 8
@@ -193,6 +194,28 @@ def test_resume_refuses_a_changed_sweep(tmp_path):
     assert "search.max_concurrent_trials: was None" in text
     assert "choose a new run.name" in text
 
+
+
+def test_prune_train_state_keeps_weights_and_failed_trials_state(tmp_path):
+    files = {
+        "trial-a_00000/checkpoint_000000/train_state.pt": 300,
+        "trial-a_00000/checkpoint_000000/model.safetensors": 100,
+        "trial-a_00000/checkpoint_000001/train_state.pt": 300,
+        "trial-b_00001/checkpoint_000000/train_state.pt": 300,  # failed: resume_failed may need it
+        "train-runs/c_00002/checkpoint_2026-11-23/train_state.pt": 300,  # a data-parallel trial's Ray Train run
+        "train-runs/b_00001/checkpoint_2026-11-23/train_state.pt": 300,
+        "best-model/model.safetensors": 100,
+        "notes/train_state.pt.bak": 5,  # not a checkpoint's state file
+    }
+    for rel, size in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * size)
+    assert sweep.prune_train_state(str(tmp_path), ["b_00001"]) == {"files": 3, "bytes": 900}
+    left = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file())
+    assert left == ["best-model/model.safetensors", "notes/train_state.pt.bak",
+                    "train-runs/b_00001/checkpoint_2026-11-23/train_state.pt",
+                    "trial-a_00000/checkpoint_000000/model.safetensors",
+                    "trial-b_00001/checkpoint_000000/train_state.pt"]
 
 def _result(tmp_path, name: str, steps: list[int], values: list[float], total: int | None, lr: float, **metrics):
     from ray.tune import Checkpoint, Result

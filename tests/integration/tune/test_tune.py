@@ -68,6 +68,14 @@ def test_grid_sweep_writes_complete_table_plots_and_best_model(ray_cluster, swee
     assert pred.meta["config"]["train"]["batch_size"] == summary["best"]["config"]["train.batch_size"]
     assert "search" not in pred.meta["config"]  # a FinetuneConfig: `bertray finetune` can reproduce the winner
     assert not storage.exists(storage.join(summary["model"], "train_state.pt"))
+    # The finished sweep dropped every trial checkpoint's optimizer state and kept their weights.
+    files = storage.list_files(run_dir)
+    weights = [f for f in files if "/checkpoint_" in f and f.endswith("/model.safetensors")]
+    assert len({f.split("/trial-")[1].split("/")[0] for f in weights}) == 6, weights
+    assert not [f for f in files if f.endswith("/train_state.pt")]
+    assert summary["pruned"]["files"] >= 6 and summary["pruned"]["bytes"] > 0
+    saved = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))
+    assert saved["pruned"] == summary["pruned"]
 
 
 def test_asha_stops_a_diverging_trial_early(ray_cluster, sweep_config):
