@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # Ray Train's controller polls its workers every 2 s, so a run notices start-up and the end of training seconds
-# late: measured 24 -> 18 s for a 12-step tiny run at 0.2 s. The suite runs ~20 such runs; long jobs don't care.
+# late: measured 24 -> 18 s for a 12-step tiny run at 0.2 s. The suite has about ten Ray Train runs; long jobs
+# do not notice the 2 s.
 # Set before any Ray process starts, so every raylet, controller and worker inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
