@@ -76,11 +76,6 @@ def run(cfg: TuneConfig) -> dict:
     summary = summarize(cfg, grid, objective.metric, objective.mode)
     if summary["interrupted"]:
         raise KeyboardInterrupt  # the CLI says how to resume
-    if not cfg.search.keep_train_state:
-        summary["pruned"] = prune_train_state(summary["run_dir"], summary["failed_trials"])
-        storage.write_text(storage.join(summary["run_dir"], "summary.json"), json.dumps(summary, indent=2, default=str))
-        log.info("removed the optimizer state of %d trial checkpoint(s), %.1f MB; their weights stay "
-                 "(search.keep_train_state: true keeps it)", summary["pruned"]["files"], summary["pruned"]["bytes"] / 1e6)
     return summary
 
 
@@ -352,6 +347,11 @@ def summarize(cfg: TuneConfig, grid, metric: str, mode: str) -> dict:
         model_uri = None
         if best_row is not None and not interrupted:
             model_uri = _export_best(cfg, grid, best_row, metric, mode, rdir, Path(tmp))
+    pruned = None
+    if not interrupted and not cfg.search.keep_train_state:
+        pruned = prune_train_state(rdir, [r["trial"] for r in rows if r["status"] == FAILED])
+        log.info("removed the optimizer state of %d trial checkpoint(s), %.1f MB; their weights stay "
+                 "(search.keep_train_state: true keeps it)", pruned["files"], pruned["bytes"] / 1e6)
     counts = {s: sum(r["status"] == s for r in rows) for s in (FINISHED, STOPPED, PATIENCE, FAILED, INTERRUPTED)}
     summary = {
         "run_dir": rdir,
@@ -367,7 +367,7 @@ def summarize(cfg: TuneConfig, grid, metric: str, mode: str) -> dict:
         "table": storage.join(rdir, "trials.md"),
         "plots": plots,
         "interrupted": interrupted,
-        "failed_trials": [r["trial"] for r in rows if r["status"] == FAILED],
+        **({"pruned": pruned} if pruned is not None else {}),
     }
     storage.write_text(storage.join(rdir, "summary.json"), json.dumps(summary, indent=2, default=str))
     if best_row is not None:
