@@ -144,7 +144,7 @@ def run_bench(args) -> dict:
     from ray import serve
 
     from bertray.config import ServeConfig
-    from bertray.serve import build_app
+    from bertray.serve import build_app, start_http
 
     sample = texts(args.texts)
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +158,7 @@ def run_bench(args) -> dict:
                                                                     "HF_HUB_OFFLINE": "1",
                                                                     "TOKENIZERS_PARALLELISM": "false"}})
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_http("127.0.0.1", port)
         url = f"http://127.0.0.1:{port}/v1/classify"
         results = {}
         try:

@@ -65,7 +65,10 @@ def _known_errors() -> tuple[type, ...]:
     from bertray.modeling import ModelError
     from bertray.storage import StorageError
 
-    return DataError, ModelError, StorageError, FileNotFoundError, PermissionError
+    errors = (DataError, ModelError, StorageError, FileNotFoundError, PermissionError)
+    # Only a serve run raises ServeStartError; importing bertray.serve (FastAPI, Ray Serve) to catch others is waste.
+    serve_mod = sys.modules.get("bertray.serve")
+    return errors + ((serve_mod.ServeStartError,) if serve_mod else ())
 
 
 def build_config(stage: str, config_file: str | None, sets: list[str], flags: dict) -> object:

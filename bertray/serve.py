@@ -33,6 +33,15 @@ from bertray.modeling import ModelError
 _MAX_JSON_BYTES_PER_CHAR = 12
 _BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the texts
 _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
+# Serve's controller gives a starting HTTP proxy three ready checks of this many seconds (Ray's default is 5) before
+# it kills the proxy and starts another, while serve.start waits up to 60 s on the first proxy only. On a busy node
+# the proxy took longer than 15 s to import and bind (CI: 2 cores, a multi-node Ray cluster starting beside it) and
+# serve.start failed with ActorDiedError; 3 x 20 s covers serve.start's whole wait.
+_PROXY_READY_CHECK_S = "20"
+
+
+class ServeStartError(RuntimeError):
+    """Ray Serve's HTTP proxy did not come up."""
 
 
 class ClassifyRequest(BaseModel):
@@ -282,6 +291,25 @@ def _check_model(uri: str) -> None:
         modeling.resolve(uri)  # raises ModelError for a missing local folder; a hub id passes through
 
 
+def start_http(host: str, port: int) -> None:
+    """serve.start on host:port, giving the HTTP proxy time to start on a busy node; a clear error if it does not.
+
+    The controller options apply only when this call creates Serve's controller, as Ray documents for http_options.
+    """
+    from ray.exceptions import ActorDiedError
+
+    ready_check = os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", _PROXY_READY_CHECK_S)
+    try:
+        serve.start(http_options={"host": host, "port": port},
+                    controller_options={"runtime_env": {"env_vars": {
+                        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": ready_check}}})
+    except (ActorDiedError, TimeoutError) as exc:
+        raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} did not start "
+                              f"({type(exc).__name__}); the node may be overloaded, or the port taken by another "
+                              f"process. Raise RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (now {ready_check} s) "
+                              f"for a slow node.") from None
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve on cfg.host:cfg.port until Ctrl-C (Ray already initialised by the CLI)."""
     # Fail here with one clear line, not in replicas that Serve restarts again and again before giving up.
@@ -289,7 +317,7 @@ def run(cfg: ServeConfig) -> None:
     _check_model(cfg.model)
     url = f"http://{cfg.host}:{cfg.port}"
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        start_http(cfg.host, cfg.port)
         serve.run(build_app(cfg), name="bertray", route_prefix="/", blocking=False)
         print(f"serving {cfg.model}\n  page: {url}/\n  API docs: {url}/docs\nCtrl-C to stop", flush=True)
         while True:

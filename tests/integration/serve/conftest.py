@@ -98,7 +98,7 @@ def serve_apps(ray_cluster, trained_classifier):
     from ray import serve
 
     from bertray.config import ServeConfig
-    from bertray.serve import build_app
+    from bertray.serve import build_app, start_http
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -110,7 +110,7 @@ def serve_apps(ray_cluster, trained_classifier):
         "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=64,
                               batch_wait_timeout_s=3.0), "/tight"),
     }
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_http("127.0.0.1", port)
     try:
         # One call deploys the three apps side by side: their replicas start in parallel.
         serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix)

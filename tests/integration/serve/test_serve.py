@@ -77,6 +77,21 @@ def test_model_info_and_health(serve_apps, trained_classifier):
     assert requests.get(serve_apps["open"] + "/docs", timeout=10).status_code == 200
 
 
+def test_serve_controller_gives_the_http_proxy_time_to_start(serve_apps):
+    """CI once failed every test here: on a busy node the proxy missed Ray's 3 x 5 s ready checks and was killed
+    while serve.start waited on it. start_http hands the controller a longer check; this reads the controller's own
+    environment to see that it arrived."""
+    import ray
+    from ray._private import state
+
+    from bertray.serve import _PROXY_READY_CHECK_S
+
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    pid = state.actors(controller._actor_id.hex())["Pid"]
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == _PROXY_READY_CHECK_S
+
+
 BAD_REQUESTS = [
     # (what is sent, expected status, words the message must contain)
     ({"texts": []}, 422, ["texts", "empty list"]),
