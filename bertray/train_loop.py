@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +33,11 @@ from bertray import checkpoint as ckpt_io
 from bertray import modeling
 
 log = logging.getLogger(__name__)
+
+# A process's checkpoint and restore scratch directories carry its pid, so a later worker on the node can tell
+# which ones a killed process left behind (see _remove_orphaned_scratch).
+_SCRATCH_NAME = re.compile(r"bertray-(ckpt|restore)-(\d+)-[^/]+")
+_ORPHAN_MIN_AGE_S = 3600
 
 
 class Objective:
@@ -150,6 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("overrides"):
         cfg = _apply_overrides(cfg, config["overrides"])
     objective: Objective = config["objective"]
+    _remove_orphaned_scratch()
     _seed(cfg.train.seed + session.rank)
     torch.set_num_threads(max(1, int(os.environ.get("BERTRAY_TORCH_THREADS", torch.get_num_threads()))))
     objective.setup(session.rank, session.world, session.device)
@@ -166,7 +174,7 @@ class Loop:
         restored = session.get_checkpoint()
         # A restored checkpoint is copied to a scratch directory, read into memory below, then deleted: every
         # resume (and every PBT exploit) would otherwise leave a model-sized copy behind in /tmp.
-        restore_tmp = tempfile.TemporaryDirectory(prefix="bertray-restore-") if restored is not None else None
+        restore_tmp = _scratch_dir("restore") if restored is not None else None
         if restore_tmp is not None:
             restored.to_directory(restore_tmp.name)
             _load_weights(model, restore_tmp.name)
@@ -299,7 +307,7 @@ class Loop:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in ("loss", "accuracy", "macro_f1", "perplexity"))
             self._print(f"eval at step {st.step}: {shown}" + (" (best)" if better else "")
                         + (" -> early stop" if st.stopped_early else ""))
-        with tempfile.TemporaryDirectory(prefix="bertray-ckpt-") as tmp:
+        with _scratch_dir("ckpt") as tmp:
             if self.is_main:
                 self._save(tmp, metrics)
             self.s.report(report, tmp if self.is_main else None)
@@ -422,6 +430,42 @@ def _gather_node_ids(world: int) -> list[str]:
         dist.all_gather_object(nodes, node)
         return nodes
     return [node]
+
+
+def _scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f"bertray-{kind}-{os.getpid()}-")
+
+
+def _remove_orphaned_scratch() -> None:
+    """Delete scratch directories of processes that no longer exist.
+
+    A SIGKILLed worker (the failure that resuming exists for) never runs TemporaryDirectory's cleanup, and what it
+    leaves is a whole checkpoint: weights plus twice their size in optimizer state. The age floor keeps this off a
+    directory being written by a live process that shares /tmp from another pid namespace, where its pid means
+    nothing here."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob("bertray-*-*-*"):
+        m = _SCRATCH_NAME.fullmatch(path.name)
+        try:
+            if not m or _pid_alive(int(m.group(2))) or time.time() - path.stat().st_mtime < _ORPHAN_MIN_AGE_S:
+                continue
+        except FileNotFoundError:  # another worker on this node removed it first
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d scratch director%s left in %s by killed processes", removed,
+                 "y" if removed == 1 else "ies", tempfile.gettempdir())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _seed(seed: int) -> None:

@@ -1,4 +1,6 @@
 """Pieces of the training path that need no Ray: batching, truncation, metrics."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,38 @@ def test_trainer_without_a_dashboard_leaves_out_the_placement_group_cleaner():
     assert issubclass(local, TorchTrainer) and "_create_default_callbacks" in vars(local)
     kept = object()
     assert trainer.without_pg_cleaner([PlacementGroupCleanerCallback(), kept]) == [kept]
+
+
+def test_scratch_left_by_killed_processes_is_removed_and_nothing_else(tmp_path, monkeypatch):
+    """A SIGKILLed worker leaves its checkpoint scratch copy in /tmp; the next worker on the node deletes it, but
+    never a live process's, a young one, or anything not ours."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from bertray import train_loop
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    old = time.time() - 2 * train_loop._ORPHAN_MIN_AGE_S
+
+    def make(name, age=old):
+        d = tmp_path / name
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "model.safetensors").write_bytes(b"x" * 10)
+        os.utime(d, (age, age))
+        return d
+
+    orphans = [make(f"bertray-ckpt-{gone.pid}-ab12"), make(f"bertray-restore-{gone.pid}-cd34")]
+    kept = [make(f"bertray-ckpt-{os.getpid()}-ef56"),              # live process
+            make(f"bertray-ckpt-{gone.pid}-young", time.time()),  # may belong to another pid namespace's writer
+            make(f"bertray-export-{gone.pid}-gh78"),              # not a loop scratch directory
+            make("bertray-ckpt-notapid-ij90")]
+    train_loop._remove_orphaned_scratch()
+    assert [d.exists() for d in orphans] == [False, False]
+    assert all(d.exists() for d in kept)
+    with train_loop._scratch_dir("ckpt") as live:  # what the loop creates carries its pid, so the sweep knows it
+        assert train_loop._SCRATCH_NAME.fullmatch(Path(live).name).group(2) == str(os.getpid())
