@@ -447,6 +447,12 @@ class LabelConfig:
 # --------------------------------------------------------------------------------------------------- serving
 
 
+# A serve batch is at most a few dozen texts of mixed lengths, unsorted until they arrive; in one pass they all pad
+# to the longest. Smaller passes pad less: on one CPU thread, 32 random SST-2 sentences took 9.7 ms a text at 512
+# tokens against 13.2 at the labeler's 2,048 (whose chunks are sorted across thousands of texts, so pad little).
+SERVE_CPU_TOKEN_BUDGET = 512
+
+
 @dataclass
 class ServeConfig:
     model: str = ""  # bertray checkpoint (local or s3://) or any HF sequence-classification folder
@@ -469,7 +475,8 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # per replica, before requests queue
     max_queued_requests: int = 128  # past this the caller gets a fast 503
     api_key_env: Optional[str] = None  # name of an env var holding a bearer token; None: no auth
-    token_budget: Optional[int] = None  # padded tokens per inference micro-batch; None: Predictor's default for the device
+    # Padded tokens per inference micro-batch; None: SERVE_CPU_TOKEN_BUDGET on CPU, Predictor's default on GPU.
+    token_budget: Optional[int] = None
     ray_address: Optional[str] = None
 
     def check(self) -> list[str]:

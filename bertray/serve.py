@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from bertray import modeling, storage
-from bertray.config import ConfigError, ServeConfig, load
+from bertray.config import SERVE_CPU_TOKEN_BUDGET, ConfigError, ServeConfig, load
 from bertray.modeling import ModelError
 
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
@@ -131,6 +131,14 @@ def _api_key(env_name: str | None) -> str | None:
     return key
 
 
+def load_predictor(cfg: ServeConfig):
+    from bertray.predictor import Predictor
+
+    gpu = cfg.gpus_per_replica > 0
+    return Predictor(cfg.model, device="cuda" if gpu else "cpu",
+                     token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
+
+
 def _page(auth: bool) -> str:
     html = (resources.files("bertray") / "web" / "index.html").read_text(encoding="utf-8")
     return html.replace('<meta name="bertray-auth" content="none">',
@@ -150,11 +158,8 @@ class Classifier:
     """The model plus the HTTP API; `build_app` sets replicas, limits and resources from the ServeConfig."""
 
     def __init__(self, cfg: ServeConfig):
-        from bertray.predictor import Predictor
-
         self.cfg = cfg
-        self.predictor = Predictor(cfg.model, device="cuda" if cfg.gpus_per_replica > 0 else "cpu",
-                                   token_budget=cfg.token_budget)
+        self.predictor = load_predictor(cfg)
         self.info = {**self.predictor.describe(), "limits": {"max_texts": cfg.max_texts,
                                                              "max_text_chars": cfg.max_text_chars}}
         self.api_key = _api_key(cfg.api_key_env)

@@ -51,6 +51,15 @@ def test_explicit_budget_wins(tiny_classifier):
     assert (pred.token_budget, pred.max_batch) == (512, 8)
 
 
+def test_serve_replicas_use_smaller_passes_on_cpu(tiny_classifier):
+    """A serve batch is a few dozen unsorted texts: on CPU its passes are capped lower than the labeler's."""
+    from bertray.config import SERVE_CPU_TOKEN_BUDGET, ServeConfig
+    from bertray.serve import load_predictor
+
+    assert load_predictor(ServeConfig(model=tiny_classifier)).token_budget == SERVE_CPU_TOKEN_BUDGET < 2048
+    assert load_predictor(ServeConfig(model=tiny_classifier, token_budget=300)).token_budget == 300
+
+
 def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_classifier):
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
