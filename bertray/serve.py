@@ -181,6 +181,7 @@ class Classifier:
         # all enter the next batch together.
         self._model_free = asyncio.Event()
         self._model_free.set()
+        self._waiting = 0  # requests in this replica that want the model and have not got it yet
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -221,19 +222,30 @@ class Classifier:
         """Class probabilities per text, and the size of the largest forward pass they ran in."""
         if not self.cfg.batching:
             return list(await self._forward(texts)), len(texts)
-        await self._model_free.wait()
-        rows = await asyncio.gather(*(self._predict_one(t) for t in texts))
+        if self._model_free.is_set() and self._waiting == 0:
+            # Alone with an idle model: there is nothing to batch with, so skip the batcher's wait for company
+            # (batch_wait_timeout_s, plus its queue) and run now. Callers that arrive meanwhile batch behind it.
+            return list(await self._hold_model(texts)), len(texts)
+        self._waiting += 1
+        try:
+            await self._model_free.wait()
+            rows = await asyncio.gather(*(self._predict_one(t) for t in texts))
+        finally:
+            self._waiting -= 1
         return [p for p, _ in rows], max(n for _, n in rows)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _predict_one(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
         """Called with one text per caller; Serve gathers the texts of concurrent callers into one list."""
+        probs = await self._hold_model(texts)
+        return [(p, len(texts)) for p in probs]
+
+    async def _hold_model(self, texts: list[str]) -> np.ndarray:
         self._model_free.clear()
         try:
-            probs = await self._forward(texts)
+            return await self._forward(texts)
         finally:
             self._model_free.set()
-        return [(p, len(texts)) for p in probs]
 
     async def _forward(self, texts: list[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()

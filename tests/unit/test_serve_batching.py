@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +26,18 @@ def outside_a_replica(monkeypatch):
     from ray.serve import batching
 
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_batch_queue():
+    """Serve keeps one batch queue per decorated method, in the class's function, and creates it on first use. A
+    queue left there by these tests (an asyncio task, weak references, the test's sizes) would make Classifier
+    unpicklable for a Serve test run later in the same process, as a pytest-xdist worker does."""
+    lazy = Classifier.func_or_class._predict_one.set_max_batch_size.__self__
+    saved = (lazy.max_batch_size, lazy.batch_wait_timeout_s)
+    yield
+    lazy._queue = None
+    lazy.max_batch_size, lazy.batch_wait_timeout_s = saved
 
 
 class HeldPredictor:
@@ -84,3 +97,19 @@ def test_without_batching_each_request_runs_alone():
     results = asyncio.run(main())
     assert sorted(len(p) for p in pred.passes) == [2, 2, 2]
     assert [batch for _, batch in results] == [2, 2, 2]
+
+
+def test_a_lone_caller_does_not_wait_for_company():
+    """With an idle model and nobody else waiting, a request runs at once instead of sitting out the batch wait."""
+    pred = HeldPredictor()
+    pred.release.set()
+    clf = bare_classifier(pred, batch_wait_timeout_s=5.0, max_batch_size=32)
+
+    async def main():
+        t0 = time.perf_counter()
+        probs, batch = await clf._classify_texts(["alone", "together"])
+        return probs, batch, time.perf_counter() - t0
+
+    probs, batch, took = asyncio.run(main())
+    assert took < 1.0, f"waited {took:.1f} s: the lone request went through the 5 s batch wait"
+    assert pred.passes == [["alone", "together"]] and batch == 2 and len(probs) == 2
