@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import psutil
 import torch
 from transformers import get_scheduler
 
@@ -447,7 +448,7 @@ def _remove_orphaned_scratch() -> None:
     for path in Path(tempfile.gettempdir()).glob("bertray-*-*-*"):
         m = _SCRATCH_NAME.fullmatch(path.name)
         try:
-            if not m or _pid_alive(int(m.group(2))) or time.time() - path.stat().st_mtime < _ORPHAN_MIN_AGE_S:
+            if not m or psutil.pid_exists(int(m.group(2))) or time.time() - path.stat().st_mtime < _ORPHAN_MIN_AGE_S:
                 continue
         except FileNotFoundError:  # another worker on this node removed it first
             continue
@@ -456,16 +457,6 @@ def _remove_orphaned_scratch() -> None:
     if removed:
         log.info("removed %d scratch director%s left in %s by killed processes", removed,
                  "y" if removed == 1 else "ies", tempfile.gettempdir())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _seed(seed: int) -> None:

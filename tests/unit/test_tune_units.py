@@ -195,7 +195,6 @@ def test_resume_refuses_a_changed_sweep(tmp_path):
     assert "choose a new run.name" in text
 
 
-
 def test_prune_train_state_keeps_weights_and_failed_trials_state(tmp_path):
     files = {
         "trial-a_00000/checkpoint_000000/train_state.pt": 300,
@@ -216,6 +215,7 @@ def test_prune_train_state_keeps_weights_and_failed_trials_state(tmp_path):
                     "train-runs/b_00001/checkpoint_2026-11-23/train_state.pt",
                     "trial-a_00000/checkpoint_000000/model.safetensors",
                     "trial-b_00001/checkpoint_000000/train_state.pt"]
+
 
 def _result(tmp_path, name: str, steps: list[int], values: list[float], total: int | None, lr: float, **metrics):
     from ray.tune import Checkpoint, Result
