@@ -224,20 +224,21 @@ def speed(args) -> dict:
     flops = gpu_matmul_peak(torch.bfloat16) if args.gpu else matmul_peak(threads)
     flops_per_token = 2 * modeling.count_params(pred.model, non_embedding=True)
     roof_tokens = flops / flops_per_token
-    del pred
+    # The plain loops run before Ray starts, so an idle cluster's processes do not share the cores with them.
+    plain = {}
+    for name, texts in corpora.items():
+        plain[name] = {"pipeline": time_pipeline(model_dir, texts, device),
+                       "predictor fp32": time_predictor(model_dir, texts, None, device)}
+        if not args.gpu:
+            plain[name]["predictor int8"] = time_predictor(model_dir, texts, "int8")
     runtime.init_ray(None)
     rows = []
     for name, texts in corpora.items():
-        pred = Predictor(model_dir)
         tokens = sum(len(x) for x in pred.encode(texts)[0])
-        del pred
         corpus = write_corpus(work / f"corpus-{len(texts)}", texts)
         tiny = write_corpus(work / f"corpus-{len(texts)}-16", texts[:16])
         rpf = max(32, len(texts) // 16)  # 16 units: enough to keep every actor busy to the end
-        m = {"pipeline": time_pipeline(model_dir, texts, device),
-             "predictor fp32": time_predictor(model_dir, texts, None, device)}
-        if not args.gpu:
-            m["predictor int8"] = time_predictor(model_dir, texts, "int8")
+        m = dict(plain[name])
         for q in ("none",) if args.gpu else ("none", "int8"):
             fixed, _ = time_label_run(model_dir, tiny, work / "out-tiny", q, rpf, gpus)
             full, summary = time_label_run(model_dir, corpus, work / "out", q, rpf, gpus)

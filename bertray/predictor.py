@@ -17,6 +17,11 @@ from bertray import checkpoint, modeling, storage
 
 log = logging.getLogger(__name__)
 
+# What one more forward pass costs on CPU, in padded tokens: plan_passes trades padding against passes with it.
+# Timed on SST-2 sentences with MiniLM-L6 (1 and 2 threads), 32, 48, 64 and 128 all beat the greedy cut by
+# 15-22% on 250-text chunks and by 2-5% on 2,048-text chunks and long documents; 64 sits in the middle.
+CPU_PASS_COST_TOKENS = 64
+
 
 @dataclass
 class Prediction:
@@ -63,6 +68,9 @@ class Predictor:
         gpu = self.device.type == "cuda"
         self.token_budget = token_budget or (16384 if gpu else 2048)
         self.max_batch = max_batch or (256 if gpu else 64)
+        # How the sorted texts are cut into passes: on CPU by cost (plan_passes); on a GPU the longest runs that fit,
+        # as before (the cost model was measured on CPU only).
+        self.pass_cost = None if gpu else CPU_PASS_COST_TOKENS
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
@@ -75,12 +83,8 @@ class Predictor:
         if n == 0:
             return out
         order = np.argsort([len(x) for x in ids], kind="stable")
-        start = 0
-        while start < n:
-            # Grow the micro-batch while (rows x longest row) fits the token budget; sorted, so the last is longest.
-            end = start + 1
-            while end < n and end - start < self.max_batch and (end - start + 1) * len(ids[order[end]]) <= self.token_budget:
-                end += 1
+        lengths = [len(ids[i]) for i in order]
+        for start, end in plan_passes(lengths, self.max_batch, self.token_budget, self.pass_cost):
             rows = order[start:end]
             width = len(ids[rows[-1]])
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -92,7 +96,6 @@ class Predictor:
                 logits = self.model(input_ids=input_ids.to(self.device, non_blocking=True),
                                     attention_mask=mask.to(self.device, non_blocking=True)).logits
             out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-            start = end
         return out
 
     def predict(self, texts: list[str]) -> Prediction:
@@ -108,6 +111,41 @@ class Predictor:
             "max_length": self.max_length,
             "truncation": self.truncation,
         }
+
+
+def plan_passes(lengths: list[int], max_batch: int, token_budget: int,
+                pass_cost: int | None) -> list[tuple[int, int]]:
+    """Cut texts sorted by token length into forward passes: (start, end) runs of at most `max_batch` texts whose
+    padded size (texts x the run's longest) fits `token_budget`; a text longer than the budget runs alone.
+
+    With `pass_cost` None, each pass takes the longest run that fits. Otherwise the cut minimises padded tokens plus
+    `pass_cost` token-equivalents per pass (a shortest-path over cut points, O(texts x max_batch)). The greedy cut
+    pads badly when a chunk of texts is small, since neighbours in a short sorted list differ a lot in length: on
+    250 SST-2 sentences it computes 1.36x the real tokens, against 1.05x on 2,048."""
+    n = len(lengths)
+    if pass_cost is None:
+        cuts, start = [], 0
+        while start < n:
+            end = start + 1
+            while end < n and end - start < max_batch and (end - start + 1) * lengths[end] <= token_budget:
+                end += 1
+            cuts.append((start, end))
+            start = end
+        return cuts
+    best = np.zeros(n + 1)  # best[e]: cheapest cost of passes covering texts [0, e)
+    prev = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        width = lengths[end - 1]  # sorted, so the run's last text is its longest
+        most = min(max_batch, end, max(1, token_budget // width))
+        starts = np.arange(end - most, end)
+        cost = best[starts] + (end - starts) * width + pass_cost
+        i = int(np.argmin(cost))
+        best[end], prev[end] = cost[i], starts[i]
+    cuts, end = [], n
+    while end > 0:
+        cuts.append((int(prev[end]), end))
+        end = int(prev[end])
+    return cuts[::-1]
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -35,7 +35,7 @@ def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifi
     texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 100, size=300)]
     batched = pred.predict(texts).probs
 
-    assert pred.token_budget == 2048 and pred.max_batch == 64  # the CPU defaults
+    assert pred.token_budget == 2048 and pred.max_batch == 64 and pred.pass_cost == 64  # the CPU defaults
     assert sum(rows for rows, _ in shapes) == len(texts)
     assert all(rows <= 64 and rows * width <= 2048 for rows, width in shapes), shapes
     widths = [w for _, w in shapes]
@@ -44,6 +44,31 @@ def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifi
     shapes.clear()
     one_by_one = np.concatenate([pred.predict([t]).probs for t in texts[:40]])
     np.testing.assert_allclose(batched[:40], one_by_one, atol=1e-5)
+
+
+def _padded_cost(lengths, cuts, pass_cost):
+    return sum((end - start) * lengths[end - 1] + pass_cost for start, end in cuts)
+
+
+def test_passes_trade_padding_against_passes():
+    from bertray.predictor import plan_passes
+
+    # Three short texts and one long one: greedy pads all four to 100; two passes cost less than 400 tokens.
+    assert plan_passes([10, 10, 10, 100], 4, 2048, None) == [(0, 4)]
+    assert plan_passes([10, 10, 10, 100], 4, 2048, 64) == [(0, 3), (3, 4)]
+    assert plan_passes([600, 700], 8, 512, 64) == [(0, 1), (1, 2)]  # over the budget alone: still one pass each
+    assert plan_passes([], 8, 512, 64) == []
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        lengths = sorted(rng.integers(1, 200, size=int(rng.integers(1, 300))).tolist())
+        greedy = plan_passes(lengths, 64, 2048, None)
+        cut = plan_passes(lengths, 64, 2048, 64)
+        # Contiguous cover of every text, within both limits ...
+        assert [s for s, _ in cut] == [0] + [e for _, e in cut[:-1]] and cut[-1][1] == len(lengths)
+        assert all(e - s <= 64 and ((e - s) * lengths[e - 1] <= 2048 or e - s == 1) for s, e in cut)
+        # ... and never dearer than the greedy cut, which is one of the cuts it chooses among.
+        assert _padded_cost(lengths, cut, 64) <= _padded_cost(lengths, greedy, 64)
 
 
 def test_explicit_budget_wins(tiny_classifier):
