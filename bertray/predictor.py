@@ -18,8 +18,8 @@ from bertray import checkpoint, modeling, storage
 log = logging.getLogger(__name__)
 
 # What one more forward pass costs on CPU, in padded tokens: plan_passes trades padding against passes with it.
-# Timed on SST-2 sentences with MiniLM-L6 (1 and 2 threads), 32, 48, 64 and 128 all beat the greedy cut by
-# 15-22% on 250-text chunks and by 2-5% on 2,048-text chunks and long documents; 64 sits in the middle.
+# Timed on SST-2 sentences with MiniLM-L6 (1 and 2 threads), costs from 16 to 128 all beat the greedy cut by
+# 13-24% on 250-text chunks and mostly by 2-6% on 2,048-text chunks and long documents; 64 sits in the middle.
 CPU_PASS_COST_TOKENS = 64
 
 
