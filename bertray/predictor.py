@@ -136,7 +136,7 @@ def plan_passes(lengths: list[int], max_batch: int, token_budget: int,
     prev = np.zeros(n + 1, dtype=np.int64)
     for end in range(1, n + 1):
         width = lengths[end - 1]  # sorted, so the run's last text is its longest
-        most = min(max_batch, end, max(1, token_budget // width))
+        most = min(max_batch, end, max(1, token_budget // max(width, 1)))
         starts = np.arange(end - most, end)
         cost = best[starts] + (end - starts) * width + pass_cost
         i = int(np.argmin(cost))
