@@ -82,11 +82,12 @@ class Predictor:
         out = np.zeros((n, len(self.label_names)), dtype=np.float32)
         if n == 0:
             return out
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        lengths = [len(ids[i]) for i in order]
+        sizes = [len(x) for x in ids]
+        order = np.argsort(sizes, kind="stable")
+        lengths = [sizes[i] for i in order]
         for start, end in plan_passes(lengths, self.max_batch, self.token_budget, self.pass_cost):
             rows = order[start:end]
-            width = len(ids[rows[-1]])
+            width = lengths[end - 1]  # sorted, so the pass pads to its last text
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):
