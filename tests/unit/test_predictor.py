@@ -100,3 +100,43 @@ def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_cla
     assert all(m.weight().qscheme() == torch.per_channel_affine for m in quantized.values())
     texts = ["a fine film", "dull and long", "x " * 50]
     np.testing.assert_allclose(q.predict(texts).probs, fp32.predict(texts).probs, atol=0.05)
+
+
+def test_int8_activations_get_8_bits_only_where_the_cpu_adds_them_up_exactly(tiny_classifier):
+    """fbgemm limited to AVX2 sums pairs of 8-bit products in 16 bits, which saturate at full range: there the
+    quantized model must keep PyTorch's 7-bit activations. Where the probe finds exact sums (VNNI), every quantized
+    layer takes 8-bit activations, and a layer's output tracks fp32 more closely than with 7."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from bertray.predictor import FullRangeInt8Linear, _quantize_dynamic, int8_full_range
+
+    code = ("from bertray.predictor import Predictor, FullRangeInt8Linear, int8_full_range\n"
+            f"q = Predictor({tiny_classifier!r}, quantize='int8')\n"
+            "print(int8_full_range(), sum(isinstance(m, FullRangeInt8Linear) for m in q.model.modules()))")
+    avx2 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"})
+    assert avx2.returncode == 0, avx2.stderr
+    assert avx2.stdout.split() == ["False", "0"]
+
+    full_layers = [m for m in Predictor(tiny_classifier, quantize="int8").model.modules()
+                   if isinstance(m, FullRangeInt8Linear)]
+    if not int8_full_range():
+        assert full_layers == []
+        pytest.skip("this CPU's int8 kernels saturate at full range (no VNNI): 7-bit activations, checked above")
+    assert len(full_layers) == 6
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(384, 384))
+    x = torch.randn(256, 384)
+    with torch.inference_mode():
+        exact = layer(x)
+        q = _quantize_dynamic(layer, {torch.nn.Linear: per_channel_dynamic_qconfig})
+        err7 = (q(x) - exact).abs().mean()
+        q[0].__class__ = FullRangeInt8Linear
+        err8 = (q(x) - exact).abs().mean()
+    assert err8 < 0.75 * err7, (err8, err7)
