@@ -41,25 +41,35 @@ def texts(n: int) -> list[str]:
 def single_text_latency(model: str, sample: list[str], seconds: float, threads: int, device: str = "cpu") -> dict:
     """The model alone: one text per `predict` call, in this process, with the replica's torch thread count and
     device."""
+    return model_alone(model, sample, seconds, threads, device, batch=1)
+
+
+def model_alone(model: str, sample: list[str], seconds: float, threads: int, device: str = "cpu",
+                batch: int = 1) -> dict:
+    """`batch` texts per `predict` call, in this process, with the replica's torch thread count and device.
+    Latencies are per call; `ms_per_text` is wall time per text."""
     import torch
 
     from bertray.predictor import Predictor
 
     torch.set_num_threads(threads)
     pred = Predictor(model, device=device)
-    for t in sample[:20]:
-        pred.predict([t])
+    calls = [sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch)]
+    for texts in calls[:max(1, 20 // batch)]:
+        pred.predict(texts)
     lat = []
     end = time.perf_counter() + seconds
     cpu0 = time.process_time()
     i = 0
     while time.perf_counter() < end:
         t0 = time.perf_counter()
-        pred.predict([sample[i % len(sample)]])
+        pred.predict(calls[i % len(calls)])
         lat.append(time.perf_counter() - t0)
         i += 1
     out = _summary(lat, seconds, errors=0)
     out["cpu_ms"] = (time.process_time() - cpu0) * 1000 / i
+    out["batch"] = batch
+    out["ms_per_text"] = sum(lat) * 1000 / (i * batch)
     return out
 
 
@@ -193,13 +203,24 @@ def run_bench(args) -> dict:
             ray.shutdown()
         # Again after the load steps: if it moved much, other work on the machine changed under the run.
         baseline_after = single_text_latency(model, sample, args.baseline_seconds, threads, device)
-    top = max(args.clients)
+        # The model's own gain from batching, with no Serve in the way: texts per second in calls of the mean batch
+        # the replica ran at the top client count, against one text per call. End to end each request also pays
+        # Serve's own work, which batching trims a little, so the two ratios differ; but when the model's own gain
+        # is well under a target, the serving side cannot make up the rest. This tells the two apart.
+        top = max(args.clients)
+        mean_batch = max(1, round(results[f"on/{top}"]["mean_batch"]))
+        batched = model_alone(model, sample, args.baseline_seconds, threads, device, batch=mean_batch)
+        single = baseline_after["ms_per_text"]  # timed just before, so both see the machine in the same state
+        print(f"model alone: {single:.2f} ms per text one at a time, {batched['ms_per_text']:.2f} in calls of "
+              f"{mean_batch}", flush=True)
     return {
         "baseline": baseline,
         "baseline_after": baseline_after,
+        "model_batched": batched,
         "serve": results,
         "ratios": {
             f"batched_over_unbatched_rps_at_{top}": results[f"on/{top}"]["rps"] / results[f"off/{top}"]["rps"],
+            "model_alone_batched_over_single": single / batched["ms_per_text"],
             "p99_1_client_batched_over_single_text_p50": results["on/1"]["p99_ms"] / baseline["p50_ms"],
             "p99_1_client_unbatched_over_single_text_p50": results["off/1"]["p99_ms"] / baseline["p50_ms"],
             "p99_1_client_batched_over_single_text_p99": results["on/1"]["p99_ms"] / baseline["p99_ms"],
@@ -241,6 +262,11 @@ def markdown(out: dict) -> str:
         "",
         f"- batched / unbatched throughput at {top} clients: "
         f"{ratios[f'batched_over_unbatched_rps_at_{top}']:.2f}x (target >= 2x)",
+        f"- the model alone, no Serve: {out['model_batched']['ms_per_text']:.2f} ms per text in calls of "
+        f"{out['model_batched']['batch']} (the mean batch above) against "
+        f"{out['baseline_after']['ms_per_text']:.2f} ms one at a time (the single-text run just before): {ratios['model_alone_batched_over_single']:.2f}x, the model's own gain from "
+        f"batching on this device; end to end reached "
+        f"{ratios[f'batched_over_unbatched_rps_at_{top}'] / ratios['model_alone_batched_over_single']:.0%} of it",
         f"- p99 at 1 client / single-text latency (target <= 1.5x): batching on "
         f"{ratios['p99_1_client_batched_over_single_text_p99']:.2f}x of its p99, "
         f"{ratios['p99_1_client_batched_over_single_text_p50']:.2f}x of its p50; batching off "
