@@ -16,11 +16,11 @@ two corpora: SST-2 sentences, and documents of 200-500 tokens built by joining c
     "actor compute" is the time the actors spent on the units (summed from the part files, divided by the actors),
     i.e. the steady-state rate with Ray's startup and scheduling left out.
   - the roofline: fp32 matmul FLOP/s measured with torch.matmul on big square matrices (same thread count),
-    divided by the model's FLOPs per token. The matmul rate is the median of timings taken at five points of the
-    run (before the plain loops, between the stages, at the end): on a shared VM one timing moves by +-15%. The
-    FLOPs per token count the weights (2 x non-embedding parameters) and attention's own products at each text's
-    length (scores and weighted sum, 4 x length x width per layer), as PaLM's model-FLOPs utilisation does; the
-    report also gives the weights-only share, which earlier runs were judged by.
+    divided by the model's FLOPs per token. The matmul rate is the median of five timings taken with Ray down
+    (before the plain loops, after each corpus's, and twice after the label runs): on a shared VM one timing moves
+    by +-15%. The FLOPs per token count the weights (2 x non-embedding parameters) and attention's own products at
+    each text's length (scores and weighted sum, 4 x length x width per layer), as PaLM's model-FLOPs utilisation
+    does; the report also gives the weights-only share, which earlier runs were judged by.
 All methods use every core: the plain loops run torch on all of them, `bertray label` one 1-thread actor per core.
 
 Memory mode: labels a generated 1M-row corpus and a 100k-row one through the CLI (fresh local Ray each) with a tiny
@@ -154,6 +154,10 @@ def actor_seconds(output: Path) -> float:
                for p in output.glob("part-*.parquet"))
 
 
+def rows_per_unit(rows: int) -> int:
+    return max(32, rows // 16)  # 16 units: enough to keep every actor busy to the end
+
+
 def label_cli(model_dir: str, corpus: Path, out: Path, rows_per_file: int, extra: list[str] = (),
               sample_memory: bool = False) -> dict:
     """`bertray label` as a user runs it, on its own fresh local Ray; wall time (and RSS samples if asked)."""
@@ -227,7 +231,8 @@ def speed(args) -> dict:
     sentences = sst2_sentences()
     corpora = {"short (SST-2 sentences)": sentences[: args.short],
                "long (200-500 tokens)": long_docs(sentences, pred.tokenizer, args.long)}
-    # On a GPU the predictor runs under bf16 autocast, so its roofline is the bf16 matmul rate.
+    # On a GPU the predictor runs under bf16 autocast, so its roofline is the bf16 matmul rate. Timed only while
+    # Ray is down, as the plain loops are: with an idle cluster up, timings came out 2-13% lower on 2 cores.
     peaks = []
 
     def time_peak() -> None:
@@ -244,6 +249,7 @@ def speed(args) -> dict:
             plain[name]["predictor int8"] = time_predictor(model_dir, texts, "int8")
         time_peak()
     runtime.init_ray(None)
+    gpu_flags = ["--gpus-per-actor", "1"] if args.gpu else []
     rows = []
     for name, texts in corpora.items():
         lengths = [len(x) for x in pred.encode(texts)[0]]
@@ -254,7 +260,7 @@ def speed(args) -> dict:
         attention = 4 * cfg.hidden_size * cfg.num_hidden_layers * sum(n * n for n in lengths) / tokens
         corpus = write_corpus(work / f"corpus-{len(texts)}", texts)
         tiny = write_corpus(work / f"corpus-{len(texts)}-16", texts[:16])
-        rpf = max(32, len(texts) // 16)  # 16 units: enough to keep every actor busy to the end
+        rpf = rows_per_unit(len(texts))
         m = dict(plain[name])
         for q in ("none",) if args.gpu else ("none", "int8"):
             fixed, _ = time_label_run(model_dir, tiny, work / "out-tiny", q, rpf, gpus)
@@ -264,7 +270,7 @@ def speed(args) -> dict:
             m[f"label {tag} (warm cluster)"] = full
             m[f"label {tag} marginal"] = full - fixed
             m[f"label {tag} actor compute"] = actor_seconds(work / "out") / summary["actors"]
-        cli = label_cli(model_dir, corpus, work / "out-cli", rpf, ["--gpus-per-actor", "1"] if args.gpu else [])
+        cli = label_cli(model_dir, corpus, work / "out-cli", rpf, gpu_flags)
         m["label fp32 (CLI, fresh Ray)"] = cli["wall"]
         if name.startswith("short") and args.cli_repeat > 1:
             # A few thousand rows are mostly Ray start-up and model loading for the CLI; a bulk job is larger. The
@@ -272,17 +278,17 @@ def speed(args) -> dict:
             # how many texts follow, so the row is seconds per copy of the corpus.
             k = args.cli_repeat
             big = write_corpus(work / f"corpus-{len(texts)}-x{k}", texts * k)
-            many = label_cli(model_dir, big, work / "out-cli-big", max(32, k * len(texts) // 16),
-                             ["--gpus-per-actor", "1"] if args.gpu else [])
+            many = label_cli(model_dir, big, work / "out-cli-big", rows_per_unit(k * len(texts)), gpu_flags)
             assert many["summary"]["rows_written"] == k * len(texts)
             m[f"label fp32 (CLI, fresh Ray, {k}x the corpus, per copy)"] = many["wall"] / k
             shutil.rmtree(big)
             shutil.rmtree(work / "out-cli-big")
-        time_peak()
         rows.append({"corpus": name, "docs": len(texts), "tokens": tokens, "attention_flops_per_token": attention,
                      "seconds": m,
                      "actors": summary["actors"], "command": cli["command"]})
     ray.shutdown()
+    time_peak()
+    time_peak()
     flops = statistics.median(peaks)
     return {"mode": "speed", "machine": machine(), "threads": threads, "device": device, "matmul_flops": flops,
             "matmul_flops_timings": peaks, "flops_per_token": flops_per_token,
@@ -317,7 +323,8 @@ def report_speed(r: dict) -> str:
             if r.get("device") == "cuda" else f"{r['results'][0]['actors']} actors x 1 thread")
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m.get('gpu') else ''} (load average at "
              f"the end {m['load_avg']}); torch threads {r['threads']}; label: {unit}.",
-             f"Roofline: {'bf16' if r.get('device') == 'cuda' else 'fp32'} matmul {r['matmul_flops'] / 1e9:.1f} GFLOP/s "
+             f"Roofline: {'bf16' if r.get('device') == 'cuda' else 'fp32'} matmul "
+             f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s "
              f"(median of {len(timings)} timings in the run: {', '.join(f'{x / 1e9:.0f}' for x in timings)}) / "
              f"{r['flops_per_token'] / 1e6:.1f} MFLOP per token for the weights (2 x non-embedding params) = "
              f"{r['roofline_tokens_per_s']:,.0f} tokens/s, before attention's own FLOPs (per corpus, below).", ""]
@@ -335,7 +342,8 @@ def report_speed(r: dict) -> str:
             dps, tps = row["docs"] / sec, row["tokens"] / sec
             share = tps / r["roofline_tokens_per_s"]
             lines.append(f"| {name} | {sec:.2f} | {dps:,.1f} | {tps:,.0f} | {s['pipeline'] / sec:.2f} | "
-                         f"{s['predictor fp32'] / sec:.2f} | {100 * share / with_attention:.0f}% | {100 * share:.0f}% |")
+                         f"{s['predictor fp32'] / sec:.2f} | {100 * share / with_attention:.0f}% | "
+                         f"{100 * share:.0f}% |")
         lines.append("")
     return "\n".join(lines)
 

@@ -5,8 +5,10 @@
 Serves the embedded MiniLM as a 2-class classifier (random head: speed does not depend on the weights) on one
 replica, and drives it with 1, 8 and 32 closed-loop clients (each sends one text, waits for the answer, sends the
 next) for a fixed time per step, first with batching on, then off, in the same run. Texts are SST-2 validation
-sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, same torch thread
-count as the replica). Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
+sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, set up as the
+replica sets it up: torch threads, device, token budget). After the load steps the model alone is also timed in
+calls of the mean batch the replica ran at the top client count: the model's own gain from batching, to set beside
+the end-to-end ratio. Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
 throughput at 32 clients; p99 at 1 client <= 1.5x the single-text latency.
 """
 from __future__ import annotations
@@ -38,22 +40,24 @@ def texts(n: int) -> list[str]:
     return pq.read_table(SST2 / "validation.parquet", columns=["text"]).column("text").to_pylist()[:n]
 
 
-def single_text_latency(model: str, sample: list[str], seconds: float, threads: int, device: str = "cpu") -> dict:
-    """The model alone: one text per `predict` call, in this process, with the replica's torch thread count and
-    device."""
-    return model_alone(model, sample, seconds, threads, device, batch=1)
+def single_text_latency(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
+                        token_budget: int | None = None) -> dict:
+    """The model alone: one text per `predict` call, in this process, set up as a replica sets it up."""
+    return model_alone(model, sample, seconds, threads, gpus, token_budget, batch=1)
 
 
-def model_alone(model: str, sample: list[str], seconds: float, threads: int, device: str = "cpu",
-                batch: int = 1) -> dict:
-    """`batch` texts per `predict` call, in this process, with the replica's torch thread count and device.
-    Latencies are per call; `ms_per_text` is wall time per text."""
+def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
+                token_budget: int | None = None, batch: int = 1) -> dict:
+    """`batch` texts per `predict` call, in this process, with the replica's torch threads, device and token budget
+    (serve.load_predictor). Latencies are per call; `ms_per_text` is wall time per text."""
     import torch
 
-    from bertray.predictor import Predictor
+    from bertray.config import ServeConfig
+    from bertray.serve import load_predictor
 
     torch.set_num_threads(threads)
-    pred = Predictor(model, device=device)
+    pred = load_predictor(ServeConfig(model=model, gpus_per_replica=gpus, token_budget=token_budget))
+    batch = min(batch, len(sample))
     calls = [sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch)]
     for texts in calls[:max(1, 20 // batch)]:
         pred.predict(texts)
@@ -160,8 +164,8 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or minilm_classifier(Path(tmp) / "minilm-classifier", LABELS)
         threads = max(1, int(args.cpus_per_replica))
-        device = "cuda" if args.gpus_per_replica else "cpu"
-        baseline = single_text_latency(model, sample, args.baseline_seconds, threads, device)
+        replica = dict(gpus=args.gpus_per_replica, token_budget=args.token_budget)
+        baseline = single_text_latency(model, sample, args.baseline_seconds, threads, **replica)
         print(f"single-text latency: p50 {baseline['p50_ms']:.2f} ms, p99 {baseline['p99_ms']:.2f} ms", flush=True)
 
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
@@ -202,14 +206,14 @@ def run_bench(args) -> dict:
             serve.shutdown()
             ray.shutdown()
         # Again after the load steps: if it moved much, other work on the machine changed under the run.
-        baseline_after = single_text_latency(model, sample, args.baseline_seconds, threads, device)
+        baseline_after = single_text_latency(model, sample, args.baseline_seconds, threads, **replica)
         # The model's own gain from batching, with no Serve in the way: texts per second in calls of the mean batch
-        # the replica ran at the top client count, against one text per call. End to end each request also pays
-        # Serve's own work, which batching trims a little, so the two ratios differ; but when the model's own gain
-        # is well under a target, the serving side cannot make up the rest. This tells the two apart.
+        # the replica ran at the top client count, against one text per call. End to end, each request also pays
+        # Serve's own work, which batching trims too, so the two ratios differ; side by side they show how much of
+        # a missed target the model's speed on this device accounts for.
         top = max(args.clients)
         mean_batch = max(1, round(results[f"on/{top}"]["mean_batch"]))
-        batched = model_alone(model, sample, args.baseline_seconds, threads, device, batch=mean_batch)
+        batched = model_alone(model, sample, args.baseline_seconds, threads, **replica, batch=mean_batch)
         single = baseline_after["ms_per_text"]  # timed just before, so both see the machine in the same state
         print(f"model alone: {single:.2f} ms per text one at a time, {batched['ms_per_text']:.2f} in calls of "
               f"{mean_batch}", flush=True)
@@ -264,8 +268,9 @@ def markdown(out: dict) -> str:
         f"{ratios[f'batched_over_unbatched_rps_at_{top}']:.2f}x (target >= 2x)",
         f"- the model alone, no Serve: {out['model_batched']['ms_per_text']:.2f} ms per text in calls of "
         f"{out['model_batched']['batch']} (the mean batch above) against "
-        f"{out['baseline_after']['ms_per_text']:.2f} ms one at a time (the single-text run just before): {ratios['model_alone_batched_over_single']:.2f}x, the model's own gain from "
-        f"batching on this device; end to end reached "
+        f"{out['baseline_after']['ms_per_text']:.2f} ms one at a time (the single-text run just before): "
+        f"{ratios['model_alone_batched_over_single']:.2f}x, the model's own gain from batching on this device; "
+        f"end to end reached "
         f"{ratios[f'batched_over_unbatched_rps_at_{top}'] / ratios['model_alone_batched_over_single']:.0%} of it",
         f"- p99 at 1 client / single-text latency (target <= 1.5x): batching on "
         f"{ratios['p99_1_client_batched_over_single_text_p99']:.2f}x of its p99, "

@@ -158,53 +158,58 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     scales, and one scale for the whole matrix rounds the small rows away. The pooler and classifier stay fp32:
     they run once per text (not per token), so they cost nothing to keep, and the logits are what the label and
     score are read from. On SST-2 validation with the demo model this cut the accuracy drop from 1.26 to 0.69
-    points (BENCHMARKS.md, bulk labeling).
+    points (BENCHMARKS.md, session 4).
 
-    Activations get all 8 bits where this CPU's int8 kernels add them up exactly (int8_full_range), and PyTorch's
-    default 7 bits elsewhere. On the demo model that halved the predictions int8 changes (34 to 15 of 872 SST-2
-    validation sentences) and took the accuracy drop from 0.92 to 0.11 points (BENCHMARKS.md)."""
+    Activations get all 8 bits where the host's int8 kernels add them up exactly, and PyTorch's 7 elsewhere
+    (Int8Linear). With the demo model on a CPU with VNNI, 8 bits cut the SST-2 validation labels that int8
+    changes from 34 to 15 of 872, and the accuracy drop from 0.92 to 0.11 points (BENCHMARKS.md, session 10)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     keep_fp32 = ("pooler", "classifier", "score")
     spec = {name: per_channel_dynamic_qconfig for name, mod in model.named_modules()
             if isinstance(mod, torch.nn.Linear) and not any(part in keep_fp32 for part in name.split("."))}
-    model = _quantize_dynamic(model, spec)
-    if int8_full_range():
-        for mod in model.modules():
-            if type(mod) is DynamicInt8Linear:
-                mod.__class__ = FullRangeInt8Linear
-    return model
+    return _quantize_dynamic(model, spec, mapping={torch.nn.Linear: Int8Linear})
 
 
-class FullRangeInt8Linear(DynamicInt8Linear):
-    """PyTorch's dynamic int8 linear with activations quantized to 8 bits (0-255) instead of 7 (0-127)."""
+class Int8Linear(DynamicInt8Linear):
+    """PyTorch's dynamic int8 linear, with 8-bit activations (0-255) where the host's int8 kernels add them up
+    exactly and PyTorch's 7 (0-127) elsewhere. The choice is made where the layer runs, not where it was built, so
+    a quantized model moved to another machine stays correct there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False).to(x.dtype)
+        y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
+                                               reduce_range=not int8_full_range())
+        return y.to(x.dtype)
 
     def _get_name(self) -> str:
-        return "DynamicQuantizedLinearFullRange"
+        return "Int8Linear"
 
 
-def _quantize_dynamic(model: torch.nn.Module, spec: dict) -> torch.nn.Module:
+def _quantize_dynamic(model: torch.nn.Module, spec: dict, mapping: dict | None = None) -> torch.nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
         # torch 2.10+ points eager-mode quantization users at torchao; the eager API still works and is what we pin.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", category=UserWarning)
-        return quantize_dynamic(model, spec, dtype=torch.qint8)
+        return quantize_dynamic(model, spec, dtype=torch.qint8, mapping=mapping)
 
 
-@functools.cache
 def int8_full_range() -> bool:
-    """Whether this CPU's int8 matmul adds 8-bit activations up exactly, so they can use all 8 bits.
+    """Whether this host's int8 matmul adds 8-bit activations up exactly, so they can use all 8 bits.
 
     PyTorch's dynamic int8 linear quantizes activations to 7 bits (`reduce_range=True`) because x86 CPUs without
     VNNI multiply unsigned 8-bit activations by signed 8-bit weights in pairs into a 16-bit sum that saturates: at
-    full range, 2 x 255 x 127 overflows it. With VNNI (AVX512-VNNI) the products go straight into 32 bits. Rather
-    than read CPU flags, this runs the worst case once per process: every activation and weight at its largest.
-    A saturating kernel gives about half the right answer there (129 against 255 with fbgemm limited to AVX2)."""
+    full range, 2 x 255 x 127 overflows it. With AVX512-VNNI the products go straight into 32 bits. Rather than
+    read CPU flags, _probe runs the worst case once per process and quantized engine."""
+    return _probe(torch.backends.quantized.engine)
+
+
+@functools.cache
+def _probe(engine: str) -> bool:
+    """Every activation and every weight at its largest, with 7 and with 8 bits: the two must agree. A saturating
+    kernel gives about half the right answer with 8 bits (fbgemm limited to AVX2 on a VNNI CPU:
+    FBGEMM_ENABLE_INSTRUCTIONS=AVX2)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     linear = torch.nn.Sequential(torch.nn.Linear(384, 64, bias=False))
@@ -215,5 +220,6 @@ def int8_full_range() -> bool:
         safe = torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True)
         full = torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)
     ok = bool(torch.allclose(full, safe, rtol=1e-3))
-    log.debug("int8 activations: %d bits", 8 if ok else 7)
+    log.info("int8 (%s engine): %d-bit activations; 8-bit worst case %.1f against %.1f with 7 bits", engine,
+             8 if ok else 7, float(full.mean()), float(safe.mean()))
     return ok

@@ -1,6 +1,12 @@
 """Predictor's length-aware micro-batching: bounded batches on CPU, results back in input order."""
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,6 +14,7 @@ from bertray import modeling
 from bertray.predictor import Predictor
 
 LABELS = ["neg", "pos"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -102,41 +109,52 @@ def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_cla
     np.testing.assert_allclose(q.predict(texts).probs, fp32.predict(texts).probs, atol=0.05)
 
 
-def test_int8_activations_get_8_bits_only_where_the_cpu_adds_them_up_exactly(tiny_classifier):
-    """fbgemm limited to AVX2 sums pairs of 8-bit products in 16 bits, which saturate at full range: there the
-    quantized model must keep PyTorch's 7-bit activations. Where the probe finds exact sums (VNNI), every quantized
-    layer takes 8-bit activations, and a layer's output tracks fp32 more closely than with 7."""
-    import os
-    import subprocess
-    import sys
 
+def _int8_layer_outputs():
+    """One 384 x 384 layer on random activations: fp32 output, Int8Linear's, and stock PyTorch int8's (7 bits)."""
     import torch
-
-    from bertray.predictor import FullRangeInt8Linear, _quantize_dynamic, int8_full_range
-
-    code = ("from bertray.predictor import Predictor, FullRangeInt8Linear, int8_full_range\n"
-            f"q = Predictor({tiny_classifier!r}, quantize='int8')\n"
-            "print(int8_full_range(), sum(isinstance(m, FullRangeInt8Linear) for m in q.model.modules()))")
-    avx2 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"})
-    assert avx2.returncode == 0, avx2.stderr
-    assert avx2.stdout.split() == ["False", "0"]
-
-    full_layers = [m for m in Predictor(tiny_classifier, quantize="int8").model.modules()
-                   if isinstance(m, FullRangeInt8Linear)]
-    if not int8_full_range():
-        assert full_layers == []
-        pytest.skip("this CPU's int8 kernels saturate at full range (no VNNI): 7-bit activations, checked above")
-    assert len(full_layers) == 6
     from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from bertray.predictor import Int8Linear, _quantize_dynamic
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(384, 384))
     x = torch.randn(256, 384)
+    spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
     with torch.inference_mode():
-        exact = layer(x)
-        q = _quantize_dynamic(layer, {torch.nn.Linear: per_channel_dynamic_qconfig})
-        err7 = (q(x) - exact).abs().mean()
-        q[0].__class__ = FullRangeInt8Linear
-        err8 = (q(x) - exact).abs().mean()
+        ours = _quantize_dynamic(layer, spec, mapping={torch.nn.Linear: Int8Linear})
+        stock = _quantize_dynamic(layer, spec)
+        return layer(x), ours(x), stock(x)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm's ISA levels are x86's")
+def test_int8_keeps_7_bit_activations_where_the_kernels_saturate():
+    """fbgemm limited to AVX2 sums pairs of 8-bit products in 16 bits, which saturate at full range: the probe must
+    say so, and Int8Linear must then compute exactly what PyTorch's own 7-bit layer does."""
+    code = ("import torch\n"
+            "from bertray.predictor import int8_full_range\n"
+            "from tests.unit.test_predictor import _int8_layer_outputs\n"
+            "_, ours, stock = _int8_layer_outputs()\n"
+            "print(int8_full_range(), torch.equal(ours, stock))")
+    avx2 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"})
+    assert avx2.returncode == 0, avx2.stderr
+    assert avx2.stdout.split() == ["False", "True"]
+
+
+def test_int8_takes_8_bit_activations_where_the_kernels_sum_exactly(tiny_classifier):
+    """Where the probe finds exact sums (VNNI), every quantized layer of the model is an Int8Linear, and a layer's
+    output tracks fp32 about twice as closely as PyTorch's 7-bit one."""
+    import torch
+
+    from bertray.predictor import Int8Linear, int8_full_range
+
+    q = Predictor(tiny_classifier, quantize="int8")
+    fp32_linears = [n for n, m in Predictor(tiny_classifier).model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".encoder." in n]
+    assert sorted(n for n, m in q.model.named_modules() if isinstance(m, Int8Linear)) == sorted(fp32_linears)
+    if not int8_full_range():
+        pytest.skip("this CPU's int8 kernels saturate at full range (no VNNI): 7-bit activations")
+    exact, ours, stock = _int8_layer_outputs()
+    err8, err7 = (ours - exact).abs().mean(), (stock - exact).abs().mean()
     assert err8 < 0.75 * err7, (err8, err7)
