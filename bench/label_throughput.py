@@ -9,9 +9,8 @@ two corpora: SST-2 sentences, and documents of 200-500 tokens built by joining c
   - our Predictor in a plain loop without Ray (chunks of label.CHUNK_ROWS texts, as each label actor does), fp32
     and int8,
   - `bertray label` through the real CLI on a fresh local Ray (wall time of the whole command: Ray start, actor
-    start, model load, planning, labeling, writing), on the corpus and, for short texts, on the corpus repeated
-    --cli-repeat times (a bulk-sized job, reported per copy), and `label.run` on an already-running cluster, fp32
-    and int8.
+    start, model load, planning, labeling, writing), on the corpus and on the corpus repeated --cli-repeat times
+    (a bulk-sized job, reported per copy), and `label.run` on an already-running cluster, fp32 and int8.
     The label figures include every fixed cost; "marginal" subtracts the time of the same call on a 16-doc corpus;
     "actor compute" is the time the actors spent on the units (summed from the part files, divided by the actors),
     i.e. the steady-state rate with Ray's startup and scheduling left out.
@@ -272,11 +271,11 @@ def speed(args) -> dict:
             m[f"label {tag} actor compute"] = actor_seconds(work / "out") / summary["actors"]
         cli = label_cli(model_dir, corpus, work / "out-cli", rpf, gpu_flags)
         m["label fp32 (CLI, fresh Ray)"] = cli["wall"]
-        if name.startswith("short") and args.cli_repeat > 1:
-            # A few thousand rows are mostly Ray start-up and model loading for the CLI; a bulk job is larger. The
-            # same texts repeated keep every other column valid: a plain loop's time per text does not depend on
-            # how many texts follow, so the row is seconds per copy of the corpus.
-            k = args.cli_repeat
+        k = args.cli_repeat[0 if name.startswith("short") else 1]
+        if k > 1:
+            # A small corpus is mostly Ray start-up and model loading for the CLI; a bulk job is larger. The same
+            # texts repeated keep every other column valid: a plain loop's time per text does not depend on how
+            # many texts follow, so the row is seconds per copy of the corpus.
             big = write_corpus(work / f"corpus-{len(texts)}-x{k}", texts * k)
             many = label_cli(model_dir, big, work / "out-cli-big", rows_per_unit(k * len(texts)), gpu_flags)
             assert many["summary"]["rows_written"] == k * len(texts)
@@ -373,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", action="store_true", help="peak RSS check instead of the speed comparison")
     p.add_argument("--short", type=int, default=4000, help="SST-2 sentences in the short corpus")
     p.add_argument("--long", type=int, default=500, help="documents in the long corpus")
-    p.add_argument("--cli-repeat", type=int, default=10,
-                   help="also time the CLI on the short corpus repeated this many times (1: skip)")
+    p.add_argument("--cli-repeat", type=int, nargs=2, default=[10, 4], metavar=("SHORT", "LONG"),
+                   help="also time the CLI on each corpus repeated this many times (1: skip)")
     p.add_argument("--memory-small", type=int, default=100_000)
     p.add_argument("--memory-large", type=int, default=1_000_000)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, deleted after)")
