@@ -283,8 +283,7 @@ def speed(args) -> dict:
             shutil.rmtree(big)
             shutil.rmtree(work / "out-cli-big")
         rows.append({"corpus": name, "docs": len(texts), "tokens": tokens, "attention_flops_per_token": attention,
-                     "seconds": m,
-                     "actors": summary["actors"], "command": cli["command"]})
+                     "seconds": m, "actors": summary["actors"], "command": cli["command"]})
     ray.shutdown()
     time_peak()
     time_peak()
