@@ -41,22 +41,23 @@ def texts(n: int) -> list[str]:
 
 
 def single_text_latency(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
-                        token_budget: int | None = None) -> dict:
+                        token_budget: int | None = None, quantize: str = "none") -> dict:
     """The model alone: one text per `predict` call, in this process, set up as a replica sets it up."""
-    return model_alone(model, sample, seconds, threads, gpus, token_budget, batch=1)
+    return model_alone(model, sample, seconds, threads, gpus, token_budget, quantize, batch=1)
 
 
 def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
-                token_budget: int | None = None, batch: int = 1) -> dict:
-    """`batch` texts per `predict` call, in this process, with the replica's torch threads, device and token budget
-    (serve.load_predictor). Latencies are per call; `ms_per_text` is wall time per text."""
+                token_budget: int | None = None, quantize: str = "none", batch: int = 1) -> dict:
+    """`batch` texts per `predict` call, in this process, with the replica's torch threads, device, token budget
+    and quantization (serve.load_predictor). Latencies are per call; `ms_per_text` is wall time per text."""
     import torch
 
     from bertray.config import ServeConfig
     from bertray.serve import load_predictor
 
     torch.set_num_threads(threads)
-    pred = load_predictor(ServeConfig(model=model, gpus_per_replica=gpus, token_budget=token_budget))
+    pred = load_predictor(ServeConfig(model=model, gpus_per_replica=gpus, token_budget=token_budget,
+                                      quantize=quantize))
     batch = min(batch, len(sample))
     calls = [sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch)]
     for texts in calls[:max(1, 20 // batch)]:
@@ -164,7 +165,7 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or minilm_classifier(Path(tmp) / "minilm-classifier", LABELS)
         threads = max(1, int(args.cpus_per_replica))
-        replica = dict(gpus=args.gpus_per_replica, token_budget=args.token_budget)
+        replica = dict(gpus=args.gpus_per_replica, token_budget=args.token_budget, quantize=args.quantize)
         baseline = single_text_latency(model, sample, args.baseline_seconds, threads, **replica)
         print(f"single-text latency: p50 {baseline['p50_ms']:.2f} ms, p99 {baseline['p99_ms']:.2f} ms", flush=True)
 
@@ -180,7 +181,7 @@ def run_bench(args) -> dict:
                 cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
                                   gpus_per_replica=args.gpus_per_replica,
                                   max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-                                  token_budget=args.token_budget)
+                                  token_budget=args.token_budget, quantize=args.quantize)
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
                 asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
@@ -241,7 +242,8 @@ def markdown(out: dict) -> str:
         f"Command: `{out['command']}`",
         f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
         f"(torch threads {max(1, int(a['cpus_per_replica']))}) and {a.get('gpus_per_replica', 0):g} GPU; max_batch_size {a['max_batch_size']}, "
-        f"batch_wait_timeout_s {a['batch_wait_timeout_s']}, token_budget {a['token_budget']}; one SST-2 validation sentence per request; "
+        f"batch_wait_timeout_s {a['batch_wait_timeout_s']}, token_budget {a['token_budget']}, "
+        f"quantize {a.get('quantize', 'none')}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
         f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls, {b['cpu_ms']:.2f} ms CPU "
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-timeout-s", type=float, default=ServeConfig.batch_wait_timeout_s)
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ServeConfig.quantize (CPU only)")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))
     args = p.parse_args(argv)

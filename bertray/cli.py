@@ -55,6 +55,7 @@ STAGES = {
         "--replicas": ("replicas", "value"),
         "--autoscaling": ("autoscaling", "flag"),
         "--api-key-env": ("api_key_env", "value"),
+        "--quantize": ("quantize", "value"),
         "--address": ("ray_address", "value"),
     }),
 }

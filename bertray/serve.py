@@ -136,6 +136,7 @@ def load_predictor(cfg: ServeConfig):
 
     gpu = cfg.gpus_per_replica > 0
     return Predictor(cfg.model, device="cuda" if gpu else "cpu",
+                     quantize=None if cfg.quantize == "none" else cfg.quantize,
                      token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
 
 
@@ -160,7 +161,7 @@ class Classifier:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.predictor = load_predictor(cfg)
-        self.info = {**self.predictor.describe(), "limits": {"max_texts": cfg.max_texts,
+        self.info = {**self.predictor.describe(), "quantize": cfg.quantize, "limits": {"max_texts": cfg.max_texts,
                                                              "max_text_chars": cfg.max_text_chars}}
         self.api_key = _api_key(cfg.api_key_env)
         self.page = _page(auth=self.api_key is not None)

@@ -56,6 +56,18 @@ def test_saved_config_round_trips():
     assert C.from_dict(C.FinetuneConfig, C.to_dict(cfg)) == cfg
 
 
+def test_int8_is_a_cpu_option_for_labeling_and_serving():
+    with pytest.raises(C.ConfigError) as e:
+        C.load(C.ServeConfig, data={"model": "m", "quantize": "int8", "gpus_per_replica": 1})
+    assert str(e.value).count("quantize: int8 is a CPU option; drop it or set gpus_per_replica=0") == 1
+    with pytest.raises(C.ConfigError, match="set gpus_per_actor=0"):
+        C.load(C.LabelConfig, data={"model": "m", "input": "i", "output": "o", "quantize": "int8",
+                                    "gpus_per_actor": 0.5})
+    with pytest.raises(C.ConfigError, match="quantize: expected one of"):
+        C.load(C.ServeConfig, data={"model": "m"}, overrides=["quantize=int4"])
+    assert C.load(C.ServeConfig, data={"model": "m", "quantize": "int8"}).quantize == "int8"
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("demo-*.yaml")), ids=lambda p: p.name)
 def test_demo_configs_validate(path):
     assert cli.main(["validate", str(path)]) == 0

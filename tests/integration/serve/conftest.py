@@ -93,7 +93,8 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 @pytest.fixture(scope="module")
 def serve_apps(ray_cluster, trained_classifier):
     """One Serve instance on a free loopback port with three apps:
-    '/' (open), '/keyed' (API key required) and '/tight' (tiny queue and long batch wait, to provoke 503s).
+    '/' (open), '/keyed' (API key required; also int8, to cover quantized serving without a fourth replica) and
+    '/tight' (tiny queue and long batch wait, to provoke 503s).
     Returns {name: base URL}."""
     from ray import serve
 
@@ -106,7 +107,7 @@ def serve_apps(ray_cluster, trained_classifier):
     common = dict(model=trained_classifier, cpus_per_replica=0.5, max_texts=8, max_text_chars=200)
     apps = {
         "open": (ServeConfig(**common), "/"),
-        "keyed": (ServeConfig(**common, api_key_env=API_KEY_ENV), "/keyed"),
+        "keyed": (ServeConfig(**common, api_key_env=API_KEY_ENV, quantize="int8"), "/keyed"),
         "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=64,
                               batch_wait_timeout_s=3.0), "/tight"),
     }

@@ -71,6 +71,7 @@ def test_model_info_and_health(serve_apps, trained_classifier):
     assert info["labels"] == LABELS
     assert info["metrics"]["accuracy"] == 1.0  # what the fine-tuning run measured on its validation set
     assert info["limits"] == {"max_texts": 8, "max_text_chars": 200}
+    assert info["quantize"] == "none"
     assert requests.get(serve_apps["open"] + "/healthz", timeout=10).json() == {"status": "ok"}
     spec = requests.get(serve_apps["open"] + "/openapi.json", timeout=10).json()
     assert {"/v1/classify", "/v1/model", "/healthz"} <= set(spec["paths"])
@@ -144,6 +145,30 @@ def test_api_key(serve_apps, serve_api_key):
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
     assert 'content="bearer"' in requests.get(url + "/", timeout=10).text
     assert 'content="none"' in requests.get(serve_apps["open"] + "/", timeout=10).text
+
+
+def test_an_int8_replica_serves_the_int8_model(serve_apps, serve_api_key, trained_classifier, separable_texts):
+    """The '/keyed' app runs with quantize=int8: its answers are the int8 model's, set up as a replica sets it up,
+    and not the fp32 model's."""
+    from bertray.config import ServeConfig
+    from bertray.serve import load_predictor
+
+    ok = {"Authorization": f"Bearer {serve_api_key}"}
+    url = serve_apps["keyed"]
+    assert requests.get(url + "/v1/model", headers=ok, timeout=10).json()["quantize"] == "int8"
+    texts, labels = separable_texts(8, seed=4)
+    r = requests.post(url + "/v1/classify", json={"texts": texts, "probabilities": True}, headers=ok, timeout=30)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == [LABELS[y] for y in labels]
+    got = np.array([[p["probabilities"][n] for n in LABELS] for p in preds])
+    # A lone request with an idle model runs as one call, so the local int8 model sees the same pass.
+    int8 = load_predictor(ServeConfig(model=trained_classifier, quantize="int8")).predict(texts).probs
+    fp32 = load_predictor(ServeConfig(model=trained_classifier)).predict(texts).probs
+    # The tiny model's int8 and fp32 answers differ only in the sixth decimal (5.6e-6 at most when written), so
+    # the test asks which of the two the replica's answers are far nearer to, not for a fixed gap.
+    to_int8, to_fp32 = np.abs(got - int8).max(), np.abs(got - fp32).max()
+    assert to_int8 <= 1e-6 and to_fp32 > 10 * to_int8, (to_int8, to_fp32)
 
 
 def _replica_actors(app: str) -> list[str]:
