@@ -111,6 +111,12 @@ def _positive(errors: list[str], name: str, value: float | None, allow_zero: boo
         errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _int8_on_cpu(errors: list[str], quantize: str, gpus_key: str, gpus: float) -> None:
+    # Dynamic int8 runs on fbgemm/onednn CPU kernels; PyTorch has no CUDA path for it.
+    if quantize == "int8" and gpus:
+        errors.append(f"quantize: int8 is a CPU option; drop it or set {gpus_key}=0")
+
+
 @dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -435,8 +441,7 @@ class LabelConfig:
         _positive(e, "actors", self.actors)
         _positive(e, "cpus_per_actor", self.cpus_per_actor)
         _positive(e, "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
-        if self.quantize == "int8" and self.gpus_per_actor:
-            e.append("quantize: int8 is a CPU option; drop it or set gpus_per_actor=0")
+        _int8_on_cpu(e, self.quantize, "gpus_per_actor", self.gpus_per_actor)
         if not 0 <= self.confidence_threshold <= 1:
             e.append(f"confidence_threshold: must be in [0, 1], got {self.confidence_threshold}")
         if self.id_column and self.id_column in self.passthrough:
@@ -477,8 +482,9 @@ class ServeConfig:
     api_key_env: Optional[str] = None  # name of an env var holding a bearer token; None: no auth
     # Padded tokens per inference micro-batch; None: SERVE_CPU_TOKEN_BUDGET on CPU, Predictor's default on GPU.
     token_budget: Optional[int] = None
-    # int8: as LabelConfig.quantize. On CPU it also makes batching pay: the model alone ran a 16-text call 2.0x
-    # faster per text than one text, against 1.35x in fp32 (bench/serve_load.py, BENCHMARKS "Serving").
+    # int8: as LabelConfig.quantize. On CPU it also makes batching pay more: in the batches a replica formed at 32
+    # callers the int8 model alone ran 1.76-2.01x faster per text than one text at a time, fp32 1.28-1.40x
+    # (bench/serve_load.py, BENCHMARKS "Serving", session 11).
     quantize: Literal["none", "int8"] = "none"
     ray_address: Optional[str] = None
 
@@ -492,8 +498,7 @@ class ServeConfig:
                      "max_ongoing_requests", "max_queued_requests", "token_budget", "cpus_per_replica"):
             _positive(e, name, getattr(self, name))
         _positive(e, "batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
-        if self.quantize == "int8" and self.gpus_per_replica:
-            e.append("quantize: int8 is a CPU option; drop it or set gpus_per_replica=0")
+        _int8_on_cpu(e, self.quantize, "gpus_per_replica", self.gpus_per_replica)
         if self.autoscaling and self.min_replicas > self.max_replicas:
             e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
         return e

@@ -16,7 +16,7 @@ from bertray.predictor import Predictor
 
 def evaluate(model: str, data_uri: str, out: str, text_columns: list[str] | None = None, label_column: str = "label",
              quantize: str | None = None, max_rows: int | None = None) -> dict:
-    predictor = Predictor(model, quantize=None if quantize in (None, "none") else quantize)
+    predictor = Predictor(model, quantize=quantize)
     dcfg = DataConfig(train=data_uri, text_columns=text_columns or ["text"], label_column=label_column)
     labeled = D.load_labeled(data_uri, dcfg, label_names=predictor.label_names)
     labeled = D.sample(labeled, max_rows, seed=0)

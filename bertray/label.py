@@ -458,7 +458,7 @@ class LabelWorker:
         self.cfg = cfg
         self.schema = schema
         self.predictor = Predictor(cfg.model, device="cuda" if cfg.gpus_per_actor else "cpu",
-                                   quantize=None if cfg.quantize == "none" else cfg.quantize,
+                                   quantize=cfg.quantize,
                                    max_length=cfg.max_length, token_budget=cfg.token_budget)
         if self.predictor.label_names != label_names:
             raise modeling.ModelError(f"{cfg.model}: labels changed since planning: {self.predictor.label_names} "

@@ -136,7 +136,7 @@ def load_predictor(cfg: ServeConfig):
 
     gpu = cfg.gpus_per_replica > 0
     return Predictor(cfg.model, device="cuda" if gpu else "cpu",
-                     quantize=None if cfg.quantize == "none" else cfg.quantize,
+                     quantize=cfg.quantize,
                      token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
 
 
@@ -192,7 +192,7 @@ class Classifier:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/model", summary="model name, labels, metrics it was trained to, and request limits",
+    @app.get("/v1/model", summary="model name, labels, metrics it was trained to, quantization, and request limits",
              responses={401: _ERROR_RESPONSES[401]})
     async def model(self, request: Request) -> dict:
         self._authorize(request)

@@ -92,6 +92,18 @@ def test_serve_replicas_use_smaller_passes_on_cpu(tiny_classifier):
     assert load_predictor(ServeConfig(model=tiny_classifier, token_budget=300)).token_budget == 300
 
 
+def test_serve_replicas_load_the_int8_model_when_asked(tiny_classifier):
+    from bertray.config import ServeConfig
+    from bertray.predictor import Int8Linear
+    from bertray.serve import load_predictor
+
+    def int8_layers(cfg):
+        return sum(type(m) is Int8Linear for m in load_predictor(cfg).model.modules())
+
+    assert int8_layers(ServeConfig(model=tiny_classifier)) == 0
+    assert int8_layers(ServeConfig(model=tiny_classifier, quantize="int8")) > 0
+
+
 def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_classifier):
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear

@@ -294,3 +294,4 @@ def test_web_page_classifies_in_headless_chromium(serve_apps, browser_page, serv
     page.click("#classify")
     expect(page.locator("#label")).to_have_text("positive")
     expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#model")).to_contain_text("· int8")  # this app's replica serves the int8 model
