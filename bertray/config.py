@@ -483,7 +483,7 @@ class ServeConfig:
     # Padded tokens per inference micro-batch; None: SERVE_CPU_TOKEN_BUDGET on CPU, Predictor's default on GPU.
     token_budget: Optional[int] = None
     # int8: as LabelConfig.quantize. On CPU it also makes batching pay more: in the batches a replica formed at 32
-    # callers the int8 model alone ran 1.76-2.01x faster per text than one text at a time, fp32 1.28-1.40x
+    # callers the int8 model alone ran 1.52-2.01x faster per text than one text at a time, fp32 1.28-1.40x
     # (bench/serve_load.py, BENCHMARKS "Serving", session 11).
     quantize: Literal["none", "int8"] = "none"
     ray_address: Optional[str] = None
