@@ -314,13 +314,21 @@ def start_http(host: str, port: int) -> None:
 
     The controller options apply only when this call creates Serve's controller, as Ray documents for http_options.
     """
-    from ray.exceptions import ActorDiedError
+    from ray.exceptions import ActorDiedError, RayTaskError
 
     ready_check = os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", _PROXY_READY_CHECK_S)
     try:
         serve.start(http_options={"host": host, "port": port},
                     controller_options={"runtime_env": {"env_vars": {
                         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": ready_check}}})
+    except RayTaskError as exc:
+        # The proxy actor raised while starting; Ray wraps that in a traceback from inside the proxy.
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        if "Failed to bind" in str(cause):
+            raise ServeStartError(f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use "
+                                  "by another process. Choose another --port, or stop that process.") from None
+        raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} failed to start: "
+                              f"{type(cause).__name__}: {cause}") from None
     except (ActorDiedError, TimeoutError) as exc:
         raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} did not start "
                               f"({type(exc).__name__}); the node may be overloaded, or the port taken by another "
