@@ -6,6 +6,7 @@ padding; results come back in the caller's order.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -38,14 +39,8 @@ class Predictor:
                  max_length: int | None = None, token_budget: int | None = None, max_batch: int | None = None):
         self.model_uri = model_uri
         path = modeling.resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
-        self.meta = checkpoint.read_meta(path) or {}
-        if self.meta.get("kind", "classifier") != "classifier":
-            raise modeling.ModelError(f"{model_uri}: is a {self.meta['kind']!r} checkpoint, not a classifier; "
-                                      "fine-tune it first (bertray finetune with model.base pointing at it)")
+        self.meta = check_classifier(model_uri, path)
         config = AutoConfig.from_pretrained(path)
-        if not getattr(config, "id2label", None) or not any("ForSequenceClassification" in a for a in config.architectures or []):
-            raise modeling.ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
-                                      f"{config.architectures})")
         self.label_names = checkpoint.label_names(config)
         self.tokenizer = modeling.load_tokenizer(path)
         model_cfg = self.meta.get("config", {}).get("model", {})
@@ -114,6 +109,24 @@ class Predictor:
             "max_length": self.max_length,
             "truncation": self.truncation,
         }
+
+
+def check_classifier(model_uri: str, folder: str) -> dict:
+    """A ModelError unless `folder` (local or remote; `model_uri` names it in the message) holds a sequence
+    classifier; returns its bertray.json ({} for a plain HF folder). Reads only the two small JSON files, so a
+    server can check a model before it starts replicas that would each fail on it."""
+    meta = checkpoint.read_meta(folder) or {}
+    if meta.get("kind", "classifier") != "classifier":
+        raise modeling.ModelError(f"{model_uri}: is a {meta['kind']!r} checkpoint, not a classifier; "
+                                  "fine-tune it first (bertray finetune with model.base pointing at it)")
+    config_file = storage.join(folder, "config.json")
+    if not storage.exists(config_file):
+        raise modeling.ModelError(f"{model_uri}: no config.json there; expected a classifier checkpoint folder")
+    architectures = json.loads(storage.read_text(config_file)).get("architectures") or []
+    if not any("ForSequenceClassification" in a for a in architectures):
+        raise modeling.ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
+                                  f"{architectures})")
+    return meta
 
 
 def plan_passes(lengths: list[int], max_batch: int, token_budget: int,

@@ -27,7 +27,6 @@ from ray.serve import Application
 
 from bertray import modeling, storage
 from bertray.config import SERVE_CPU_TOKEN_BUDGET, ConfigError, ServeConfig, load
-from bertray.modeling import ModelError
 
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
 _MAX_JSON_BYTES_PER_CHAR = 12
@@ -302,11 +301,14 @@ def app_builder(args: dict) -> Application:
 
 
 def _check_model(uri: str) -> None:
+    from bertray.predictor import check_classifier
+
     if storage.is_remote(uri):
-        if not storage.exists(storage.join(uri, "config.json")):
-            raise ModelError(f"{uri}: no config.json there; expected a classifier checkpoint folder")
-    else:
-        modeling.resolve(uri)  # raises ModelError for a missing local folder; a hub id passes through
+        check_classifier(uri, uri)
+        return
+    folder = modeling.resolve(uri)  # a ModelError for a missing local folder
+    if os.path.isdir(folder):  # else a hub id: the replicas fetch it and check it themselves
+        check_classifier(uri, folder)
 
 
 def start_http(host: str, port: int) -> None:
@@ -336,6 +338,36 @@ def start_http(host: str, port: int) -> None:
                               f"for a slow node.") from None
 
 
+def deploy(cfg: ServeConfig, name: str = "bertray", route_prefix: str = "/") -> None:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns once its replicas answer. A
+    ServeStartError (one line) if the proxy or the replicas cannot start."""
+    start_http(cfg.host, cfg.port)
+    try:
+        serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
+    except RuntimeError as exc:
+        # Serve gave up on replicas that failed to start (it retries each 3 times); their own error is in the
+        # log lines above, which Ray forwards from the replica and controller processes.
+        if "Deploying application" not in str(exc):
+            raise
+        cause = _replica_error(name)
+        raise ServeStartError(f"{exc} The replicas could not start" + (f": {cause}" if cause else "") +
+                              " (the whole error is in the log above, from ServeReplica or ServeController)."
+                              ) from None
+
+
+def _replica_error(app: str) -> str:
+    """The last line of the error Serve recorded for `app`'s deployments (the replica's exception), or ''."""
+    try:
+        deployments = serve.status().applications[app].deployments.values()
+    except Exception:  # status is a nicety here: the caller's message stands without it
+        return ""
+    for d in deployments:
+        lines = [line.strip() for line in (d.message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve on cfg.host:cfg.port until Ctrl-C (Ray already initialised by the CLI)."""
     # Fail here with one clear line, not in replicas that Serve restarts again and again before giving up.
@@ -343,8 +375,7 @@ def run(cfg: ServeConfig) -> None:
     _check_model(cfg.model)
     url = f"http://{cfg.host}:{cfg.port}"
     try:
-        start_http(cfg.host, cfg.port)
-        serve.run(build_app(cfg), name="bertray", route_prefix="/", blocking=False)
+        deploy(cfg)
         print(f"serving {cfg.model}\n  page: {url}/\n  API docs: {url}/docs\nCtrl-C to stop", flush=True)
         while True:
             time.sleep(60)

@@ -167,3 +167,25 @@ def test_int8_takes_8_bit_activations_where_the_kernels_sum_exactly():
     exact, ours, stock = _int8_layer_outputs()
     err8, err7 = (ours - exact).abs().mean(), (stock - exact).abs().mean()
     assert err8 < 0.75 * err7, (err8, err7)
+
+
+def test_serve_refuses_a_model_that_is_not_a_classifier_before_starting_anything(tmp_path):
+    """Checked on the two JSON files before Ray Serve starts: otherwise each replica fails on it in turn and Serve
+    ends with a traceback of its own."""
+    from transformers import BertConfig
+
+    from bertray import serve
+    from bertray.config import ServeConfig
+    from bertray.modeling import ModelError
+
+    tiny = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    BertConfig(**tiny, architectures=["BertModel"]).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ModelError, match=r"encoder: not a sequence-classification model .*\['BertModel'\]"):
+        serve.run(ServeConfig(model=str(tmp_path / "encoder")))
+
+    BertConfig(**tiny, architectures=["BertForMaskedLM"]).save_pretrained(tmp_path / "mlm")
+    (tmp_path / "mlm" / "bertray.json").write_text('{"kind": "mlm"}')
+    with pytest.raises(ModelError, match="'mlm' checkpoint, not a classifier"):
+        serve.run(ServeConfig(model=str(tmp_path / "mlm")))
+    with pytest.raises(ModelError, match="no such model folder"):
+        serve.run(ServeConfig(model=str(tmp_path / "missing")))
