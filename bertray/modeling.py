@@ -37,7 +37,10 @@ def resolve(base: str) -> str:
         return str(storage.local_dir(base))
     if os.path.isdir(base):
         if not os.path.exists(os.path.join(base, "config.json")):
-            raise ModelError(f"{base}: folder has no config.json; expected a model folder")
+            # A run folder holds the exported model in model/: the likely slip.
+            hint = (f" (did you mean {os.path.join(base, 'model')}?)"
+                    if os.path.exists(os.path.join(base, "model", "config.json")) else "")
+            raise ModelError(f"{base}: folder has no config.json; expected a model folder{hint}")
         return str(Path(base).resolve())
     if base.startswith((".", "/", "~")) or os.sep + os.sep in base:
         raise ModelError(f"{base}: no such model folder")

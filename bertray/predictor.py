@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -114,7 +115,11 @@ class Predictor:
 def check_classifier(model_uri: str, folder: str) -> dict:
     """A ModelError unless `folder` (local or remote; `model_uri` names it in the message) holds a sequence
     classifier; returns its bertray.json ({} for a plain HF folder). Reads only the two small JSON files, so a
-    server can check a model before it starts replicas that would each fail on it."""
+    server can check a model before it starts replicas that would each fail on it. A `folder` that is neither
+    remote nor a local folder is a Hugging Face Hub id (modeling.resolve): only its config is fetched."""
+    if not storage.is_remote(folder) and not os.path.isdir(folder):
+        _require_classifier(model_uri, _hub_config(model_uri).architectures or [])
+        return {}
     meta = checkpoint.read_meta(folder) or {}
     if meta.get("kind", "classifier") != "classifier":
         raise modeling.ModelError(f"{model_uri}: is a {meta['kind']!r} checkpoint, not a classifier; "
@@ -122,11 +127,24 @@ def check_classifier(model_uri: str, folder: str) -> dict:
     config_file = storage.join(folder, "config.json")
     if not storage.exists(config_file):
         raise modeling.ModelError(f"{model_uri}: no config.json there; expected a classifier checkpoint folder")
-    architectures = json.loads(storage.read_text(config_file)).get("architectures") or []
+    _require_classifier(model_uri, json.loads(storage.read_text(config_file)).get("architectures") or [])
+    return meta
+
+
+def _hub_config(model_id: str):
+    try:
+        return AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        # A mistyped local path ("runs/nope") reads as a hub id too, so say both.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise modeling.ModelError(f"{model_id}: no such local folder, and no Hugging Face Hub model by that name "
+                                  f"could be fetched ({reason})") from None
+
+
+def _require_classifier(model_uri: str, architectures: list[str]) -> None:
     if not any("ForSequenceClassification" in a for a in architectures):
         raise modeling.ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
                                   f"{architectures})")
-    return meta
 
 
 def plan_passes(lengths: list[int], max_batch: int, token_budget: int,

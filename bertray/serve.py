@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -90,13 +91,22 @@ def _parse(body: bytes) -> ClassifyRequest:
         raise HTTPException(422, _describe(exc)) from None
 
 
+# Callers send JSON, so a wrong type is named as JSON names it, not as Python does.
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
 def _describe(exc: ValidationError) -> str:
-    """'texts[3]: Input should be a valid string; probabilities: ...' from pydantic's error list."""
+    """'texts[3]: Input should be a valid string (got number); probabilities: ...' from pydantic's error list."""
     errors = exc.errors(include_url=False)
     parts = []
     for e in errors[:_ERRORS_SHOWN]:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "body"
-        parts.append(f"{where}: {e['msg']}" + (f" (got {type(e['input']).__name__})" if e["type"].endswith("_type") else ""))
+        got = f" (got {_JSON_TYPES.get(type(e['input']), type(e['input']).__name__)})"
+        if e["type"] == "model_type":  # pydantic says "a valid dictionary or instance of ClassifyRequest"
+            parts.append(f'{where}: expected a JSON object such as {{"texts": ["some text"]}}{got}')
+        else:
+            parts.append(f"{where}: {e['msg']}" + (got if e["type"].endswith("_type") else ""))
     if len(errors) > _ERRORS_SHOWN:
         parts.append(f"and {len(errors) - _ERRORS_SHOWN} more")
     return "; ".join(parts)
@@ -303,12 +313,8 @@ def app_builder(args: dict) -> Application:
 def _check_model(uri: str) -> None:
     from bertray.predictor import check_classifier
 
-    if storage.is_remote(uri):
-        check_classifier(uri, uri)
-        return
-    folder = modeling.resolve(uri)  # a ModelError for a missing local folder
-    if os.path.isdir(folder):  # else a hub id: the replicas fetch it and check it themselves
-        check_classifier(uri, folder)
+    # modeling.resolve: a ModelError for a missing folder given as a path; a hub id passes through as is.
+    check_classifier(uri, uri if storage.is_remote(uri) else modeling.resolve(uri))
 
 
 def start_http(host: str, port: int) -> None:
@@ -368,12 +374,19 @@ def _replica_error(app: str) -> str:
     return ""
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve on cfg.host:cfg.port until Ctrl-C (Ray already initialised by the CLI)."""
     # Fail here with one clear line, not in replicas that Serve restarts again and again before giving up.
     _api_key(cfg.api_key_env)
     _check_model(cfg.model)
     url = f"http://{cfg.host}:{cfg.port}"
+    # `docker stop`, systemd and Kubernetes stop a server with SIGTERM: shut down as on Ctrl-C, so Serve and the
+    # local Ray it started go away too (Ray's own SIGTERM handler leaves its agent processes behind).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         deploy(cfg)
         print(f"serving {cfg.model}\n  page: {url}/\n  API docs: {url}/docs\nCtrl-C to stop", flush=True)

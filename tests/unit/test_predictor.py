@@ -189,3 +189,21 @@ def test_serve_refuses_a_model_that_is_not_a_classifier_before_starting_anything
         serve.run(ServeConfig(model=str(tmp_path / "mlm")))
     with pytest.raises(ModelError, match="no such model folder"):
         serve.run(ServeConfig(model=str(tmp_path / "missing")))
+
+
+def test_a_mistyped_relative_path_is_named_as_missing_not_left_to_the_replicas(tmp_path, monkeypatch):
+    """'runs/nope' reads as a Hugging Face Hub id; with no such folder and no such hub model (tests run with
+    HF_HUB_OFFLINE=1) the message says both, before Serve starts. A run folder points at its model/."""
+    from bertray import serve
+    from bertray.config import ServeConfig
+    from bertray.modeling import ModelError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="runs/nope: no such local folder, and no Hugging Face Hub model by that "
+                                         "name could be fetched"):
+        serve.run(ServeConfig(model="runs/nope"))
+    (tmp_path / "runs" / "demo" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"runs/demo: folder has no config.json; expected a model folder "
+                                         r"\(did you mean runs/demo/model\?\)"):
+        serve.run(ServeConfig(model="runs/demo"))

@@ -3,9 +3,34 @@
 A module of its own: Serve must not be running yet, or serve.start would reuse the running proxy and its port."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
+import requests
+
+
+def _tiny_classifier(folder: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bertray import modeling
+
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, intermediate_size=8)).save_pretrained(folder)
+    modeling.load_tokenizer(modeling.resolve("embedded")).save_pretrained(folder)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_taken_port_gets_one_clear_error(ray_cluster):
@@ -32,26 +57,51 @@ def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster,
     import shutil
 
     from ray import serve
-    from transformers import BertConfig, BertForSequenceClassification
 
-    from bertray import modeling
     from bertray.config import ServeConfig
     from bertray.serve import ServeStartError, deploy
 
-    model = tmp_path / "damaged"
-    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=8, num_hidden_layers=1,
-                                             num_attention_heads=1, intermediate_size=8)).save_pretrained(model)
-    modeling.load_tokenizer(modeling.resolve("embedded")).save_pretrained(model)
+    model = _tiny_classifier(tmp_path / "damaged")
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     try:
         with pytest.raises(ServeStartError) as e:
-            deploy(ServeConfig(model=str(model), port=port, cpus_per_replica=0.5), name="damaged")
+            deploy(ServeConfig(model=str(model), port=_free_port(), cpus_per_replica=0.5), name="damaged")
     finally:
         serve.shutdown()
         shutil.rmtree(model)
     assert "Deploying application damaged failed" in str(e.value)
     # The replica's own exception, from Serve's status, ends the line: here safetensors refusing the file.
     assert "The replicas could not start: " in str(e.value) and "SafetensorError" in str(e.value), str(e.value)
+
+
+def test_sigterm_stops_the_server_and_its_local_ray_like_ctrl_c(tmp_path):
+    """`docker stop`, systemd and Kubernetes send SIGTERM: `bertray serve` must shut Serve down, exit 0 and take
+    the local Ray it started with it (Ray's own handler left its agent processes running)."""
+    model = _tiny_classifier(tmp_path / "model")
+    port = _free_port()
+    # RAY_ADDRESS=local: a Ray of its own, never the test session's or another test's `ray start` cluster.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen([sys.executable, "-m", "bertray.cli", "serve", "--model", str(model), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the proxy up before the app
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, agents, workers
+        assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:1] for p in started]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopping" in out and "SIGTERM received" not in out, out[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
