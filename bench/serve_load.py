@@ -159,7 +159,7 @@ def run_bench(args) -> dict:
     from ray import serve
 
     from bertray.config import ServeConfig
-    from bertray.serve import build_app, start_http
+    from bertray.serve import deploy
 
     sample = texts(args.texts)
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +173,6 @@ def run_bench(args) -> dict:
                                                                     "HF_HUB_OFFLINE": "1",
                                                                     "TOKENIZERS_PARALLELISM": "false"}})
         port = _free_port()
-        start_http("127.0.0.1", port)
         url = f"http://127.0.0.1:{port}/v1/classify"
         results = {}
         try:
@@ -182,7 +181,7 @@ def run_bench(args) -> dict:
                                   gpus_per_replica=args.gpus_per_replica,
                                   max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
                                   token_budget=args.token_budget, quantize=args.quantize)
-                serve.run(build_app(cfg), name="bench", route_prefix="/")
+                deploy(cfg, name="bench")  # the proxy starts with the first; later calls reuse it
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
                 asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
                 # Ray's processes burn some CPU when idle too (heartbeats, metrics); measured here, subtracted below.

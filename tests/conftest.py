@@ -113,6 +113,28 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tiny_bert, tmp_path_factory) -> str:
+    """A bertray checkpoint of a random 2-class classifier on the tiny BERT (labels are arbitrary; rows count)."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from bertray import checkpoint
+
+    labels = ["negative", "positive"]
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=2, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    out = tmp_path_factory.mktemp("tiny-classifier")
+    checkpoint.save(out, model, AutoTokenizer.from_pretrained(tiny_bert),
+                    {"kind": "classifier", "base_model": "tiny-random", "label_names": labels})
+    return str(out)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port that was free when asked for."""
+    return free_port()
+
+
 def write_parquet(path: Path, rows: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)

@@ -1,36 +1,20 @@
-"""Starting Serve's HTTP proxy on a port another process holds: one clear error, not the proxy's traceback.
+"""Starting and stopping `bertray serve`: a held port and replicas that cannot load the model each end in one
+clear error, not a traceback from inside Serve; SIGTERM stops the server and its local Ray.
 
 A module of its own: Serve must not be running yet, or serve.start would reuse the running proxy and its port."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import requests
-
-
-def _tiny_classifier(folder: Path) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from bertray import modeling
-
-    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=8, num_hidden_layers=1,
-                                             num_attention_heads=1, intermediate_size=8)).save_pretrained(folder)
-    modeling.load_tokenizer(modeling.resolve("embedded")).save_pretrained(folder)
-    return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_taken_port_gets_one_clear_error(ray_cluster):
@@ -51,34 +35,31 @@ def test_a_taken_port_gets_one_clear_error(ray_cluster):
                             "another process. Choose another --port, or stop that process.")
 
 
-def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster, tmp_path):
+def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster, tiny_classifier_dir, tmp_path,
+                                                                    unused_port):
     """A classifier folder whose weights are damaged passes the pre-flight check (config and bertray.json are
     fine), so every replica fails on it; after Serve's retries the caller gets one line, not Serve's traceback."""
-    import shutil
-
     from ray import serve
 
     from bertray.config import ServeConfig
     from bertray.serve import ServeStartError, deploy
 
-    model = _tiny_classifier(tmp_path / "damaged")
+    model = shutil.copytree(tiny_classifier_dir, tmp_path / "damaged")
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
     try:
         with pytest.raises(ServeStartError) as e:
-            deploy(ServeConfig(model=str(model), port=_free_port(), cpus_per_replica=0.5), name="damaged")
+            deploy(ServeConfig(model=str(model), port=unused_port, cpus_per_replica=0.5), name="damaged")
     finally:
         serve.shutdown()
-        shutil.rmtree(model)
     assert "Deploying application damaged failed" in str(e.value)
     # The replica's own exception, from Serve's status, ends the line: here safetensors refusing the file.
     assert "The replicas could not start: " in str(e.value) and "SafetensorError" in str(e.value), str(e.value)
 
 
-def test_sigterm_stops_the_server_and_its_local_ray_like_ctrl_c(tmp_path):
+def test_sigterm_stops_the_server_and_its_local_ray_like_ctrl_c(tiny_classifier_dir, unused_port):
     """`docker stop`, systemd and Kubernetes send SIGTERM: `bertray serve` must shut Serve down, exit 0 and take
     the local Ray it started with it (Ray's own handler left its agent processes running)."""
-    model = _tiny_classifier(tmp_path / "model")
-    port = _free_port()
+    model, port = tiny_classifier_dir, unused_port
     # RAY_ADDRESS=local: a Ray of its own, never the test session's or another test's `ray start` cluster.
     env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen([sys.executable, "-m", "bertray.cli", "serve", "--model", str(model), "--port", str(port)],
