@@ -4,7 +4,8 @@
 
 Serves the embedded MiniLM as a 2-class classifier (random head: speed does not depend on the weights) on one
 replica, and drives it with 1, 8 and 32 closed-loop clients (each sends one text, waits for the answer, sends the
-next) for a fixed time per step, first with batching on, then off, in the same run. Texts are SST-2 validation
+next) for a fixed time per step, first with batching on, then off, in the same run; with `--ingress haproxy proxy`
+both ingresses take their turn (each with a Serve of its own), so they compare in one run too. Texts are SST-2 validation
 sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, set up as the
 replica sets it up: torch threads, device, token budget). After the load steps the model alone is also timed in
 calls of the mean batch the replica ran at the top client count: the model's own gain from batching, to set beside
@@ -79,8 +80,8 @@ def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpu
 
 
 def _server_cpu_s() -> np.ndarray:
-    """CPU seconds used so far by this run's Serve proxy and replica processes (children of our local Ray), as
-    [proxy, replica].
+    """CPU seconds used so far by this run's Serve ingress and replica processes (children of our local Ray), as
+    [proxy, replica]. The ingress is Ray's Python proxy actor, or the HAProxy process and the actor that manages it.
 
     Unlike wall-clock figures, CPU time per request hardly changes when other work shares the machine, so it
     shows what batching saves even on a busy host."""
@@ -90,8 +91,9 @@ def _server_cpu_s() -> np.ndarray:
     for proc in psutil.Process().children(recursive=True):
         try:
             title = (proc.cmdline() or [""])[0]
-            for i, prefix in enumerate(("ray::ProxyActor", "ray::ServeReplica:bench:")):
-                if title.startswith(prefix):
+            for i, prefixes in enumerate((("ray::ProxyActor", "ray::HAProxyManager", "haproxy"),
+                                          ("ray::ServeReplica:bench:",))):
+                if os.path.basename(title).startswith(prefixes) or title.startswith(prefixes):
                     t = proc.cpu_times()
                     total[i] += t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -172,16 +174,18 @@ def run_bench(args) -> dict:
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
                                                                     "HF_HUB_OFFLINE": "1",
                                                                     "TOKENIZERS_PARALLELISM": "false"}})
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}/v1/classify"
-        results = {}
+        results = {ingress: {} for ingress in args.ingress}
         try:
-            for batching in (True, False):
+            for ingress, batching in [(i, b) for i in args.ingress for b in (True, False)]:
+                if batching:
+                    serve.shutdown()  # a new controller: the ingress is fixed when Serve starts
+                    port = _free_port()
+                    url = f"http://127.0.0.1:{port}/v1/classify"
                 cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
                                   gpus_per_replica=args.gpus_per_replica,
                                   max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-                                  token_budget=args.token_budget, quantize=args.quantize)
-                deploy(cfg, name="bench")  # the proxy starts with the first; later calls reuse it
+                                  token_budget=args.token_budget, quantize=args.quantize, ingress=ingress)
+                deploy(cfg, name="bench")  # the ingress starts with the first; the second call reuses it
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
                 asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
                 # Ray's processes burn some CPU when idle too (heartbeats, metrics); measured here, subtracted below.
@@ -197,8 +201,8 @@ def run_bench(args) -> dict:
                     r["server_cpu_ms_per_req"] = float(busy.sum())
                     r["server_idle_cpu_per_s"] = idle_rate.tolist()
                     r["client_cpu_ms_per_req"] = (time.process_time() - client0) * 1000 / max(r["requests"], 1)
-                    results[f"{mode}/{c}"] = r
-                    print(f"batching {mode:3} clients {c:2}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
+                    results[ingress][f"{mode}/{c}"] = r
+                    print(f"{ingress:7} batching {mode:3} clients {c:2}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
                           f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, mean batch {r['mean_batch']:.1f}, "
                           f"CPU ms/req proxy {r['proxy_cpu_ms_per_req']:.1f} replica {r['replica_cpu_ms_per_req']:.1f}, "
                           f"errors {r['errors']}", flush=True)
@@ -212,7 +216,7 @@ def run_bench(args) -> dict:
         # Serve's own work, which batching trims too, so the two ratios differ; side by side they show how much of
         # a missed target the model's speed on this device accounts for.
         top = max(args.clients)
-        mean_batch = max(1, round(results[f"on/{top}"]["mean_batch"]))
+        mean_batch = max(1, round(results[args.ingress[0]][f"on/{top}"]["mean_batch"]))
         batched = model_alone(model, sample, args.baseline_seconds, threads, **replica, batch=mean_batch)
         single = baseline_after["ms_per_text"]  # timed just before, so both see the machine in the same state
         print(f"model alone: {single:.2f} ms per text one at a time, {batched['ms_per_text']:.2f} in calls of "
@@ -222,14 +226,14 @@ def run_bench(args) -> dict:
         "baseline_after": baseline_after,
         "model_batched": batched,
         "serve": results,
-        "ratios": {
-            f"batched_over_unbatched_rps_at_{top}": results[f"on/{top}"]["rps"] / results[f"off/{top}"]["rps"],
+        "ratios": {ingress: {
+            f"batched_over_unbatched_rps_at_{top}": r[f"on/{top}"]["rps"] / r[f"off/{top}"]["rps"],
             "model_alone_batched_over_single": single / batched["ms_per_text"],
-            "p99_1_client_batched_over_single_text_p50": results["on/1"]["p99_ms"] / baseline["p50_ms"],
-            "p99_1_client_unbatched_over_single_text_p50": results["off/1"]["p99_ms"] / baseline["p50_ms"],
-            "p99_1_client_batched_over_single_text_p99": results["on/1"]["p99_ms"] / baseline["p99_ms"],
-            "p99_1_client_unbatched_over_single_text_p99": results["off/1"]["p99_ms"] / baseline["p99_ms"],
-        },
+            "p99_1_client_batched_over_single_text_p50": r["on/1"]["p99_ms"] / baseline["p50_ms"],
+            "p99_1_client_unbatched_over_single_text_p50": r["off/1"]["p99_ms"] / baseline["p50_ms"],
+            "p99_1_client_batched_over_single_text_p99": r["on/1"]["p99_ms"] / baseline["p99_ms"],
+            "p99_1_client_unbatched_over_single_text_p99": r["off/1"]["p99_ms"] / baseline["p99_ms"],
+        } for ingress, r in results.items()},
     }
 
 
@@ -242,7 +246,7 @@ def markdown(out: dict) -> str:
         f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
         f"(torch threads {max(1, int(a['cpus_per_replica']))}) and {a.get('gpus_per_replica', 0):g} GPU; max_batch_size {a['max_batch_size']}, "
         f"batch_wait_timeout_s {a['batch_wait_timeout_s']}, token_budget {a['token_budget']}, "
-        f"quantize {a.get('quantize', 'none')}; one SST-2 validation sentence per request; "
+        f"quantize {a.get('quantize', 'none')}; ingress {', '.join(a['ingress'])}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
         f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls, {b['cpu_ms']:.2f} ms CPU "
@@ -250,39 +254,49 @@ def markdown(out: dict) -> str:
         f"(measured again after the load steps: p50 {out['baseline_after']['p50_ms']:.2f} ms, "
         f"p99 {out['baseline_after']['p99_ms']:.2f} ms).",
         "",
-        "CPU ms/req: CPU time of the Serve proxy and of the replica per request, less what they use when idle.",
+        "CPU ms/req: CPU time of the ingress (HAProxy and its manager actor, or Ray's proxy actor) and of the "
+        "replica per request, less what they use when idle.",
         "",
-        "| batching | clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | proxy CPU ms/req | replica CPU ms/req "
-        "| requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ingress | batching | clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | ingress CPU ms/req "
+        "| replica CPU ms/req | requests | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, r in out["serve"].items():
-        mode, c = key.split("/")
-        lines.append(f"| {mode} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} "
-                     f"| {r['mean_batch']:.1f} | {r['proxy_cpu_ms_per_req']:.1f} | {r['replica_cpu_ms_per_req']:.1f} "
-                     f"| {r['requests']} | {r['errors']} |")
+    for ingress, steps in out["serve"].items():
+        for key, r in steps.items():
+            mode, c = key.split("/")
+            lines.append(f"| {ingress} | {mode} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
+                         f"| {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['proxy_cpu_ms_per_req']:.1f} "
+                         f"| {r['replica_cpu_ms_per_req']:.1f} | {r['requests']} | {r['errors']} |")
     top = max(a["clients"])
-    ratios = out["ratios"]
+    first = a["ingress"][0]
+    model_gain = out["ratios"][first]["model_alone_batched_over_single"]
     lines += [
         "",
-        f"- batched / unbatched throughput at {top} clients: "
-        f"{ratios[f'batched_over_unbatched_rps_at_{top}']:.2f}x (target >= 2x)",
         f"- the model alone, no Serve: {out['model_batched']['ms_per_text']:.2f} ms per text in calls of "
-        f"{out['model_batched']['batch']} (the mean batch above) against "
+        f"{out['model_batched']['batch']} (the mean batch at {top} clients through {first}) against "
         f"{out['baseline_after']['ms_per_text']:.2f} ms one at a time (the single-text run just before): "
-        f"{ratios['model_alone_batched_over_single']:.2f}x, the model's own gain from batching on this device; "
-        f"end to end reached "
-        f"{ratios[f'batched_over_unbatched_rps_at_{top}'] / ratios['model_alone_batched_over_single']:.0%} of it",
-        f"- p99 at 1 client / single-text latency (target <= 1.5x): batching on "
-        f"{ratios['p99_1_client_batched_over_single_text_p99']:.2f}x of its p99, "
-        f"{ratios['p99_1_client_batched_over_single_text_p50']:.2f}x of its p50; batching off "
-        f"{ratios['p99_1_client_unbatched_over_single_text_p99']:.2f}x of its p99, "
-        f"{ratios['p99_1_client_unbatched_over_single_text_p50']:.2f}x of its p50",
-        f"- server CPU per request (proxy + replica) at {top} clients: batching on "
-        f"{out['serve'][f'on/{top}']['server_cpu_ms_per_req']:.1f} ms, off "
-        f"{out['serve'][f'off/{top}']['server_cpu_ms_per_req']:.1f} ms",
-        f"- errors: {sum(r['errors'] for r in out['serve'].values())}",
+        f"{model_gain:.2f}x, the model's own gain from batching on this device",
     ]
+    for ingress, ratios in out["ratios"].items():
+        steps = out["serve"][ingress]
+        gain = ratios[f"batched_over_unbatched_rps_at_{top}"]
+        lines += [
+            f"- **{ingress}**: batched / unbatched throughput at {top} clients: {gain:.2f}x (target >= 2x; "
+            f"{gain / model_gain:.0%} of the model's own gain)",
+            f"- **{ingress}**: p99 at 1 client / single-text latency (target <= 1.5x): batching on "
+            f"{ratios['p99_1_client_batched_over_single_text_p99']:.2f}x of its p99, "
+            f"{ratios['p99_1_client_batched_over_single_text_p50']:.2f}x of its p50; batching off "
+            f"{ratios['p99_1_client_unbatched_over_single_text_p99']:.2f}x of its p99, "
+            f"{ratios['p99_1_client_unbatched_over_single_text_p50']:.2f}x of its p50",
+            f"- **{ingress}**: server CPU per request (ingress + replica) at {top} clients: batching on "
+            f"{steps[f'on/{top}']['server_cpu_ms_per_req']:.1f} ms, off "
+            f"{steps[f'off/{top}']['server_cpu_ms_per_req']:.1f} ms",
+        ]
+    if len(out["serve"]) > 1:
+        rps = {i: steps[f"on/{top}"]["rps"] for i, steps in out["serve"].items()}
+        lines.append(f"- batched req/s at {top} clients, {first} / {a['ingress'][1]}: "
+                     f"{rps[first] / rps[a['ingress'][1]]:.2f}x")
+    lines.append(f"- errors: {sum(r['errors'] for steps in out['serve'].values() for r in steps.values())}")
     return "\n".join(lines)
 
 
@@ -301,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ServeConfig.quantize (CPU only)")
+    p.add_argument("--ingress", nargs="+", choices=["haproxy", "proxy"], default=["haproxy"],
+                   help="ServeConfig.ingress; several: each in turn, in the same run")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))
     args = p.parse_args(argv)

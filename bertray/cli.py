@@ -56,6 +56,7 @@ STAGES = {
         "--autoscaling": ("autoscaling", "flag"),
         "--api-key-env": ("api_key_env", "value"),
         "--quantize": ("quantize", "value"),
+        "--ingress": ("ingress", "value"),
         "--address": ("ray_address", "value"),
     }),
 }

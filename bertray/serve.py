@@ -6,7 +6,11 @@
 One FastAPI ingress deployment holds the model, loaded once per replica. The texts of concurrent requests are
 flattened into one `@serve.batch` queue, so one forward pass serves many callers, and `Predictor` orders each batch
 by length so little compute goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload
-into a fast 503 from the proxy instead of an ever longer queue.
+into a fast 503 instead of an ever longer queue.
+
+Requests enter through Serve's HAProxy ingress by default (ServeConfig.ingress): HAProxy forwards them to an HTTP
+server inside each replica. Ray's Python proxy actor, the alternative, costs several ms of CPU per request and
+calls back for each body, which on a small machine took the CPU that batching saves.
 """
 # No `from __future__ import annotations`: FastAPI must see real types (Request, ...) on the route methods after
 # serve.ingress has rebuilt them, not strings.
@@ -15,6 +19,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -38,6 +43,7 @@ _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first
 # the proxy took longer than 15 s to import and bind (CI: 2 cores, a multi-node Ray cluster starting beside it) and
 # serve.start failed with ActorDiedError; 3 x 20 s covers serve.start's whole wait.
 _PROXY_READY_CHECK_S = "20"
+_HAPROXY_DRAIN_S = "1"
 
 
 class ServeStartError(RuntimeError):
@@ -317,22 +323,54 @@ def _check_model(uri: str) -> None:
     check_classifier(uri, uri if storage.is_remote(uri) else modeling.resolve(uri))
 
 
-def start_http(host: str, port: int) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _controller_env(ingress: str) -> dict[str, str]:
+    """Ray Serve settings for the controller and, through its runtime env, the proxies and replicas it starts.
+
+    Ray reads these when each of its processes imports Serve, so they go in the processes' environment, not in an
+    API call. A variable already set in ours (a user's choice) is passed on as is."""
+    env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": _PROXY_READY_CHECK_S,
+           "RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"}
+    if ingress == "haproxy":
+        # A replica that stops waits this long before it closes, so that an external load balancer can drop it
+        # first; Ray's 30 s made every redeploy and every Ctrl-C take 30 s. Serve's own HAProxy drops a replica
+        # within a second of the controller's word (its config is rewritten and reloaded), and retries a refused
+        # connection on another replica.
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = _HAPROXY_DRAIN_S
+        # HAProxy also binds a stats page (8404) and a Prometheus exporter (9101), and Serve keeps its Python proxy
+        # on 8500 as HAProxy's fallback, all on fixed ports: a second Serve on the same machine (another user, a
+        # test beside this one) then fails to start. Free ports instead.
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
+            env[name] = str(_free_port())
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
     """serve.start on host:port, giving the HTTP proxy time to start on a busy node; a clear error if it does not.
 
-    The controller options apply only when this call creates Serve's controller, as Ray documents for http_options.
+    The controller options (the ingress among them) apply only when this call creates Serve's controller, as Ray
+    documents for http_options.
     """
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    ready_check = os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", _PROXY_READY_CHECK_S)
+    env = _controller_env(ingress)
+    ready_check = env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]
     try:
         serve.start(http_options={"host": host, "port": port},
-                    controller_options={"runtime_env": {"env_vars": {
-                        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": ready_check}}})
+                    controller_options={"runtime_env": {"env_vars": env}})
     except RayTaskError as exc:
         # The proxy actor raised while starting; Ray wraps that in a traceback from inside the proxy.
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        if "Failed to bind" in str(cause):
+        # Ray's proxy says "Failed to bind"; HAProxy, through Serve, "cannot bind socket (Address already in use)
+        # for [HOST:PORT]" (the port named: another of its ports may be the one taken).
+        msg = str(cause)
+        if "Failed to bind" in msg or ("Address already in use" in msg and f":{port}]" in msg):
             raise ServeStartError(f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use "
                                   "by another process. Choose another --port, or stop that process.") from None
         raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} failed to start: "
@@ -347,7 +385,7 @@ def start_http(host: str, port: int) -> None:
 def deploy(cfg: ServeConfig, name: str = "bertray", route_prefix: str = "/") -> None:
     """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns once its replicas answer. A
     ServeStartError (one line) if the proxy or the replicas cannot start."""
-    start_http(cfg.host, cfg.port)
+    start_http(cfg.host, cfg.port, cfg.ingress)
     try:
         serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
     except RuntimeError as exc:

@@ -268,10 +268,11 @@ def test_rayservice_matches_serve_config():
         assert other["import_path"] == app["import_path"]
         assert {k: v for k, v in app["args"].items() if k != "api_key_env"} == \
                {k: v for k, v in other["args"].items() if k != "api_key_env"}
-    # The key named by api_key_env reaches every pod from a Secret.
-    if app["args"].get("api_key_env"):
-        spec = _cluster_spec(doc)
-        pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
-        for pod in pods:
-            env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0].get("env", [])}
+    spec = _cluster_spec(doc)
+    for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0].get("env", [])}
+        # The key named by api_key_env reaches every pod from a Secret.
+        if app["args"].get("api_key_env"):
             assert "secretKeyRef" in env[app["args"]["api_key_env"]]["valueFrom"]
+        # The ingress bertray serve has by default: Serve reads it from each node's environment, not the app's.
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"

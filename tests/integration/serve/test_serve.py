@@ -8,8 +8,10 @@ import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
@@ -91,6 +93,19 @@ def test_serve_controller_gives_the_http_proxy_time_to_start(serve_apps):
     pid = state.actors(controller._actor_id.hex())["Pid"]
     env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
     assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == _PROXY_READY_CHECK_S
+
+
+def test_requests_enter_through_haproxy(serve_apps):
+    """The default ingress is Serve's HAProxy: the app's port is HAProxy's, not the Python proxy actor's, and the
+    answers above came through it. Its stats and metrics ports are free ones, not HAProxy's fixed 8404 and 9101,
+    which a second Serve on the machine would also want."""
+    port = urlparse(serve_apps["open"]).port
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert owners == {"haproxy"}, owners
+    haproxy = {c.laddr.port for c in psutil.net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.pid and psutil.Process(c.pid).name() == "haproxy"}
+    assert port in haproxy and not {8404, 9101} & haproxy, haproxy
 
 
 BAD_REQUESTS = [

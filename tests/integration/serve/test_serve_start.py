@@ -17,7 +17,8 @@ import pytest
 import requests
 
 
-def test_a_taken_port_gets_one_clear_error(ray_cluster):
+@pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+def test_a_taken_port_gets_one_clear_error(ray_cluster, ingress):
     from ray import serve
 
     from bertray.serve import ServeStartError, start_http
@@ -28,7 +29,7 @@ def test_a_taken_port_gets_one_clear_error(ray_cluster):
         port = holder.getsockname()[1]
         try:
             with pytest.raises(ServeStartError) as e:
-                start_http("127.0.0.1", port)
+                start_http("127.0.0.1", port, ingress)
         finally:
             serve.shutdown()
     assert str(e.value) == (f"Ray Serve's HTTP proxy could not listen on 127.0.0.1:{port}: the port is in use by "
@@ -54,6 +55,26 @@ def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster,
     assert "Deploying application damaged failed" in str(e.value)
     # The replica's own exception, from Serve's status, ends the line: here safetensors refusing the file.
     assert "The replicas could not start: " in str(e.value) and "SafetensorError" in str(e.value), str(e.value)
+
+
+def test_rays_python_proxy_still_serves_when_chosen(ray_cluster, tiny_classifier_dir, unused_port):
+    """ingress='proxy' (Serve's own Python proxy actor, for clusters without HAProxy): the same app answers on the
+    port, and the port is the proxy actor's, not HAProxy's. The HAProxy default is checked in test_serve.py."""
+    from ray import serve
+
+    from bertray.config import ServeConfig
+    from bertray.serve import deploy
+
+    try:
+        deploy(ServeConfig(model=str(tiny_classifier_dir), port=unused_port, cpus_per_replica=0.5, ingress="proxy"),
+               name="proxied")
+        r = requests.post(f"http://127.0.0.1:{unused_port}/v1/classify", json={"texts": ["fine", "dull"]}, timeout=60)
+        owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == unused_port and c.pid}
+    finally:
+        serve.shutdown()
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+    assert owners and "haproxy" not in owners, owners
 
 
 def test_sigterm_stops_the_server_and_its_local_ray_like_ctrl_c(tiny_classifier_dir, unused_port):
