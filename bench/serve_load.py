@@ -204,7 +204,7 @@ def run_bench(args) -> dict:
                     results[ingress][f"{mode}/{c}"] = r
                     print(f"{ingress:7} batching {mode:3} clients {c:2}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
                           f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, mean batch {r['mean_batch']:.1f}, "
-                          f"CPU ms/req proxy {r['proxy_cpu_ms_per_req']:.1f} replica {r['replica_cpu_ms_per_req']:.1f}, "
+                          f"CPU ms/req ingress {r['proxy_cpu_ms_per_req']:.1f} replica {r['replica_cpu_ms_per_req']:.1f}, "
                           f"errors {r['errors']}", flush=True)
         finally:
             serve.shutdown()

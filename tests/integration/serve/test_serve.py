@@ -3,6 +3,7 @@ web page in headless Chromium. One Serve instance per module (the serve_apps fix
 from __future__ import annotations
 
 import concurrent.futures as cf
+import csv
 import json
 import os
 import shutil
@@ -80,32 +81,56 @@ def test_model_info_and_health(serve_apps, trained_classifier):
     assert requests.get(serve_apps["open"] + "/docs", timeout=10).status_code == 200
 
 
+def _env_of_actor(name: str) -> dict[str, str]:
+    """The environment of a running Ray actor's process, read from /proc."""
+    import ray
+    from ray._private import state
+
+    actor = ray.get_actor(name, namespace="serve")
+    pid = state.actors(actor._actor_id.hex())["Pid"]
+    return dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+
+
 def test_serve_controller_gives_the_http_proxy_time_to_start(serve_apps):
     """CI once failed every test here: on a busy node the proxy missed Ray's 3 x 5 s ready checks and was killed
     while serve.start waited on it. start_http hands the controller a longer check; this reads the controller's own
     environment to see that it arrived."""
-    import ray
-    from ray._private import state
-
     from bertray.serve import _PROXY_READY_CHECK_S
 
-    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-    pid = state.actors(controller._actor_id.hex())["Pid"]
-    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
-    assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == _PROXY_READY_CHECK_S
+    assert _env_of_actor("SERVE_CONTROLLER_ACTOR")["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == _PROXY_READY_CHECK_S
 
 
-def test_requests_enter_through_haproxy(serve_apps):
-    """The default ingress is Serve's HAProxy: the app's port is HAProxy's, not the Python proxy actor's, and the
-    answers above came through it. Its stats and metrics ports are free ones, not HAProxy's fixed 8404 and 9101,
-    which a second Serve on the machine would also want."""
+def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_apps):
+    """The default ingress: HAProxy holds the app's port, and its own counters show the requests went to the
+    replica's HTTP server, none to the fallback (Ray's Python proxy, which would also have answered 200). The
+    replica itself runs with the settings start_http gave the controller."""
     port = urlparse(serve_apps["open"]).port
     owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
               if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
     assert owners == {"haproxy"}, owners
-    haproxy = {c.laddr.port for c in psutil.net_connections("tcp")
-               if c.status == psutil.CONN_LISTEN and c.pid and psutil.Process(c.pid).name() == "haproxy"}
-    assert port in haproxy and not {8404, 9101} & haproxy, haproxy
+    env = _env_of_actor("SERVE_CONTROLLER_ACTOR")
+    stats_port = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert stats_port not in (8404, port)
+
+    def sessions() -> dict[str, int]:
+        """HAProxy's count of sessions per server of the 'open' app's backend."""
+        text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+        rows = csv.DictReader(text.lstrip("# ").splitlines())
+        return {r["svname"]: int(r["stot"] or 0) for r in rows
+                if r["pxname"] == "http-open" and r["svname"] != "BACKEND"}
+
+    before = sessions()
+    for _ in range(5):
+        assert post(serve_apps["open"], {"texts": ["a good film"]}).status_code == 200
+    gained = {name: n - before.get(name, 0) for name, n in sessions().items()}
+    replica = [n for n in gained if n.startswith("SERVE_REPLICA")]
+    fallback = [n for n in gained if "fallback" in n]
+    assert len(replica) == 1 and gained[replica[0]] >= 5 and len(fallback) == 1 and gained[fallback[0]] == 0, gained
+    (replica_actor,) = _replica_actors("open")
+    replica_env = _env_of_actor(replica_actor)
+    assert replica_env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+    assert replica_env[drain] == env[drain]
 
 
 BAD_REQUESTS = [
