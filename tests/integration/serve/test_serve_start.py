@@ -57,7 +57,7 @@ def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster,
     assert "The replicas could not start: " in str(e.value) and "SafetensorError" in str(e.value), str(e.value)
 
 
-def test_rays_python_proxy_still_serves_when_chosen(ray_cluster, tiny_classifier_dir, unused_port):
+def test_rays_python_proxy_still_serves_when_chosen(ray_cluster, tiny_classifier_dir, unused_port, port_owners):
     """ingress='proxy' (Serve's own Python proxy actor, for clusters without HAProxy): the same app answers on the
     port, and the port is the proxy actor's, not HAProxy's. The HAProxy default is checked in test_serve.py."""
     from ray import serve
@@ -69,12 +69,11 @@ def test_rays_python_proxy_still_serves_when_chosen(ray_cluster, tiny_classifier
         deploy(ServeConfig(model=str(tiny_classifier_dir), port=unused_port, cpus_per_replica=0.5, ingress="proxy"),
                name="proxied")
         r = requests.post(f"http://127.0.0.1:{unused_port}/v1/classify", json={"texts": ["fine", "dull"]}, timeout=60)
-        owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
-                  if c.status == psutil.CONN_LISTEN and c.laddr.port == unused_port and c.pid}
+        owners = port_owners(unused_port)
     finally:
         serve.shutdown()
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
-    assert owners and "haproxy" not in owners, owners
+    assert owners == {"ray::ProxyActor"}, owners
 
 
 def test_sigterm_stops_the_server_and_its_local_ray_like_ctrl_c(tiny_classifier_dir, unused_port):
