@@ -489,11 +489,10 @@ class ServeConfig:
     # Who takes HTTP requests on host:port. haproxy: Ray Serve's HAProxy ingress (Ray's "high throughput" mode)
     # forwards each request straight to an HTTP server inside a replica. proxy: Ray's Python proxy actor, which
     # hands each request to a replica by actor call and is called back for its body. At 32 callers on the 2-core
-    # CPU, haproxy served 1.31-1.40x the requests per second of proxy with batching on, and batches filled to 31
-    # texts against 17-20 (fp32; bench/serve_load.py, BENCHMARKS "Serving", session 12). It applies where bertray
-    # starts Serve (`bertray serve`, serve.deploy); a Serve already running, or one started by `serve deploy` / a
-    # RayService, keeps the ingress its cluster was started with (RAY_SERVE_ENABLE_HA_PROXY in the nodes'
-    # environment; cluster/rayservice.yaml sets it).
+    # CPU, haproxy served 1.31-1.63x the requests per second of proxy with batching on (fp32; bench/serve_load.py,
+    # BENCHMARKS "Serving", session 12). It applies where bertray starts Serve (`bertray serve`, serve.deploy); a
+    # Serve already running, or one started by `serve deploy` / a RayService, keeps the ingress its cluster was
+    # started with (RAY_SERVE_ENABLE_HA_PROXY in the nodes' environment; cluster/rayservice.yaml sets it).
     ingress: Literal["haproxy", "proxy"] = "haproxy"
     ray_address: Optional[str] = None
 
