@@ -93,7 +93,7 @@ def _server_cpu_s() -> np.ndarray:
             title = (proc.cmdline() or [""])[0]
             for i, prefixes in enumerate((("ray::ProxyActor", "ray::HAProxyManager", "haproxy"),
                                           ("ray::ServeReplica:bench:",))):
-                if os.path.basename(title).startswith(prefixes) or title.startswith(prefixes):
+                if os.path.basename(title).startswith(prefixes):  # titles "ray::..." have no slash
                     t = proc.cpu_times()
                     total[i] += t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -430,9 +430,8 @@ def start_http(host: str, port: int, ingress: str) -> None:
     The controller options (the ingress among them) apply only when this call creates Serve's controller, as Ray
     documents for http_options.
     """
-    from ray.exceptions import ActorDiedError, RayTaskError
-
     import ray
+    from ray.exceptions import ActorDiedError, RayTaskError
 
     from bertray.runtime import alive_nodes
 
