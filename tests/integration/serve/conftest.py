@@ -76,14 +76,17 @@ def _free_port() -> int:
 
 
 def _port_owners(port: int) -> set[str]:
-    """Names of the processes listening on a TCP port of this machine (one that exits meanwhile is left out)."""
+    """Names of the processes listening on a TCP port of this machine (one that exits meanwhile is left out).
+    A Ray actor's title is `ray::Class` when idle but `ray::Class.method` while a call runs (the proxy answers
+    `receive_asgi_messages` calls during a request), so the method part is dropped."""
     import psutil
 
     names = set()
     for c in psutil.net_connections("tcp"):
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
             try:
-                names.add(psutil.Process(c.pid).name())
+                name = psutil.Process(c.pid).name()
+                names.add(name.split(".", 1)[0] if name.startswith("ray::") else name)
             except psutil.NoSuchProcess:  # an HAProxy replaced by a reload
                 pass
     return names
