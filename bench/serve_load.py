@@ -47,18 +47,23 @@ def single_text_latency(model: str, sample: list[str], seconds: float, threads: 
     return model_alone(model, sample, seconds, threads, gpus, token_budget, quantize, batch=1)
 
 
-def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
-                token_budget: int | None = None, quantize: str = "none", batch: int = 1) -> dict:
-    """`batch` texts per `predict` call, in this process, with the replica's torch threads, device, token budget
-    and quantization (serve.load_predictor). Latencies are per call; `ms_per_text` is wall time per text."""
+def _predictor(model: str, threads: int, gpus: float, token_budget: int | None, quantize: str):
+    """The model as a replica loads it (serve.load_predictor), with the replica's torch threads."""
     import torch
 
     from bertray.config import ServeConfig
     from bertray.serve import load_predictor
 
     torch.set_num_threads(threads)
-    pred = load_predictor(ServeConfig(model=model, gpus_per_replica=gpus, token_budget=token_budget,
+    return load_predictor(ServeConfig(model=model, gpus_per_replica=gpus, token_budget=token_budget,
                                       quantize=quantize))
+
+
+def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
+                token_budget: int | None = None, quantize: str = "none", batch: int = 1) -> dict:
+    """`batch` texts per `predict` call, in this process, with the replica's torch threads, device, token budget
+    and quantization (serve.load_predictor). Latencies are per call; `ms_per_text` is wall time per text."""
+    pred = _predictor(model, threads, gpus, token_budget, quantize)
     batch = min(batch, len(sample))
     calls = [sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch)]
     for texts in calls[:max(1, 20 // batch)]:
@@ -77,6 +82,36 @@ def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpu
     out["batch"] = batch
     out["ms_per_text"] = sum(lat) * 1000 / (i * batch)
     return out
+
+
+async def _interleaved_lone(url: str, pred, sample: list[str], seconds: float, slice_s: float = 0.5) -> dict:
+    """One caller over HTTP and the model alone (`pred`, in this process), in alternating slices of `slice_s`, on
+    the same texts: the VM's speed drifts by a fifth within a minute, and this puts the drift on both sides of the
+    1-client ratio. The model alone then also runs beside Ray and Serve's idle processes, as the replica does."""
+    import aiohttp
+
+    lat, alone, passes = [], [], []
+    i = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for _ in range(max(1, round(seconds / (2 * slice_s)))):
+            end = time.perf_counter() + slice_s
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                async with session.post(url, json={"texts": [sample[i % len(sample)]]}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status} from {url}")
+                lat.append(time.perf_counter() - t0)
+                passes.append(float(r.headers["Server-Timing"].split("dur=")[1].split(";")[0]) / 1000)
+                i += 1
+            end = time.perf_counter() + slice_s
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                pred.predict([sample[i % len(sample)]])
+                alone.append(time.perf_counter() - t0)
+                i += 1
+    half = seconds / 2
+    return {"http": _summary(lat, half, 0), "alone": _summary(alone, half, 0), "pass": _summary(passes, half, 0)}
 
 
 def _server_cpu_s() -> np.ndarray:
@@ -114,6 +149,8 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
 
     lat: list[float] = []
     batch: list[int] = []  # X-Batch-Size: texts in the forward pass that answered each request
+    model_ms: list[float] = []  # Server-Timing: that pass's wall time in the replica's model thread
+    outside_ms: list[float] = []  # a request's latency less its pass: HTTP, ingress, queue, wait for the model
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
     timeout = aiohttp.ClientTimeout(total=30)
@@ -129,6 +166,8 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
                     ok = r.status == 200
                     if ok:
                         batch.append(int(r.headers["X-Batch-Size"]))
+                        pass_ms = float(r.headers["Server-Timing"].split("dur=")[1].split(";")[0])
+                        model_ms.append(pass_ms)
                     else:
                         errors.append(f"HTTP {r.status}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -136,6 +175,7 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
                 errors.append(type(exc).__name__)
             if ok:
                 lat.append(time.perf_counter() - t0)
+                outside_ms.append(lat[-1] * 1000 - pass_ms)
             i += clients
 
     connector = aiohttp.TCPConnector(limit=clients)
@@ -146,6 +186,10 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
     out = _summary(lat, elapsed, len(errors))
     out["error_kinds"] = sorted(set(errors))
     out["mean_batch"] = float(np.mean(batch)) if batch else 0.0
+    out["model_p50_ms"] = float(np.percentile(model_ms, 50)) if model_ms else 0.0
+    out["model_p99_ms"] = float(np.percentile(model_ms, 99)) if model_ms else 0.0
+    out["outside_p50_ms"] = float(np.percentile(outside_ms, 50)) if outside_ms else 0.0
+    out["outside_p99_ms"] = float(np.percentile(outside_ms, 99)) if outside_ms else 0.0
     return out
 
 
@@ -175,6 +219,8 @@ def run_bench(args) -> dict:
                                                                     "HF_HUB_OFFLINE": "1",
                                                                     "TOKENIZERS_PARALLELISM": "false"}})
         results = {ingress: {} for ingress in args.ingress}
+        interleaved = {}
+        alone_pred = _predictor(model, threads, args.gpus_per_replica, args.token_budget, args.quantize)
         try:
             for ingress, batching in [(i, b) for i in args.ingress for b in (True, False)]:
                 if batching:
@@ -206,6 +252,11 @@ def run_bench(args) -> dict:
                           f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, mean batch {r['mean_batch']:.1f}, "
                           f"CPU ms/req ingress {r['proxy_cpu_ms_per_req']:.1f} replica {r['replica_cpu_ms_per_req']:.1f}, "
                           f"errors {r['errors']}", flush=True)
+                if batching:
+                    pair = asyncio.run(_interleaved_lone(url, alone_pred, sample, args.interleaved_seconds))
+                    interleaved[ingress] = pair
+                    print(f"{ingress:7} 1 client interleaved with the model alone: p99 {pair['http']['p99_ms']:.1f} "
+                          f"ms over HTTP, {pair['alone']['p99_ms']:.1f} ms alone", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -226,6 +277,7 @@ def run_bench(args) -> dict:
         "baseline_after": baseline_after,
         "model_batched": batched,
         "serve": results,
+        "interleaved": interleaved,
         "ratios": {ingress: {
             f"batched_over_unbatched_rps_at_{top}": r[f"on/{top}"]["rps"] / r[f"off/{top}"]["rps"],
             "model_alone_batched_over_single": single / batched["ms_per_text"],
@@ -233,6 +285,8 @@ def run_bench(args) -> dict:
             "p99_1_client_unbatched_over_single_text_p50": r["off/1"]["p99_ms"] / baseline["p50_ms"],
             "p99_1_client_batched_over_single_text_p99": r["on/1"]["p99_ms"] / baseline["p99_ms"],
             "p99_1_client_unbatched_over_single_text_p99": r["off/1"]["p99_ms"] / baseline["p99_ms"],
+            "p99_1_client_batched_over_single_text_p99_interleaved":
+                interleaved[ingress]["http"]["p99_ms"] / interleaved[ingress]["alone"]["p99_ms"],
         } for ingress, r in results.items()},
     }
 
@@ -289,6 +343,18 @@ def markdown(out: dict) -> str:
             f"{ratios['p99_1_client_batched_over_single_text_p50']:.2f}x of its p50; batching off "
             f"{ratios['p99_1_client_unbatched_over_single_text_p99']:.2f}x of its p99, "
             f"{ratios['p99_1_client_unbatched_over_single_text_p50']:.2f}x of its p50",
+            f"- **{ingress}**: at 1 client, batching on, the forward pass inside the replica (Server-Timing) took "
+            f"p50 {steps['on/1']['model_p50_ms']:.1f} / p99 {steps['on/1']['model_p99_ms']:.1f} ms, against the "
+            f"model alone's {out['baseline']['p50_ms']:.1f} / {out['baseline']['p99_ms']:.1f} ms; a request's latency "
+            f"less its pass (HTTP, ingress, the replica's server): p50 {steps['on/1']['outside_p50_ms']:.1f} / "
+            f"p99 {steps['on/1']['outside_p99_ms']:.1f} ms",
+            f"- **{ingress}**: the same, 1 client and the model alone in alternating 0.5 s slices "
+            f"({a['interleaved_seconds']:g} s): p99 {out['interleaved'][ingress]['http']['p99_ms']:.1f} ms over HTTP "
+            f"(forward pass in the replica {out['interleaved'][ingress]['pass']['p99_ms']:.1f} ms) against "
+            f"{out['interleaved'][ingress]['alone']['p99_ms']:.1f} ms alone: "
+            f"{ratios['p99_1_client_batched_over_single_text_p99_interleaved']:.2f}x; p50 "
+            f"{out['interleaved'][ingress]['http']['p50_ms']:.1f} against "
+            f"{out['interleaved'][ingress]['alone']['p50_ms']:.1f} ms",
             f"- **{ingress}**: server CPU per request (ingress + replica) at {top} clients: batching on "
             f"{steps[f'on/{top}']['server_cpu_ms_per_req']:.1f} ms, off "
             f"{steps[f'off/{top}']['server_cpu_ms_per_req']:.1f} ms",
@@ -309,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="measured duration per (mode, clients) step")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--baseline-seconds", type=float, default=10.0)
+    p.add_argument("--interleaved-seconds", type=float, default=20.0,
+                   help="1 client and the model alone in alternating slices, half each, batching on")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="> 0 serves (and times the baseline) on CUDA")
     p.add_argument("--max-batch-size", type=int, default=32)

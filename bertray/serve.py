@@ -227,9 +227,12 @@ class Classifier:
         self._authorize(request)
         req = _parse(await self._read_body(request))
         _check_limits(req.texts, self.cfg)
-        probs, batch = await self._classify_texts(req.texts)
+        probs, batch, model_ms = await self._classify_texts(req.texts)
         # How many texts the largest forward pass behind this answer held: shows batching at work (benchmarks).
         response.headers["X-Batch-Size"] = str(batch)
+        # And how long that pass took in the model thread (the standard header a browser's dev tools show): the
+        # rest of a request's latency is the HTTP path, the queue and the wait for the model.
+        response.headers["Server-Timing"] = f'model;dur={model_ms:.2f};desc="longest forward pass"'
         names = self.predictor.label_names
         out = []
         for p in probs:
@@ -240,38 +243,46 @@ class Classifier:
             out.append(pred)
         return {"predictions": out, "model": self.info["model"]}
 
-    async def _classify_texts(self, texts: list[str]) -> tuple[list[np.ndarray], int]:
-        """Class probabilities per text, and the size of the largest forward pass they ran in."""
+    async def _classify_texts(self, texts: list[str]) -> tuple[list[np.ndarray], int, float]:
+        """Class probabilities per text, and the size and duration (ms) of the largest forward pass they ran in."""
         if not self.cfg.batching:
-            return list(await self._forward(texts)), len(texts)
+            probs, ms = await self._forward(texts)
+            return list(probs), len(texts), ms
         if self._model_free.is_set() and self._waiting == 0:
             # Alone with an idle model: there is nothing to batch with, so skip the batcher's wait for company
             # (batch_wait_timeout_s, plus its queue) and run now. Callers that arrive meanwhile batch behind it.
-            return list(await self._hold_model(texts)), len(texts)
+            probs, ms = await self._hold_model(texts)
+            return list(probs), len(texts), ms
         self._waiting += 1
         try:
             await self._model_free.wait()
             rows = await asyncio.gather(*(self._predict_one(t) for t in texts))
         finally:
             self._waiting -= 1
-        return [p for p, _ in rows], max(n for _, n in rows)
+        _, batch, ms = max(rows, key=lambda row: row[1:])
+        return [p for p, _, _ in rows], batch, ms
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _predict_one(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+    async def _predict_one(self, texts: list[str]) -> list[tuple[np.ndarray, int, float]]:
         """Called with one text per caller; Serve gathers the texts of concurrent callers into one list."""
-        probs = await self._hold_model(texts)
-        return [(p, len(texts)) for p in probs]
+        probs, ms = await self._hold_model(texts)
+        return [(p, len(texts), ms) for p in probs]
 
-    async def _hold_model(self, texts: list[str]) -> np.ndarray:
+    async def _hold_model(self, texts: list[str]) -> tuple[np.ndarray, float]:
         self._model_free.clear()
         try:
             return await self._forward(texts)
         finally:
             self._model_free.set()
 
-    async def _forward(self, texts: list[str]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, lambda: self.predictor.predict(texts).probs)
+    async def _forward(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """Class probabilities, and the pass's wall time in ms, timed in the model thread."""
+        def timed() -> tuple[np.ndarray, float]:
+            t0 = time.perf_counter()
+            probs = self.predictor.predict(texts).probs
+            return probs, (time.perf_counter() - t0) * 1000
+
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, timed)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:

@@ -142,7 +142,15 @@ def _int8_layer_outputs():
         return layer(x), ours(x), stock(x)
 
 
+def _has_avx2() -> bool:
+    try:
+        return " avx2 " in open("/proc/cpuinfo").read().replace("\n", " ")
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm's ISA levels are x86's")
+@pytest.mark.skipif(not _has_avx2(), reason="the test limits fbgemm to AVX2, which this CPU lacks (or /proc is absent)")
 def test_int8_keeps_7_bit_activations_where_the_kernels_saturate():
     """fbgemm limited to AVX2 sums pairs of 8-bit products in 16 bits, which saturate at full range: the probe must
     say so, and Int8Linear must then compute exactly what PyTorch's own 7-bit layer does."""

@@ -83,9 +83,12 @@ def test_texts_arriving_during_a_pass_share_the_next_batch():
     results = asyncio.run(main())
     # Without the wait for a free model, Serve would have closed one batch per wave: [first], [2], [2], [2].
     assert [len(p) for p in pred.passes] == [1, 6], pred.passes
-    assert [batch for _, batch in results] == [1, 6, 6, 6, 6, 6, 6]
-    for probs, _ in results:
+    assert [batch for _, batch, _ in results] == [1, 6, 6, 6, 6, 6, 6]
+    for probs, _, _ in results:
         np.testing.assert_allclose(probs[0], [0.25, 0.75])
+    # Each answer carries its pass's duration (Server-Timing): the held first pass, then one shared by the six.
+    took = [ms for _, _, ms in results]
+    assert took[0] >= 500 and len(set(took[1:])) == 1 and took[1] < took[0], took
 
 
 def test_without_batching_each_request_runs_alone():
@@ -98,7 +101,7 @@ def test_without_batching_each_request_runs_alone():
 
     results = asyncio.run(main())
     assert sorted(len(p) for p in pred.passes) == [2, 2, 2]
-    assert [batch for _, batch in results] == [2, 2, 2]
+    assert [batch for _, batch, _ in results] == [2, 2, 2]
 
 
 def test_a_lone_caller_does_not_wait_for_company():
@@ -109,7 +112,7 @@ def test_a_lone_caller_does_not_wait_for_company():
 
     async def main():
         t0 = time.perf_counter()
-        probs, batch = await clf._classify_texts(["alone", "together"])
+        probs, batch, _ = await clf._classify_texts(["alone", "together"])
         return probs, batch, time.perf_counter() - t0
 
     probs, batch, took = asyncio.run(main())

@@ -117,7 +117,7 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 def serve_apps(ray_cluster, trained_classifier):
     """One Serve instance on a free loopback port with three apps:
     '/' (open), '/keyed' (API key required; also int8, to cover quantized serving without a fourth replica) and
-    '/tight' (tiny queue and long batch wait, to provoke 503s).
+    '/tight' (one request at a time and a queue of one, to provoke 503s).
     Returns {name: base URL}."""
     from ray import serve
 
@@ -131,8 +131,7 @@ def serve_apps(ray_cluster, trained_classifier):
     apps = {
         "open": (ServeConfig(**common), "/"),
         "keyed": (ServeConfig(**common, api_key_env=API_KEY_ENV, quantize="int8"), "/keyed"),
-        "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=64,
-                              batch_wait_timeout_s=3.0), "/tight"),
+        "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1), "/tight"),
     }
     start_http("127.0.0.1", port, apps["open"][0].ingress)  # the default ingress
     try:

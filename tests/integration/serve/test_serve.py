@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import itertools as it
 import json
 import os
+import re
 import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,7 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # with the module's set-up: a fine-tune and three apps
 
 
 def post(url: str, body, **kw) -> requests.Response:
@@ -51,13 +55,40 @@ def test_labels_and_scores_match_the_predictor(serve_apps, trained_classifier, s
 
 
 def test_texts_of_concurrent_callers_share_a_forward_pass(serve_apps):
-    def call(text):
-        return post(serve_apps["open"], {"texts": [text]})
+    """12 callers at once: some texts share a pass. A caller alone with an idle model runs at once, so if the
+    threads happen to arrive one by one (a starved runner), the burst is tried again, up to 5 times; the batching
+    logic itself is checked deterministically in tests/unit/test_serve_batching.py."""
+    start = threading.Barrier(12)
 
-    with cf.ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(call, ["a good film", "an awful film"] * 6))
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    def call(text):
+        with requests.Session() as s:
+            s.get(serve_apps["open"] + "/healthz", timeout=30)  # connected beforehand: only the POSTs race
+            start.wait(timeout=30)
+            return s.post(serve_apps["open"] + "/v1/classify", json={"texts": [text]}, timeout=30)
+
+    for _ in range(5):
+        with cf.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(call, ["a good film", "an awful film"] * 6))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        if max(int(r.headers["X-Batch-Size"]) for r in responses) > 1:
+            break
     assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    assert all(_model_ms(r) > 0 for r in responses), [r.headers.get("Server-Timing") for r in responses]
+
+
+def _model_ms(r: requests.Response) -> float:
+    m = re.fullmatch(r'model;dur=(\d+\.\d+);desc="longest forward pass"', r.headers.get("Server-Timing", ""))
+    assert m, r.headers
+    return float(m.group(1))
+
+
+def test_an_answer_says_how_long_its_forward_pass_took(serve_apps):
+    """Server-Timing splits a request's latency into the model's pass and the rest, so it must lie within it."""
+    t0 = time.perf_counter()
+    r = post(serve_apps["open"], {"texts": ["a good film", "an awful film"]})
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+    assert r.status_code == 200, r.text
+    assert 0 < _model_ms(r) < elapsed_ms
 
 
 def test_probabilities_only_when_asked(serve_apps):
@@ -121,8 +152,8 @@ def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_app
         for _ in range(5):
             assert post(serve_apps["open"], {"texts": ["a good film"]}).status_code == 200
         gained = {name: n - before.get(name, 0) for name, n in sessions().items()}
-        if min(gained.values(), default=0) >= 0:
-            break
+        if min(gained.values(), default=0) >= 0 and sum(gained.values()) >= 5:
+            break  # a reload mid-way can also leave the counts positive but short
     replica = [n for n in gained if n.startswith("SERVE_REPLICA")]
     fallback = [n for n in gained if "fallback" in n]
     assert len(replica) == 1 and gained[replica[0]] >= 5 and len(fallback) == 1 and gained[fallback[0]] == 0, gained
@@ -239,22 +270,47 @@ def test_many_malformed_requests_leave_the_service_healthy(serve_apps):
     assert _replica_actors("open") == replicas  # the same replica: none crashed and was replaced
 
 
+def _start_slow_upload(url: str, body: bytes) -> socket.socket:
+    """A POST to /v1/classify whose chunked body stops after its first bytes: the replica has taken the request
+    and reads its body, so the request holds its slot until _finish_upload sends the rest."""
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=60)
+    sock.sendall(f"POST {u.path}/v1/classify HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n%s\r\n" % (5, body[:5]))
+    return sock
+
+
+def _finish_upload(sock: socket.socket, body: bytes) -> int:
+    with sock:
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - 5, body[5:]))
+        return int(sock.makefile("rb").readline().split()[1])  # the status line: HTTP/1.1 200 OK
+
+
 def test_overload_gets_a_fast_503(serve_apps):
-    """max_ongoing_requests=1 and max_queued_requests=1 with a 3 s batch wait: of 12 simultaneous callers, one runs,
-    one waits, and the rest are turned away at once rather than queued."""
+    """max_ongoing_requests=1 and max_queued_requests=1: while a slow upload holds the one slot, of 8 more callers
+    one waits in the queue and 7 are turned away at once rather than queued; once the upload ends, both it and the
+    one that waited are answered."""
     url = serve_apps["tight"]
+    body = json.dumps({"texts": ["a good film"]}).encode()
+    held = _start_slow_upload(url, body)
+    time.sleep(1.0)  # for HAProxy to hand it to the replica (milliseconds on loopback)
 
     def call(_):
         t = time.perf_counter()
-        r = requests.post(url + "/v1/classify", json={"texts": ["a good film"]}, timeout=30)
+        r = requests.post(url + "/v1/classify", json={"texts": ["a good film"]}, timeout=60)
         return r.status_code, time.perf_counter() - t
 
-    with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(call, range(12)))
-    codes = [c for c, _ in results]
-    assert codes.count(200) >= 1 and codes.count(503) >= 8, codes
-    assert set(codes) <= {200, 503}, codes
-    assert max(t for c, t in results if c == 503) < 2.0, results  # turned away before the 3 s batch wait ends
+    with held, cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(8)]
+        try:
+            first = list(it.islice(cf.as_completed(futures, timeout=30), 7))
+        except cf.TimeoutError:
+            first = [f for f in futures if f.done()]
+        turned_away = [f.result() for f in first]
+        assert [c for c, _ in turned_away] == [503] * 7, turned_away
+        assert max(t for _, t in turned_away) < 2.0, turned_away  # at once, not after waiting for the slot
+        assert _finish_upload(held, body) == 200
+        assert [f.result()[0] for f in futures if f not in first] == [200]
     r = requests.post(url + "/v1/classify", json={"texts": ["a good film"]}, timeout=30)
     assert r.status_code == 200, r.text
 
@@ -298,6 +354,10 @@ def browser_page(tmp_path):
         try:
             page = context.new_page()
             page.set_default_timeout(30_000)
+            # expect() keeps Playwright's own 5 s unless told: a cold Chromium on a busy 2-core runner needs more
+            from playwright.sync_api import expect
+
+            expect.set_options(timeout=30_000)
             yield page
         finally:
             context.close()
