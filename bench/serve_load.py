@@ -10,8 +10,8 @@ validation sentences. The baseline is the model's own latency on one text (`Pred
 replica sets it up: torch threads, device, token budget). After the load steps the model alone is also timed in
 calls of the mean batch the replica ran at the top client count: the model's own gain from batching, to set beside
 the end-to-end ratio. At 1 client each answer's Server-Timing splits its latency into the replica's forward pass
-and the rest, and the 1-client ratio is measured once more with the model alone timed in slices alternating with
-the HTTP caller's (see _interleaved_lone). Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
+and the rest, and the 1-client ratio is measured once more with the model alone taking turns with the HTTP caller
+(see _interleaved_lone). Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
 throughput at 32 clients; p99 at 1 client <= 1.5x the single-text latency.
 """
 from __future__ import annotations
@@ -86,47 +86,56 @@ def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpu
     return out
 
 
-async def _interleaved_lone(url: str, pred, sample: list[str], seconds: float, gap_s: float,
-                            slice_s: float = 0.5) -> dict:
-    """One caller over HTTP and the model alone (`pred`, in this process), in alternating slices of `slice_s`, on
-    the same texts: the VM's speed drifts by a fifth within a minute, and this puts the drift on both sides of the
-    1-client ratio. The model alone then also runs beside Ray and Serve's idle processes, as the replica does.
+SLICE_S = 0.5  # the interleaved 1-client measurement's turns
 
-    A third slice runs the model alone with `gap_s` of idle before each call, the gap a lone caller's round trip
-    leaves between the replica's passes: on a VM an idle core makes the next pass slower (int8 by a third), which
-    the back-to-back loop never sees."""
+
+def _server_timing_ms(headers) -> float:
+    """The duration of the forward pass behind an answer, from its Server-Timing header (bertray.serve sets it)."""
+    return float(headers["Server-Timing"].split("dur=")[1].split(";")[0])
+
+
+async def _interleaved_lone(url: str, pred, sample: list[str], seconds: float, gap_s: float) -> dict:
+    """One caller over HTTP and the model alone (`pred`, in this process), taking turns of SLICE_S, each going
+    through the same texts in the same order: the VM's speed drifted by a fifth within one four-minute run
+    (session 12), and taking turns puts the drift on both sides of the 1-client ratio. The model alone then also
+    runs beside Ray and Serve's idle processes, as the replica does.
+
+    A third turn runs the model alone with `gap_s` of idle before each call, the gap a lone caller's round trip
+    leaves between the replica's passes: an idle core can make the next pass slower (int8 by up to a third with
+    4 ms of sleep, in a bare loop on the 2-core VM), which the back-to-back loop never sees. Only the latencies of
+    these summaries are read: their req/s would count the gaps."""
     import aiohttp
 
-    lat, alone, passes, paced = [], [], [], []
-    i = 0
+    lat, passes, alone, paced = [], [], [], []
+    spent = dict.fromkeys(("http", "alone", "paced"), 0.0)
+
+    def model_turn(kind: str, out: list[float], gap: float) -> None:
+        start = time.perf_counter()
+        while time.perf_counter() < start + SLICE_S:
+            if gap:
+                time.sleep(gap)
+            t0 = time.perf_counter()
+            pred.predict([sample[len(out) % len(sample)]])
+            out.append(time.perf_counter() - t0)
+        spent[kind] += time.perf_counter() - start
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        for _ in range(max(1, round(seconds / (3 * slice_s)))):
-            end = time.perf_counter() + slice_s
-            while time.perf_counter() < end:
+        for _ in range(max(1, round(seconds / (3 * SLICE_S)))):
+            start = time.perf_counter()
+            while time.perf_counter() < start + SLICE_S:
                 t0 = time.perf_counter()
-                async with session.post(url, json={"texts": [sample[i % len(sample)]]}) as r:
+                async with session.post(url, json={"texts": [sample[len(lat) % len(sample)]]}) as r:
                     await r.read()
                     if r.status != 200:
                         raise RuntimeError(f"HTTP {r.status} from {url}")
                 lat.append(time.perf_counter() - t0)
-                passes.append(float(r.headers["Server-Timing"].split("dur=")[1].split(";")[0]) / 1000)
-                i += 1
-            end = time.perf_counter() + slice_s
-            while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                pred.predict([sample[i % len(sample)]])
-                alone.append(time.perf_counter() - t0)
-                i += 1
-            end = time.perf_counter() + slice_s
-            while time.perf_counter() < end:
-                time.sleep(gap_s)
-                t0 = time.perf_counter()
-                pred.predict([sample[i % len(sample)]])
-                paced.append(time.perf_counter() - t0)
-                i += 1
-    third = seconds / 3
-    return {"http": _summary(lat, third, 0), "alone": _summary(alone, third, 0), "pass": _summary(passes, third, 0),
-            "paced": _summary(paced, third, 0), "gap_ms": gap_s * 1000}
+                passes.append(_server_timing_ms(r.headers) / 1000)
+            spent["http"] += time.perf_counter() - start
+            model_turn("alone", alone, 0.0)
+            model_turn("paced", paced, gap_s)
+    return {"http": _summary(lat, spent["http"], 0), "pass": _summary(passes, spent["http"], 0),
+            "alone": _summary(alone, spent["alone"], 0), "paced": _summary(paced, spent["paced"], 0),
+            "gap_ms": gap_s * 1000}
 
 
 def _server_cpu_s() -> np.ndarray:
@@ -181,7 +190,7 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
                     ok = r.status == 200
                     if ok:
                         batch.append(int(r.headers["X-Batch-Size"]))
-                        pass_ms = float(r.headers["Server-Timing"].split("dur=")[1].split(";")[0])
+                        pass_ms = _server_timing_ms(r.headers)
                         model_ms.append(pass_ms)
                     else:
                         errors.append(f"HTTP {r.status}")
@@ -268,7 +277,7 @@ def run_bench(args) -> dict:
                           f"CPU ms/req ingress {r['proxy_cpu_ms_per_req']:.1f} replica {r['replica_cpu_ms_per_req']:.1f}, "
                           f"errors {r['errors']}", flush=True)
                 if batching:
-                    gap = results[ingress]["on/1"]["outside_p50_ms"] / 1000 if 1 in args.clients else 0.0
+                    gap = results[ingress]["on/1"]["outside_p50_ms"] / 1000
                     pair = asyncio.run(_interleaved_lone(url, alone_pred, sample, args.interleaved_seconds, gap))
                     interleaved[ingress] = pair
                     print(f"{ingress:7} 1 client interleaved with the model alone: p99 {pair['http']['p99_ms']:.1f} "
@@ -364,8 +373,9 @@ def markdown(out: dict) -> str:
             f"model alone's {out['baseline']['p50_ms']:.1f} / {out['baseline']['p99_ms']:.1f} ms; a request's latency "
             f"less its pass (HTTP, ingress, the replica's server): p50 {steps['on/1']['outside_p50_ms']:.1f} / "
             f"p99 {steps['on/1']['outside_p99_ms']:.1f} ms",
-            f"- **{ingress}**: the same, 1 client and the model alone in alternating 0.5 s slices "
-            f"({a['interleaved_seconds']:g} s, a third each with the paced model below): p99 {out['interleaved'][ingress]['http']['p99_ms']:.1f} ms over HTTP "
+            f"- **{ingress}**: the same, 1 client and the model alone taking turns of {SLICE_S:g} s "
+            f"({a['interleaved_seconds']:g} s, a third each with the paced model below): "
+            f"p99 {out['interleaved'][ingress]['http']['p99_ms']:.1f} ms over HTTP "
             f"(forward pass in the replica {out['interleaved'][ingress]['pass']['p99_ms']:.1f} ms) against "
             f"{out['interleaved'][ingress]['alone']['p99_ms']:.1f} ms alone: "
             f"{ratios['p99_1_client_batched_over_single_text_p99_interleaved']:.2f}x; p50 "
@@ -395,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--baseline-seconds", type=float, default=10.0)
     p.add_argument("--interleaved-seconds", type=float, default=30.0,
-                   help="1 client, the model alone, and the model alone paced like that client, in alternating "
-                        "slices (a third each), batching on")
+                   help="1 client, the model alone, and the model alone paced like that client, taking turns "
+                        "(a third each), batching on")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="> 0 serves (and times the baseline) on CUDA")
     p.add_argument("--max-batch-size", type=int, default=32)

@@ -231,8 +231,8 @@ class Classifier:
         # How many texts the largest forward pass behind this answer held: shows batching at work (benchmarks).
         response.headers["X-Batch-Size"] = str(batch)
         # And how long that pass took in the model thread (the standard header a browser's dev tools show): the
-        # rest of a request's latency is the HTTP path, the queue and the wait for the model.
-        response.headers["Server-Timing"] = f'model;dur={model_ms:.2f};desc="longest forward pass"'
+        # rest of a request's latency is the HTTP path, the queue, the wait for the model, and any other pass.
+        response.headers["Server-Timing"] = f'model;dur={model_ms:.2f};desc="largest forward pass"'
         names = self.predictor.label_names
         out = []
         for p in probs:

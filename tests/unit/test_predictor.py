@@ -144,7 +144,7 @@ def _int8_layer_outputs():
 
 def _has_avx2() -> bool:
     try:
-        return " avx2 " in open("/proc/cpuinfo").read().replace("\n", " ")
+        return "avx2" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
-import itertools as it
 import json
 import os
 import re
@@ -77,7 +76,7 @@ def test_texts_of_concurrent_callers_share_a_forward_pass(serve_apps):
 
 
 def _model_ms(r: requests.Response) -> float:
-    m = re.fullmatch(r'model;dur=(\d+\.\d+);desc="longest forward pass"', r.headers.get("Server-Timing", ""))
+    m = re.fullmatch(r'model;dur=(\d+\.\d+);desc="largest forward pass"', r.headers.get("Server-Timing", ""))
     assert m, r.headers
     return float(m.group(1))
 
@@ -137,21 +136,13 @@ def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_app
     port = urlparse(serve_apps["open"]).port
     assert port_owners(port) == {"haproxy"}, port_owners(port)
     env = _env_of_actor("SERVE_CONTROLLER_ACTOR")
-    stats_port = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
-    assert stats_port not in (8404, port)
-
-    def sessions() -> dict[str, int]:
-        """HAProxy's count of sessions per server of the 'open' app's backend."""
-        text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
-        rows = csv.DictReader(text.lstrip("# ").splitlines())
-        return {r["svname"]: int(r["stot"] or 0) for r in rows
-                if r["pxname"] == "http-open" and r["svname"] != "BACKEND"}
+    assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) not in (8404, port)
 
     for _ in range(3):  # a reload of HAProxy (on any change Serve makes) starts its counters again: retry
-        before = sessions()
+        before = _haproxy_counts("open", "stot")
         for _ in range(5):
             assert post(serve_apps["open"], {"texts": ["a good film"]}).status_code == 200
-        gained = {name: n - before.get(name, 0) for name, n in sessions().items()}
+        gained = {name: n - before.get(name, 0) for name, n in _haproxy_counts("open", "stot").items()}
         if min(gained.values(), default=0) >= 0 and sum(gained.values()) >= 5:
             break  # a reload mid-way can also leave the counts positive but short
     replica = [n for n in gained if n.startswith("SERVE_REPLICA")]
@@ -243,6 +234,15 @@ def test_an_int8_replica_serves_the_int8_model(serve_apps, serve_api_key, traine
     assert to_int8 <= 1e-6 and to_fp32 > 10 * to_int8, (to_int8, to_fp32)
 
 
+def _haproxy_counts(app: str, column: str) -> dict[str, int]:
+    """An HAProxy stats column per server of an app's backend (stot: sessions so far; scur: open now)."""
+    stats_port = int(_env_of_actor("SERVE_CONTROLLER_ACTOR")["RAY_SERVE_HAPROXY_STATS_PORT"])
+    text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+    rows = csv.DictReader(text.lstrip("# ").splitlines())
+    return {r["svname"]: int(r[column] or 0) for r in rows
+            if r["pxname"] == f"http-{app}" and r["svname"] != "BACKEND"}
+
+
 def _replica_actors(app: str) -> list[str]:
     """Names of the live replica actors of `app` (a replica that crashed and was replaced gets a new name)."""
     import ray
@@ -275,15 +275,20 @@ def _start_slow_upload(url: str, body: bytes) -> socket.socket:
     and reads its body, so the request holds its slot until _finish_upload sends the rest."""
     u = urlparse(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=60)
-    sock.sendall(f"POST {u.path}/v1/classify HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
-                 "Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n%s\r\n" % (5, body[:5]))
+    try:
+        sock.sendall(f"POST {u.path}/v1/classify HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                     + b"%x\r\n%s\r\n" % (5, body[:5]))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
 def _finish_upload(sock: socket.socket, body: bytes) -> int:
-    with sock:
+    with sock, sock.makefile("rb") as answer:
         sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - 5, body[5:]))
-        return int(sock.makefile("rb").readline().split()[1])  # the status line: HTTP/1.1 200 OK
+        return int(answer.readline().split()[1])  # the status line: HTTP/1.1 200 OK
 
 
 def test_overload_gets_a_fast_503(serve_apps):
@@ -293,19 +298,27 @@ def test_overload_gets_a_fast_503(serve_apps):
     url = serve_apps["tight"]
     body = json.dumps({"texts": ["a good film"]}).encode()
     held = _start_slow_upload(url, body)
-    time.sleep(1.0)  # for HAProxy to hand it to the replica (milliseconds on loopback)
+    deadline = time.time() + 30
+    while sum(_haproxy_counts("tight", "scur").values()) < 1:  # until HAProxy has handed it to the replica
+        assert time.time() < deadline, f"the slow upload never reached a replica: {_haproxy_counts('tight', 'scur')}"
+        time.sleep(0.05)
 
     def call(_):
         t = time.perf_counter()
         r = requests.post(url + "/v1/classify", json={"texts": ["a good film"]}, timeout=60)
         return r.status_code, time.perf_counter() - t
 
-    with held, cf.ThreadPoolExecutor(8) as pool:
+    # The pool is left last: should an assert fail, closing the upload first frees the caller queued behind it.
+    with cf.ThreadPoolExecutor(8) as pool, held:
         futures = [pool.submit(call, i) for i in range(8)]
+        first = []
         try:
-            first = list(it.islice(cf.as_completed(futures, timeout=30), 7))
+            for f in cf.as_completed(futures, timeout=30):
+                first.append(f)
+                if len(first) == 7:
+                    break
         except cf.TimeoutError:
-            first = [f for f in futures if f.done()]
+            pass
         turned_away = [f.result() for f in first]
         assert [c for c, _ in turned_away] == [503] * 7, turned_away
         assert max(t for _, t in turned_away) < 2.0, turned_away  # at once, not after waiting for the slot
