@@ -136,13 +136,15 @@ def test_requests_enter_through_haproxy_and_go_straight_to_the_replica(serve_app
     port = urlparse(serve_apps["open"]).port
     assert port_owners(port) == {"haproxy"}, port_owners(port)
     env = _env_of_actor("SERVE_CONTROLLER_ACTOR")
-    assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) not in (8404, port)
+    stats_port = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert stats_port not in (8404, port)
 
     for _ in range(3):  # a reload of HAProxy (on any change Serve makes) starts its counters again: retry
-        before = _haproxy_counts("open", "stot")
+        before = _haproxy_counts(stats_port, "open", "stot")
         for _ in range(5):
             assert post(serve_apps["open"], {"texts": ["a good film"]}).status_code == 200
-        gained = {name: n - before.get(name, 0) for name, n in _haproxy_counts("open", "stot").items()}
+        after = _haproxy_counts(stats_port, "open", "stot")
+        gained = {name: n - before.get(name, 0) for name, n in after.items()}
         if min(gained.values(), default=0) >= 0 and sum(gained.values()) >= 5:
             break  # a reload mid-way can also leave the counts positive but short
     replica = [n for n in gained if n.startswith("SERVE_REPLICA")]
@@ -234,9 +236,9 @@ def test_an_int8_replica_serves_the_int8_model(serve_apps, serve_api_key, traine
     assert to_int8 <= 1e-6 and to_fp32 > 10 * to_int8, (to_int8, to_fp32)
 
 
-def _haproxy_counts(app: str, column: str) -> dict[str, int]:
-    """An HAProxy stats column per server of an app's backend (stot: sessions so far; scur: open now)."""
-    stats_port = int(_env_of_actor("SERVE_CONTROLLER_ACTOR")["RAY_SERVE_HAPROXY_STATS_PORT"])
+def _haproxy_counts(stats_port: int, app: str, column: str) -> dict[str, int]:
+    """An HAProxy stats column per server of an app's backend (stot: sessions so far; scur: open now); the stats
+    port is in the Serve controller's environment (RAY_SERVE_HAPROXY_STATS_PORT)."""
     text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
     rows = csv.DictReader(text.lstrip("# ").splitlines())
     return {r["svname"]: int(r[column] or 0) for r in rows
@@ -297,11 +299,12 @@ def test_overload_gets_a_fast_503(serve_apps):
     one that waited are answered."""
     url = serve_apps["tight"]
     body = json.dumps({"texts": ["a good film"]}).encode()
+    stats_port = int(_env_of_actor("SERVE_CONTROLLER_ACTOR")["RAY_SERVE_HAPROXY_STATS_PORT"])
     held = _start_slow_upload(url, body)
     deadline = time.time() + 30
-    while sum(_haproxy_counts("tight", "scur").values()) < 1:  # until HAProxy has handed it to the replica
-        assert time.time() < deadline, f"the slow upload never reached a replica: {_haproxy_counts('tight', 'scur')}"
-        time.sleep(0.05)
+    while sum((open_now := _haproxy_counts(stats_port, "tight", "scur")).values()) < 1:
+        assert time.time() < deadline, f"the slow upload never reached a replica (HAProxy's open sessions: {open_now})"
+        time.sleep(0.05)  # until HAProxy has handed it to the replica
 
     def call(_):
         t = time.perf_counter()
