@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -217,18 +216,13 @@ async def _load(url: str, sample: list[str], clients: int, seconds: float) -> di
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_bench(args) -> dict:
     import ray
     import requests
     from ray import serve
 
     from bertray.config import ServeConfig
+    from bertray.runtime import free_ports
     from bertray.serve import deploy
 
     sample = texts(args.texts)
@@ -249,7 +243,7 @@ def run_bench(args) -> dict:
             for ingress, batching in [(i, b) for i in args.ingress for b in (True, False)]:
                 if batching:
                     serve.shutdown()  # a new controller: the ingress is fixed when Serve starts
-                    port = _free_port()
+                    port = free_ports(1)[0]
                     url = f"http://127.0.0.1:{port}/v1/classify"
                 cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
                                   gpus_per_replica=args.gpus_per_replica,

@@ -4,11 +4,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import socket
 
 log = logging.getLogger(__name__)
 
 # Passed to every Ray worker so S3 settings and offline model loading hold on all nodes.
 _PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TRANSFORMERS_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+
+
+# Where free_ports looks. A port found by binding port 0 comes from the kernel's ephemeral range (32768-60999 on
+# Linux), which every outgoing connection also draws from: in CI one took HAProxy's exporter port in the seconds
+# between the pick and HAProxy's bind, and HAProxy would not start. This range lies below the ephemeral one, above
+# Ray's worker ports (10002-19999) and below Ray Serve's replica ports (30000-31000).
+_FREE_PORT_RANGE = range(20000, 30000)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on every interface of this machine now, from _FREE_PORT_RANGE in random order
+    (so that two callers rarely pick alike); all are held open until the last is found, so none repeats."""
+    socks: list[socket.socket] = []
+    try:
+        for port in random.sample(_FREE_PORT_RANGE, len(_FREE_PORT_RANGE)):
+            s = socket.socket()
+            try:
+                s.bind(("", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+            if len(socks) == n:
+                return [s.getsockname()[1] for s in socks]
+        raise RuntimeError(f"fewer than {n} free TCP ports in {_FREE_PORT_RANGE.start}-{_FREE_PORT_RANGE.stop - 1} "
+                           "on this machine")
+    finally:
+        for s in socks:
+            s.close()
 
 
 def worker_env() -> dict[str, str]:

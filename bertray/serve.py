@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import tempfile
 import time
@@ -37,6 +36,7 @@ from ray.serve import Application
 
 from bertray import modeling, storage
 from bertray.config import SERVE_CPU_TOKEN_BUDGET, ConfigError, ServeConfig, load
+from bertray.runtime import free_ports
 
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
 _MAX_JSON_BYTES_PER_CHAR = 12
@@ -340,18 +340,6 @@ def _check_model(uri: str) -> None:
     check_classifier(uri, uri if storage.is_remote(uri) else modeling.resolve(uri))
 
 
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct ports free now on this machine (all held open while they are picked, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 # Serve puts HAProxy's sockets at FOLDER/<node id: 56 hex digits>/admin.sock; Linux allows 107 bytes in the path.
 _SOCKET_PATH_MAX = 107 - len("/") - 56 - len("/metrics.sock")
 
@@ -404,7 +392,7 @@ def _controller_env(ingress: str) -> dict[str, str]:
         # HAProxy also binds a stats page (8404) and a Prometheus exporter (9101), and Serve keeps its Python proxy
         # on 8500 as HAProxy's fallback, all on fixed ports: a second Serve on the same machine (another user, a
         # test beside this one) then fails to start. Free ports instead.
-        ports = _free_ports(3)
+        ports = free_ports(3)
         for name, p in zip(("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"), ports):
             env[name] = str(p)

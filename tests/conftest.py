@@ -30,9 +30,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the kernel's ephemeral range (see bertray.runtime.free_ports)."""
+    from bertray.runtime import free_ports
+
+    return free_ports(1)[0]
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:

@@ -120,3 +120,12 @@ def test_a_bind_error_blames_the_port_only_when_it_names_it():
     assert S._port_taken("[ALERT] ... cannot bind socket (Address already in use) for [127.0.0.1:8000]", 8000)
     assert not S._port_taken("cannot bind socket (Address already in use) for [0.0.0.0:18000]", 8000)
     assert not S._port_taken("Failed to bind to address '127.0.0.1:80001'.", 8000)
+
+
+def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
+    """Ports the kernel hands out for outgoing connections (32768-60999 on Linux) can be taken between the pick and
+    HAProxy's bind, as once in CI; the picked ones lie below that range and above Ray's worker ports."""
+    from bertray.runtime import free_ports
+
+    ports = free_ports(50)
+    assert len(set(ports)) == 50 and all(20000 <= p < 30000 for p in ports), ports

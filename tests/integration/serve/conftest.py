@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 
 import pytest
@@ -69,12 +68,6 @@ def trained_classifier(ray_cluster, tiny_bert, tmp_path_factory) -> str:
     return summary["model"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _port_owners(port: int) -> set[str]:
     """Names of the processes listening on a TCP port of this machine (one that exits meanwhile is left out).
     A Ray actor's title is `ray::Class` when idle but `ray::Class.method` while a call runs (the proxy answers
@@ -122,9 +115,10 @@ def serve_apps(ray_cluster, trained_classifier):
     from ray import serve
 
     from bertray.config import ServeConfig
+    from bertray.runtime import free_ports
     from bertray.serve import build_app, start_http
 
-    port = _free_port()
+    port = free_ports(1)[0]
     base = f"http://127.0.0.1:{port}"
     os.environ[API_KEY_ENV] = API_KEY
     common = dict(model=trained_classifier, cpus_per_replica=0.5, max_texts=8, max_text_chars=200)
