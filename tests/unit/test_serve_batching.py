@@ -118,3 +118,70 @@ def test_a_lone_caller_does_not_wait_for_company():
     probs, batch, took = asyncio.run(main())
     assert took < 1.0, f"waited {took:.1f} s: the lone request went through the 5 s batch wait"
     assert pred.passes == [["alone", "together"]] and batch == 2 and len(probs) == 2
+
+
+
+async def held_pass_then(clf, pred, *requests):
+    """A lone caller's pass ("a1"), held for 0.4 s while `requests` queue behind it. Returns once that pass has
+    answered: its duration (ms) and the queued requests' tasks. The caller of "a1" sends nothing more."""
+    first = asyncio.create_task(clf._classify_texts(["a1"]))  # alone: runs at once, and is held
+    await asyncio.sleep(0.3)
+    queued = [asyncio.create_task(clf._classify_texts(list(texts))) for texts in requests]
+    await asyncio.sleep(0.1)
+    pred.release.set()
+    _, _, first_ms = await first
+    return first_ms, queued
+
+
+def test_the_next_batch_waits_for_the_callers_a_pass_answered():
+    """Closed-loop callers come back once answered; the next batch waits for them (REGROUP_FRACTION of the pass's
+    time at most), so the callers stay in one group instead of splitting into two that take turns."""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+
+    async def main():
+        first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        # a1's caller comes back after a round trip far shorter than a quarter of the held pass (>= 400 ms), and
+        # far longer than the batch wait (2 ms) that would otherwise have closed the next batch without it.
+        await asyncio.sleep(0.03)
+        back = asyncio.create_task(clf._classify_texts(["a2"]))
+        return first_ms, await asyncio.gather(*queued, back)
+
+    first_ms, results = asyncio.run(main())
+    assert first_ms >= 400
+    assert len(pred.passes) == 2 and sorted(pred.passes[1]) == ["a2", "b1", "c1"], pred.passes
+    assert [batch for _, batch, _ in results] == [3, 3, 3]
+
+
+def test_the_wait_for_answered_callers_ends_at_its_deadline():
+    """Callers that do not come back hold up the next batch for REGROUP_FRACTION of the last pass, no longer."""
+    from bertray.serve import REGROUP_FRACTION
+
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+
+    async def main():
+        first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        t0 = time.perf_counter()
+        await asyncio.gather(*queued)
+        return first_ms, time.perf_counter() - t0
+
+    first_ms, waited = asyncio.run(main())
+    window = REGROUP_FRACTION * first_ms / 1000
+    assert pred.passes[1:] == [["b1", "c1"]], pred.passes
+    assert 0.5 * window <= waited < window + 2.0, f"waited {waited:.3f} s for a window of {window:.3f} s"
+
+
+def test_a_request_of_several_texts_counts_as_one_caller():
+    """A pass answers callers, not texts: after one caller's 3 texts, nobody else is expected back."""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+
+    async def main():
+        _, (several,) = await held_pass_then(clf, pred, ["b1", "b2", "b3"])
+        await several
+        # Expecting 3 callers back would hold the model for a quarter of the pass; expecting 1, it is free now.
+        return clf._model_free.is_set()
+
+    assert asyncio.run(main()), "the model was held for callers that were only texts of one request"
+    assert pred.passes[1] == ["b1", "b2", "b3"]
