@@ -42,9 +42,11 @@ from bertray.runtime import free_ports
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
 _MAX_JSON_BYTES_PER_CHAR = 12
 _BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the texts
-# After a pass for several callers, how long (as a share of that pass's time) the next batch may wait for the
-# callers it answered to come back (Classifier._release_model).
-REGROUP_FRACTION = 0.25
+# After a pass for several callers, how long the next batch may wait for them to send again, per caller, and never
+# longer than the pass took (Classifier._release_model). The replica sends all their answers before the first can
+# come back: on the 2-core VM the first was back after 7 ms (p50) for a pass of 8 callers, 20 ms for 32, and all
+# were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py with the waits logged).
+REGROUP_PER_CALLER_S = 0.002
 _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
 # Serve's controller gives a starting HTTP proxy three ready checks of this many seconds (Ray's default is 5) before
 # it kills the proxy and starts another, while serve.start waits up to 60 s on the first proxy only. On a busy node
@@ -212,6 +214,7 @@ class Classifier:
         self._arrived = asyncio.Event()  # a request joined the queued ones: wakes _regroup
         self._regroup_task: asyncio.Task | None = None
         self._callers = itertools.count()  # numbers the batched requests: a pass answers len(set(...)) callers
+        self._regroup_per_caller_s = REGROUP_PER_CALLER_S
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -298,14 +301,16 @@ class Classifier:
         turns: the ones answered by a pass come back while the next pass, made of the others, runs, and so on
         forever. At 32 callers on the 2-core CPU such runs formed batches of 17-18 texts and served 67-70
         requests/s, a run that kept them together 31 texts and 96 (bench/serve_load.py, session 13). So after a
-        pass of several texts the next batch waits for as many callers as that pass answered, plus those already
-        queued, for at most REGROUP_FRACTION of the pass's time: callers that never come back cost at most that.
-        A lone caller (a pass of one, nobody queued) is expected back alone and runs at once, as before."""
+        pass for several callers the next batch waits until they are back, with those already queued, for at most
+        REGROUP_PER_CALLER_S per caller answered and the pass's own time: callers that do not come back cost at
+        most that much idle model per pass. With it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in
+        six runs of six (session 14). A lone caller (a pass for one, nobody queued) is expected back alone and runs
+        at once, as before."""
         expected = min(self.cfg.max_batch_size, self._queued + answered)
         if expected <= 1 or self._queued >= expected:
             self._model_free.set()
             return
-        deadline = asyncio.get_running_loop().time() + REGROUP_FRACTION * pass_s
+        deadline = asyncio.get_running_loop().time() + min(pass_s, self._regroup_per_caller_s * answered)
         self._regroup_task = asyncio.create_task(self._regroup(expected, deadline))
 
     async def _regroup(self, expected: int, deadline: float) -> None:
@@ -421,6 +426,11 @@ def _haproxy_binary() -> str | None:
         return None
 
 
+# The ports HAProxy's ingress binds besides the app's, by the variable that sets each.
+_HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": "stats page", "RAY_SERVE_HAPROXY_METRICS_PORT":
+                  "Prometheus exporter", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "fallback proxy"}
+
+
 def _controller_env(ingress: str) -> dict[str, str]:
     """Ray Serve settings for the controller and, through its runtime env, the proxies and replicas it starts.
 
@@ -437,9 +447,7 @@ def _controller_env(ingress: str) -> dict[str, str]:
         # HAProxy also binds a stats page (8404) and a Prometheus exporter (9101), and Serve keeps its Python proxy
         # on 8500 as HAProxy's fallback, all on fixed ports: a second Serve on the same machine (another user, a
         # test beside this one) then fails to start. Free ports instead.
-        ports = free_ports(3)
-        for name, p in zip(("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"), ports):
+        for name, p in zip(_HAPROXY_PORTS, free_ports(len(_HAPROXY_PORTS))):
             env[name] = str(p)
         private = _private_dir()
         for name, file in (("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "haproxy.cfg"),
@@ -459,6 +467,20 @@ def _port_taken(error: str, port: int) -> bool:
     The port must be the one named: the taken one may be another of theirs."""
     return (("Failed to bind" in error and f":{port}'" in error) or
             ("Address already in use" in error and f":{port}]" in error))
+
+
+def _bind_error(error: str, host: str, port: int, env: dict[str, str]) -> str | None:
+    """The one-line error for a proxy that could not bind a port, naming which of its ports; None if `error` is
+    about something else."""
+    if _port_taken(error, port):
+        return (f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use by another process. "
+                "Choose another --port, or stop that process.")
+    for name, what in _HAPROXY_PORTS.items():
+        if name in env and _port_taken(error, int(env[name])):
+            return (f"Ray Serve's HAProxy could not listen on port {env[name]}, its {what} ({name}): the port is in "
+                    f"use by another process. Start again (bertray picks a free port each time unless {name} is "
+                    "set), or set it to a free port.")
+    return None
 
 
 def _loopback(host: str) -> bool:
@@ -497,9 +519,8 @@ def start_http(host: str, port: int, ingress: str) -> None:
     except RayTaskError as exc:
         # The proxy actor raised while starting; Ray wraps that in a traceback from inside the proxy.
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        if _port_taken(str(cause), port):
-            raise ServeStartError(f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use "
-                                  "by another process. Choose another --port, or stop that process.") from None
+        if taken := _bind_error(str(cause), host, port, env):
+            raise ServeStartError(taken) from None
         raise ServeStartError(f"Ray Serve's HTTP proxy for {host}:{port} failed to start: "
                               f"{type(cause).__name__}: {cause}") from None
     except (ActorDiedError, TimeoutError) as exc:

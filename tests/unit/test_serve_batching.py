@@ -134,15 +134,16 @@ async def held_pass_then(clf, pred, *requests):
 
 
 def test_the_next_batch_waits_for_the_callers_a_pass_answered():
-    """Closed-loop callers come back once answered; the next batch waits for them (REGROUP_FRACTION of the pass's
-    time at most), so the callers stay in one group instead of splitting into two that take turns."""
+    """Closed-loop callers come back once answered; the next batch waits for them (for a while), so the callers stay
+    in one group instead of splitting into two that take turns."""
     pred = HeldPredictor()
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+    clf._regroup_per_caller_s = 10.0  # so the pass's own time (>= 400 ms) bounds the wait
 
     async def main():
         first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
-        # a1's caller comes back after a round trip far shorter than a quarter of the held pass (>= 400 ms), and
-        # far longer than the batch wait (2 ms) that would otherwise have closed the next batch without it.
+        # a1's caller comes back after a round trip far shorter than the held pass (>= 400 ms), and far longer
+        # than the batch wait (2 ms) that would otherwise have closed the next batch without it.
         await asyncio.sleep(0.03)
         back = asyncio.create_task(clf._classify_texts(["a2"]))
         return first_ms, await asyncio.gather(*queued, back)
@@ -154,11 +155,11 @@ def test_the_next_batch_waits_for_the_callers_a_pass_answered():
 
 
 def test_the_wait_for_answered_callers_ends_at_its_deadline():
-    """Callers that do not come back hold up the next batch for REGROUP_FRACTION of the last pass, no longer."""
-    from bertray.serve import REGROUP_FRACTION
-
+    """Callers that do not come back hold up the next batch for their allowance, and never longer than the last
+    pass took: here 10 s for the one caller answered, so the pass's time (>= 400 ms) is the bound."""
     pred = HeldPredictor()
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+    clf._regroup_per_caller_s = 10.0
 
     async def main():
         first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
@@ -167,7 +168,7 @@ def test_the_wait_for_answered_callers_ends_at_its_deadline():
         return first_ms, time.perf_counter() - t0
 
     first_ms, waited = asyncio.run(main())
-    window = REGROUP_FRACTION * first_ms / 1000
+    window = first_ms / 1000
     assert pred.passes[1:] == [["b1", "c1"]], pred.passes
     assert 0.5 * window <= waited < window + 2.0, f"waited {waited:.3f} s for a window of {window:.3f} s"
 
@@ -176,11 +177,12 @@ def test_a_request_of_several_texts_counts_as_one_caller():
     """A pass answers callers, not texts: after one caller's 3 texts, nobody else is expected back."""
     pred = HeldPredictor()
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+    clf._regroup_per_caller_s = 10.0
 
     async def main():
         _, (several,) = await held_pass_then(clf, pred, ["b1", "b2", "b3"])
         await several
-        # Expecting 3 callers back would hold the model for a quarter of the pass; expecting 1, it is free now.
+        # Expecting 3 callers back would hold the model for up to the pass's time; expecting 1, it is free now.
         return clf._model_free.is_set()
 
     assert asyncio.run(main()), "the model was held for callers that were only texts of one request"

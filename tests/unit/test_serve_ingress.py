@@ -122,6 +122,15 @@ def test_a_bind_error_blames_the_port_only_when_it_names_it():
     assert not S._port_taken("Failed to bind to address '127.0.0.1:80001'.", 8000)
 
 
+def test_a_bind_error_on_one_of_haproxys_own_ports_names_that_port():
+    env = {"RAY_SERVE_HAPROXY_STATS_PORT": "21000", "RAY_SERVE_HAPROXY_METRICS_PORT": "21001"}
+    taken = S._bind_error("cannot bind socket (Address already in use) for [0.0.0.0:21001]", "127.0.0.1", 8000, env)
+    assert taken.startswith("Ray Serve's HAProxy could not listen on port 21001, its Prometheus exporter "
+                            "(RAY_SERVE_HAPROXY_METRICS_PORT)"), taken
+    assert "--port" in S._bind_error("Failed to bind to address '127.0.0.1:8000'.", "127.0.0.1", 8000, env)
+    assert S._bind_error("cannot bind socket (Address already in use) for [0.0.0.0:21002]", "h", 8000, env) is None
+
+
 def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     """Ports the kernel hands out for outgoing connections (32768-60999 on Linux) can be taken between the pick and
     HAProxy's bind, as once in CI; the picked ones lie below that range and above Ray's worker ports."""

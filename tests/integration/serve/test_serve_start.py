@@ -36,6 +36,27 @@ def test_a_taken_port_gets_one_clear_error(ray_cluster, ingress):
                             "another process. Choose another --port, or stop that process.")
 
 
+def test_a_taken_haproxy_stats_port_is_named(ray_cluster, unused_port, monkeypatch):
+    """HAProxy binds a stats page on a port of its own; when another process holds it (as an outgoing connection
+    once did in CI), the error names that port and its variable, not the app's --port."""
+    from ray import serve
+
+    from bertray.serve import ServeStartError, start_http
+
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        stats = holder.getsockname()[1]
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(stats))
+        try:
+            with pytest.raises(ServeStartError) as e:
+                start_http("127.0.0.1", unused_port, "haproxy")
+        finally:
+            serve.shutdown()
+    assert str(e.value).startswith(f"Ray Serve's HAProxy could not listen on port {stats}, its stats page "
+                                   "(RAY_SERVE_HAPROXY_STATS_PORT)"), str(e.value)
+
+
 def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster, tiny_classifier_dir, tmp_path,
                                                                     unused_port):
     """A classifier folder whose weights are damaged passes the pre-flight check (config and bertray.json are
