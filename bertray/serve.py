@@ -45,7 +45,7 @@ _BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the 
 # After a pass for several callers, how long the next batch may wait for them to send again, per caller, and never
 # longer than the pass took (Classifier._release_model). The replica sends all their answers before the first can
 # come back: on the 2-core VM the first was back after 7 ms (p50) for a pass of 8 callers, 20 ms for 32, and all
-# were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py with the waits logged).
+# were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py, a patch logging the waits).
 REGROUP_PER_CALLER_S = 0.002
 _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
 # Serve's controller gives a starting HTTP proxy three ready checks of this many seconds (Ray's default is 5) before
@@ -211,10 +211,14 @@ class Classifier:
         self._model_free.set()
         self._waiting = 0  # requests in this replica that want the model and have not got it yet
         self._queued = 0  # of those, the ones still held at _model_free (not yet handed to the batcher)
+        self._queued_texts = 0  # and their texts
+        # Texts handed to the batcher that no pass has taken yet, by request number. A pass that ends with some
+        # left is followed at once by the batch Serve formed of them: no waiting for callers then (_release_model).
+        self._unstarted: dict[int, int] = {}
         self._arrived = asyncio.Event()  # a request joined the queued ones: wakes _regroup
-        self._regroup_task: asyncio.Task | None = None
+        self._regroup_task: asyncio.Task[None] | None = None  # a reference: the event loop keeps only weak ones
         self._callers = itertools.count()  # numbers the batched requests: a pass answers len(set(...)) callers
-        self._regroup_per_caller_s = REGROUP_PER_CALLER_S
+        self._regroup_per_caller_s = REGROUP_PER_CALLER_S  # an attribute, so that tests can change it
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -266,22 +270,31 @@ class Classifier:
             return list(probs), len(texts), ms
         self._waiting += 1
         self._queued += 1
+        self._queued_texts += len(texts)
         self._arrived.set()
+        caller = next(self._callers)
         try:
             try:
                 await self._model_free.wait()
             finally:
                 self._queued -= 1
-            caller = next(self._callers)
+                self._queued_texts -= len(texts)
+            self._unstarted[caller] = len(texts)
             rows = await asyncio.gather(*(self._predict_one(t, caller) for t in texts))
         finally:
             self._waiting -= 1
+            self._unstarted.pop(caller, None)  # if cancelled, Serve drops its texts that no pass has taken
         _, batch, ms = max(rows, key=lambda row: row[1:])
         return [p for p, _, _ in rows], batch, ms
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _predict_one(self, texts: list[str], callers: list[int]) -> list[tuple[np.ndarray, int, float]]:
         """Called with one text and its request's number; Serve gathers concurrent calls into one list of each."""
+        for c in callers:
+            if self._unstarted.get(c, 0) > 1:
+                self._unstarted[c] -= 1
+            else:
+                self._unstarted.pop(c, None)
         probs, ms = await self._hold_model(texts, callers=len(set(callers)))
         return [(p, len(texts), ms) for p in probs]
 
@@ -301,13 +314,14 @@ class Classifier:
         turns: the ones answered by a pass come back while the next pass, made of the others, runs, and so on
         forever. At 32 callers on the 2-core CPU such runs formed batches of 17-18 texts and served 67-70
         requests/s, a run that kept them together 31 texts and 96 (bench/serve_load.py, session 13). So after a
-        pass for several callers the next batch waits until they are back, with those already queued, for at most
-        REGROUP_PER_CALLER_S per caller answered and the pass's own time: callers that do not come back cost at
-        most that much idle model per pass. With it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in
-        six runs of six (session 14). A lone caller (a pass for one, nobody queued) is expected back alone and runs
-        at once, as before."""
-        expected = min(self.cfg.max_batch_size, self._queued + answered)
-        if expected <= 1 or self._queued >= expected:
+        pass for several callers the next batch waits until they are back, with those already queued, or until
+        max_batch_size texts are queued; for at most REGROUP_PER_CALLER_S per caller answered or the pass's own
+        time, whichever is shorter. Callers that do not come back cost at most that much idle model per pass. With
+        it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in six runs of six (session 14). A lone caller
+        (a pass for one, nobody queued) is expected back alone and runs at once, as before; so does a pass that
+        leaves texts in the batcher (more than max_batch_size were handed over), which Serve runs next."""
+        expected = self._queued + answered
+        if self._unstarted or expected <= 1 or self._regrouped(expected):
             self._model_free.set()
             return
         deadline = asyncio.get_running_loop().time() + min(pass_s, self._regroup_per_caller_s * answered)
@@ -316,7 +330,7 @@ class Classifier:
     async def _regroup(self, expected: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._queued < expected and loop.time() < deadline:
+            while not self._regrouped(expected) and loop.time() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
@@ -324,6 +338,10 @@ class Classifier:
                     break
         finally:
             self._model_free.set()
+
+    def _regrouped(self, expected: int) -> bool:
+        """Whether the next batch is complete: every caller expected is queued, or a full batch of texts."""
+        return self._queued >= expected or self._queued_texts >= self.cfg.max_batch_size
 
     async def _forward(self, texts: list[str]) -> tuple[np.ndarray, float]:
         """Class probabilities, and the pass's wall time in ms, timed in the model thread."""
@@ -427,8 +445,11 @@ def _haproxy_binary() -> str | None:
 
 
 # The ports HAProxy's ingress binds besides the app's, by the variable that sets each.
-_HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": "stats page", "RAY_SERVE_HAPROXY_METRICS_PORT":
-                  "Prometheus exporter", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "fallback proxy"}
+_HAPROXY_PORTS = {
+    "RAY_SERVE_HAPROXY_STATS_PORT": "stats page",
+    "RAY_SERVE_HAPROXY_METRICS_PORT": "Prometheus exporter",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "fallback proxy",
+}
 
 
 def _controller_env(ingress: str) -> dict[str, str]:
@@ -461,7 +482,7 @@ def _controller_env(ingress: str) -> dict[str, str]:
     return env
 
 
-def _port_taken(error: str, port: int) -> bool:
+def _port_taken(error: str, port: int | str) -> bool:
     """Whether a proxy's start-up error says that `port` itself was taken. Ray's proxy says "Failed to bind to
     address 'HOST:PORT'"; HAProxy, through Serve, "cannot bind socket (Address already in use) for [HOST:PORT]".
     The port must be the one named: the taken one may be another of theirs."""
@@ -476,10 +497,11 @@ def _bind_error(error: str, host: str, port: int, env: dict[str, str]) -> str | 
         return (f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use by another process. "
                 "Choose another --port, or stop that process.")
     for name, what in _HAPROXY_PORTS.items():
-        if name in env and _port_taken(error, int(env[name])):
+        if name in env and _port_taken(error, env[name]):  # as text: a variable the user set may not be a number
+            advice = (f"Set {name} to a free port." if os.environ.get(name) else
+                      f"Start again: bertray picks a free port each time unless {name} is set.")
             return (f"Ray Serve's HAProxy could not listen on port {env[name]}, its {what} ({name}): the port is in "
-                    f"use by another process. Start again (bertray picks a free port each time unless {name} is "
-                    "set), or set it to a free port.")
+                    f"use by another process. {advice}")
     return None
 
 

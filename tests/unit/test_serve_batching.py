@@ -43,16 +43,25 @@ def fresh_batch_queue():
 
 
 class HeldPredictor:
-    """Records each forward pass; the first one blocks until released, as a long pass would."""
+    """Records each forward pass; the first one blocks until released, as a long pass would, and later ones take
+    `later_s`. Given a `gate` (the replica's model-free event), also records whether it was set as each pass
+    ended: it never should be while a pass runs."""
 
-    def __init__(self):
+    def __init__(self, later_s: float = 0.0):
         self.passes: list[list[str]] = []
         self.release = threading.Event()
+        self.later_s = later_s
+        self.gate: asyncio.Event | None = None
+        self.gate_open_in_pass: list[bool] = []
 
     def predict(self, texts):
         self.passes.append(list(texts))
         if len(self.passes) == 1:
             assert self.release.wait(30), "the test never released the first pass"
+        else:
+            time.sleep(self.later_s)
+        if self.gate is not None:
+            self.gate_open_in_pass.append(self.gate.is_set())  # a plain flag read, safe from this thread
         return SimpleNamespace(probs=np.tile(np.float32([0.25, 0.75]), (len(texts), 1)))
 
 
@@ -120,8 +129,8 @@ def test_a_lone_caller_does_not_wait_for_company():
     assert pred.passes == [["alone", "together"]] and batch == 2 and len(probs) == 2
 
 
-
-async def held_pass_then(clf, pred, *requests):
+async def held_pass_then(clf: Classifier, pred: HeldPredictor, *requests: list[str]
+                         ) -> tuple[float, list[asyncio.Task]]:
     """A lone caller's pass ("a1"), held for 0.4 s while `requests` queue behind it. Returns once that pass has
     answered: its duration (ms) and the queued requests' tasks. The caller of "a1" sends nothing more."""
     first = asyncio.create_task(clf._classify_texts(["a1"]))  # alone: runs at once, and is held
@@ -138,25 +147,25 @@ def test_the_next_batch_waits_for_the_callers_a_pass_answered():
     in one group instead of splitting into two that take turns."""
     pred = HeldPredictor()
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
-    clf._regroup_per_caller_s = 10.0  # so the pass's own time (>= 400 ms) bounds the wait
+    clf._regroup_per_caller_s = 10.0  # so the pass's own time (about 400 ms) bounds the wait
 
     async def main():
         first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
-        # a1's caller comes back after a round trip far shorter than the held pass (>= 400 ms), and far longer
+        # a1's caller comes back after a round trip far shorter than the held pass (about 400 ms), and far longer
         # than the batch wait (2 ms) that would otherwise have closed the next batch without it.
         await asyncio.sleep(0.03)
         back = asyncio.create_task(clf._classify_texts(["a2"]))
         return first_ms, await asyncio.gather(*queued, back)
 
     first_ms, results = asyncio.run(main())
-    assert first_ms >= 400
+    assert first_ms >= 350  # held for 0.4 s, less the moment between the pass's start and main's first sleep
     assert len(pred.passes) == 2 and sorted(pred.passes[1]) == ["a2", "b1", "c1"], pred.passes
     assert [batch for _, batch, _ in results] == [3, 3, 3]
 
 
 def test_the_wait_for_answered_callers_ends_at_its_deadline():
     """Callers that do not come back hold up the next batch for their allowance, and never longer than the last
-    pass took: here 10 s for the one caller answered, so the pass's time (>= 400 ms) is the bound."""
+    pass took: here 10 s for the one caller answered, so the pass's time (about 400 ms) is the bound."""
     pred = HeldPredictor()
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
     clf._regroup_per_caller_s = 10.0
@@ -173,9 +182,45 @@ def test_the_wait_for_answered_callers_ends_at_its_deadline():
     assert 0.5 * window <= waited < window + 2.0, f"waited {waited:.3f} s for a window of {window:.3f} s"
 
 
+def test_the_wait_for_answered_callers_is_bounded_per_caller():
+    """With one caller answered and an allowance of 50 ms per caller, the wait is about 50 ms, not the held pass's
+    400 ms."""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
+    clf._regroup_per_caller_s = 0.05
+
+    async def main():
+        _, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        t0 = time.perf_counter()
+        await asyncio.gather(*queued)
+        return time.perf_counter() - t0
+
+    waited = asyncio.run(main())
+    assert pred.passes[1:] == [["b1", "c1"]], pred.passes
+    assert 0.025 <= waited < 0.3, f"waited {waited:.3f} s for a 0.05 s allowance"
+
+
+def test_no_wait_while_the_batcher_still_holds_texts():
+    """More texts handed over than one batch takes: Serve runs the rest next, so the model is not held for callers
+    meanwhile, and the gate stays shut through every pass (a wait ending mid-pass would open it)."""
+    pred = HeldPredictor(later_s=0.3)
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=2)
+    pred.gate = clf._model_free
+    clf._regroup_per_caller_s = 0.05  # a wait after the [b1, c1] pass would end 0.1 s into the [d1] pass
+
+    async def main():
+        _, queued = await held_pass_then(clf, pred, ["b1"], ["c1"], ["d1"])
+        await asyncio.gather(*queued)
+
+    asyncio.run(main())
+    assert [sorted(p) for p in pred.passes] == [["a1"], ["b1", "c1"], ["d1"]], pred.passes
+    assert pred.gate_open_in_pass == [False, False, False]
+    assert clf._model_free.is_set() and not clf._unstarted
+
+
 def test_a_request_of_several_texts_counts_as_one_caller():
     """A pass answers callers, not texts: after one caller's 3 texts, nobody else is expected back."""
-    pred = HeldPredictor()
+    pred = HeldPredictor(later_s=0.2)  # a wait for 3 callers would then last 0.2 s, past the check below
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
     clf._regroup_per_caller_s = 10.0
 

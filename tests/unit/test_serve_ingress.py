@@ -122,11 +122,14 @@ def test_a_bind_error_blames_the_port_only_when_it_names_it():
     assert not S._port_taken("Failed to bind to address '127.0.0.1:80001'.", 8000)
 
 
-def test_a_bind_error_on_one_of_haproxys_own_ports_names_that_port():
+def test_a_bind_error_on_one_of_haproxys_own_ports_names_that_port(monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_PORT", raising=False)
     env = {"RAY_SERVE_HAPROXY_STATS_PORT": "21000", "RAY_SERVE_HAPROXY_METRICS_PORT": "21001"}
     taken = S._bind_error("cannot bind socket (Address already in use) for [0.0.0.0:21001]", "127.0.0.1", 8000, env)
     assert taken.startswith("Ray Serve's HAProxy could not listen on port 21001, its Prometheus exporter "
                             "(RAY_SERVE_HAPROXY_METRICS_PORT)"), taken
+    assert taken.endswith("Start again: bertray picks a free port each time unless RAY_SERVE_HAPROXY_METRICS_PORT "
+                          "is set."), taken  # not set here: bertray picked it
     assert "--port" in S._bind_error("Failed to bind to address '127.0.0.1:8000'.", "127.0.0.1", 8000, env)
     assert S._bind_error("cannot bind socket (Address already in use) for [0.0.0.0:21002]", "h", 8000, env) is None
 

@@ -53,8 +53,9 @@ def test_a_taken_haproxy_stats_port_is_named(ray_cluster, unused_port, monkeypat
                 start_http("127.0.0.1", unused_port, "haproxy")
         finally:
             serve.shutdown()
-    assert str(e.value).startswith(f"Ray Serve's HAProxy could not listen on port {stats}, its stats page "
-                                   "(RAY_SERVE_HAPROXY_STATS_PORT)"), str(e.value)
+    assert str(e.value) == (f"Ray Serve's HAProxy could not listen on port {stats}, its stats page "
+                            "(RAY_SERVE_HAPROXY_STATS_PORT): the port is in use by another process. "
+                            "Set RAY_SERVE_HAPROXY_STATS_PORT to a free port.")
 
 
 def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster, tiny_classifier_dir, tmp_path,
