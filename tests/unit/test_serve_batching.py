@@ -163,40 +163,36 @@ def test_the_next_batch_waits_for_the_callers_a_pass_answered():
     assert [batch for _, batch, _ in results] == [3, 3, 3]
 
 
-def test_the_wait_for_answered_callers_ends_at_its_deadline():
-    """Callers that do not come back hold up the next batch for their allowance, and never longer than the last
-    pass took: here 10 s for the one caller answered, so the pass's time (about 400 ms) is the bound."""
+def wait_when_nobody_comes_back(per_caller_s: float) -> tuple[float, float]:
+    """The held pass of a1 answers, a1's caller never sends again, and b1 and c1 queued behind it wait for it: how
+    long (s) they waited after that pass, and how long the pass took (ms), with `per_caller_s` of allowance."""
     pred = HeldPredictor()
     clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
-    clf._regroup_per_caller_s = 10.0
+    clf._regroup_per_caller_s = per_caller_s
 
     async def main():
         first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
         t0 = time.perf_counter()
         await asyncio.gather(*queued)
-        return first_ms, time.perf_counter() - t0
+        return time.perf_counter() - t0, first_ms
 
-    first_ms, waited = asyncio.run(main())
-    window = first_ms / 1000
+    waited, first_ms = asyncio.run(main())
     assert pred.passes[1:] == [["b1", "c1"]], pred.passes
+    return waited, first_ms
+
+
+def test_the_wait_for_answered_callers_ends_at_its_deadline():
+    """Callers that do not come back hold up the next batch for their allowance, and never longer than the last
+    pass took: here 10 s for the one caller answered, so the pass's time (about 400 ms) is the bound."""
+    waited, first_ms = wait_when_nobody_comes_back(10.0)
+    window = first_ms / 1000
     assert 0.5 * window <= waited < window + 2.0, f"waited {waited:.3f} s for a window of {window:.3f} s"
 
 
 def test_the_wait_for_answered_callers_is_bounded_per_caller():
     """With one caller answered and an allowance of 50 ms per caller, the wait is about 50 ms, not the held pass's
     400 ms."""
-    pred = HeldPredictor()
-    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
-    clf._regroup_per_caller_s = 0.05
-
-    async def main():
-        _, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
-        t0 = time.perf_counter()
-        await asyncio.gather(*queued)
-        return time.perf_counter() - t0
-
-    waited = asyncio.run(main())
-    assert pred.passes[1:] == [["b1", "c1"]], pred.passes
+    waited, _ = wait_when_nobody_comes_back(0.05)
     assert 0.025 <= waited < 0.3, f"waited {waited:.3f} s for a 0.05 s allowance"
 
 
