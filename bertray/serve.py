@@ -317,7 +317,7 @@ class Classifier:
         pass for several callers the next batch waits until they are back, with those already queued, or until
         max_batch_size texts are queued; for at most REGROUP_PER_CALLER_S per caller answered or the pass's own
         time, whichever is shorter. Callers that do not come back cost at most that much idle model per pass. With
-        it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in all eight runs (session 14). A lone caller
+        it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in all twelve runs (session 14). A lone caller
         (a pass for one, nobody queued) is expected back alone and runs at once, as before; so does a pass that
         leaves texts in the batcher (more than max_batch_size were handed over), which Serve runs next."""
         expected = self._queued + answered
