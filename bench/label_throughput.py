@@ -1,4 +1,4 @@
-"""Throughput of `bertray label` against plain loops, the CPU roofline, int8, and a memory check.
+"""Throughput of `bertray label` against plain loops, the CPU roofline, int8 and bf16, and a memory check.
 
     nice -n 5 .venv/bin/python bench/label_throughput.py            # speed: short and long texts (a few minutes)
     nice -n 5 .venv/bin/python bench/label_throughput.py --memory   # peak RSS: 1M-row vs 100k-row corpus
@@ -6,11 +6,11 @@
 Speed mode: one model (the embedded MiniLM-L6 with a random 2-class head: speed does not depend on the weights) and
 two corpora: SST-2 sentences, and documents of 200-500 tokens built by joining consecutive SST-2 sentences. On each:
   - `transformers.pipeline("text-classification", batch_size=32)` over the list (truncation at 512 tokens),
-  - our Predictor in a plain loop without Ray (chunks of label.CHUNK_ROWS texts, as each label actor does), fp32
-    and int8,
+  - our Predictor in a plain loop without Ray (chunks of label.CHUNK_ROWS texts, as each label actor does), fp32,
+    int8 and bf16 (bf16 is emulated, and slow, on CPUs without AVX512-BF16 or AMX),
   - `bertray label` through the real CLI on a fresh local Ray (wall time of the whole command: Ray start, actor
     start, model load, planning, labeling, writing), on the corpus and on the corpus repeated --cli-repeat times
-    (a bulk-sized job, reported per copy), and `label.run` on an already-running cluster, fp32 and int8.
+    (a bulk-sized job, reported per copy), and `label.run` on an already-running cluster, fp32, int8 and bf16.
     The label figures include every fixed cost; "marginal" subtracts the time of the same call on a 16-doc corpus;
     "actor compute" is the time the actors spent on the units (summed from the part files, divided by the actors),
     i.e. the steady-state rate with Ray's startup and scheduling left out.
@@ -246,6 +246,7 @@ def speed(args) -> dict:
                        "predictor fp32": time_predictor(model_dir, texts, None, device)}
         if not args.gpu:
             plain[name]["predictor int8"] = time_predictor(model_dir, texts, "int8")
+            plain[name]["predictor bf16"] = time_predictor(model_dir, texts, "bf16")
         time_peak()
     runtime.init_ray(None)
     gpu_flags = ["--gpus-per-actor", "1"] if args.gpu else []
@@ -261,11 +262,11 @@ def speed(args) -> dict:
         tiny = write_corpus(work / f"corpus-{len(texts)}-16", texts[:16])
         rpf = rows_per_unit(len(texts))
         m = dict(plain[name])
-        for q in ("none",) if args.gpu else ("none", "int8"):
+        for q in ("none",) if args.gpu else ("none", "int8", "bf16"):
             fixed, _ = time_label_run(model_dir, tiny, work / "out-tiny", q, rpf, gpus)
             full, summary = time_label_run(model_dir, corpus, work / "out", q, rpf, gpus)
             assert summary["rows_written"] == len(texts)
-            tag = "fp32" if q == "none" else "int8"
+            tag = "fp32" if q == "none" else q
             m[f"label {tag} (warm cluster)"] = full
             m[f"label {tag} marginal"] = full - fixed
             m[f"label {tag} actor compute"] = actor_seconds(work / "out") / summary["actors"]
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-large", type=int, default=1_000_000)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, deleted after)")
     p.add_argument("--json", default=None, help="also write the raw result here")
-    p.add_argument("--gpu", action="store_true", help="CUDA: pipeline, predictor and 1-GPU label actors; no int8")
+    p.add_argument("--gpu", action="store_true", help="CUDA: pipeline, predictor and 1-GPU label actors; no int8 or bf16")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

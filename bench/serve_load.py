@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-timeout-s", type=float, default=ServeConfig.batch_wait_timeout_s)
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ServeConfig.quantize (CPU only)")
+    p.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none", help="ServeConfig.quantize (CPU only)")
     p.add_argument("--ingress", nargs="+", choices=["haproxy", "proxy"], default=[ServeConfig.ingress],
                    help="ServeConfig.ingress; several: each in turn, in the same run")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")

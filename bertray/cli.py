@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output folder (default: outputs/evaluate-<model name>)")
     e.add_argument("--text-column", action="append", dest="text_columns", default=None)
     e.add_argument("--label-column", default="label")
-    e.add_argument("--quantize", choices=["none", "int8"], default="none")
+    e.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none")
     e.add_argument("--max-rows", type=int, default=None)
     pr = sub.add_parser("predict", help="label a few texts")
     pr.add_argument("model")

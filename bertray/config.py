@@ -111,10 +111,11 @@ def _positive(errors: list[str], name: str, value: float | None, allow_zero: boo
         errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _int8_on_cpu(errors: list[str], quantize: str, gpus_key: str, gpus: float) -> None:
-    # Dynamic int8 runs on fbgemm/onednn CPU kernels; PyTorch has no CUDA path for it.
-    if quantize == "int8" and gpus:
-        errors.append(f"quantize: int8 is a CPU option; drop it or set {gpus_key}=0")
+def _quantize_on_cpu(errors: list[str], quantize: str, gpus_key: str, gpus: float) -> None:
+    # Dynamic int8 runs on fbgemm/onednn CPU kernels; PyTorch has no CUDA path for it. bf16 weights would gain a
+    # GPU nothing: inference there already runs under bf16 autocast.
+    if quantize != "none" and gpus:
+        errors.append(f"quantize: {quantize} is a CPU option; drop it or set {gpus_key}=0")
 
 
 @dataclass
@@ -421,7 +422,11 @@ class LabelConfig:
     actors: Optional[int] = None  # inference actors; None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # > 0 runs inference on GPUs (fractions share a GPU)
-    quantize: Literal["none", "int8"] = "none"  # int8: dynamic, encoder linears only, weights per channel; CPU
+    # CPU only. int8: dynamic, encoder linears only, weights per channel. bf16: the whole model in bf16, for CPUs
+    # with AVX512-BF16 or AMX (emulated, and slower than fp32, elsewhere). With the demo model on an AVX512-BF16
+    # CPU, int8 ran SST-2 at 2.0-2.1x fp32's rate and changed 15 of 872 validation labels and 25 of 1,821 test
+    # labels; bf16 1.6-1.8x and 0 and 2 (bench/precision.py, BENCHMARKS "CPU inference precision").
+    quantize: Literal["none", "int8", "bf16"] = "none"
     on_empty: Literal["null", "skip"] = "null"  # null/empty text: keep the row with a null label, or drop it (counted)
     on_bad_file: Literal["error", "skip"] = "error"  # unreadable input file: stop, or skip it (reported)
     confidence_threshold: float = 0.6  # rows whose top probability is below this are counted in the summary
@@ -441,7 +446,7 @@ class LabelConfig:
         _positive(e, "actors", self.actors)
         _positive(e, "cpus_per_actor", self.cpus_per_actor)
         _positive(e, "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
-        _int8_on_cpu(e, self.quantize, "gpus_per_actor", self.gpus_per_actor)
+        _quantize_on_cpu(e, self.quantize, "gpus_per_actor", self.gpus_per_actor)
         if not 0 <= self.confidence_threshold <= 1:
             e.append(f"confidence_threshold: must be in [0, 1], got {self.confidence_threshold}")
         if self.id_column and self.id_column in self.passthrough:
@@ -482,10 +487,10 @@ class ServeConfig:
     api_key_env: Optional[str] = None  # name of an env var holding a bearer token; None: no auth
     # Padded tokens per inference micro-batch; None: SERVE_CPU_TOKEN_BUDGET on CPU, Predictor's default on GPU.
     token_budget: Optional[int] = None
-    # int8: as LabelConfig.quantize. On CPU it also makes batching pay more: in the batches a replica formed at 32
+    # As LabelConfig.quantize. On CPU, int8 also makes batching pay more: in the batches a replica formed at 32
     # callers the int8 model alone ran 1.52-2.01x faster per text than one text at a time, fp32 1.28-1.40x
     # (bench/serve_load.py, BENCHMARKS "Serving", session 11).
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Literal["none", "int8", "bf16"] = "none"
     # Who takes HTTP requests on host:port. haproxy: Ray Serve's HAProxy ingress (Ray's "high throughput" mode)
     # forwards each request straight to an HTTP server inside a replica. proxy: Ray's Python proxy actor, which
     # hands each request to a replica by actor call and is called back for its body. At 32 callers on the 2-core
@@ -506,7 +511,7 @@ class ServeConfig:
                      "max_ongoing_requests", "max_queued_requests", "token_budget", "cpus_per_replica"):
             _positive(e, name, getattr(self, name))
         _positive(e, "batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
-        _int8_on_cpu(e, self.quantize, "gpus_per_replica", self.gpus_per_replica)
+        _quantize_on_cpu(e, self.quantize, "gpus_per_replica", self.gpus_per_replica)
         if self.autoscaling and self.min_replicas > self.max_replicas:
             e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
         return e

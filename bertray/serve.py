@@ -162,9 +162,11 @@ def load_predictor(cfg: ServeConfig):
     from bertray.predictor import Predictor
 
     gpu = cfg.gpus_per_replica > 0
-    return Predictor(cfg.model, device="cuda" if gpu else "cpu",
-                     quantize=cfg.quantize,
-                     token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
+    predictor = Predictor(cfg.model, device="cuda" if gpu else "cpu",
+                          quantize=cfg.quantize,
+                          token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
+    predictor.warm_up()  # bf16: build its kernels for every padded width before the first caller comes
+    return predictor
 
 
 def _page(auth: bool) -> str:

@@ -56,7 +56,7 @@ def test_saved_config_round_trips():
     assert C.from_dict(C.FinetuneConfig, C.to_dict(cfg)) == cfg
 
 
-def test_int8_is_a_cpu_option_for_labeling_and_serving():
+def test_int8_and_bf16_are_cpu_options_for_labeling_and_serving():
     with pytest.raises(C.ConfigError) as e:
         C.load(C.ServeConfig, data={"model": "m", "quantize": "int8", "gpus_per_replica": 1})
     assert str(e.value).count("quantize: int8 is a CPU option; drop it or set gpus_per_replica=0") == 1
@@ -66,6 +66,11 @@ def test_int8_is_a_cpu_option_for_labeling_and_serving():
     with pytest.raises(C.ConfigError, match="quantize: expected one of"):
         C.load(C.ServeConfig, data={"model": "m"}, overrides=["quantize=int4"])
     assert C.load(C.ServeConfig, data={"model": "m", "quantize": "int8"}).quantize == "int8"
+    with pytest.raises(C.ConfigError, match="quantize: bf16 is a CPU option; drop it or set gpus_per_actor=0"):
+        C.load(C.LabelConfig, data={"model": "m", "input": "i", "output": "o", "quantize": "bf16",
+                                    "gpus_per_actor": 1})
+    assert C.load(C.LabelConfig, data={"model": "m", "input": "i", "output": "o"},
+                  overrides=["quantize=bf16"]).quantize == "bf16"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("demo-*.yaml")), ids=lambda p: p.name)

@@ -92,7 +92,9 @@ def test_serve_replicas_use_smaller_passes_on_cpu(tiny_classifier):
     assert load_predictor(ServeConfig(model=tiny_classifier, token_budget=300)).token_budget == 300
 
 
-def test_serve_replicas_load_the_int8_model_when_asked(tiny_classifier):
+def test_serve_replicas_load_the_int8_and_bf16_models_when_asked(tiny_classifier):
+    import torch
+
     from bertray.config import ServeConfig
     from bertray.predictor import Int8Linear
     from bertray.serve import load_predictor
@@ -102,6 +104,31 @@ def test_serve_replicas_load_the_int8_model_when_asked(tiny_classifier):
 
     assert int8_layers(ServeConfig(model=tiny_classifier)) == 0
     assert int8_layers(ServeConfig(model=tiny_classifier, quantize="int8")) > 0
+    assert load_predictor(ServeConfig(model=tiny_classifier, quantize="bf16")).model.dtype == torch.bfloat16
+
+
+def test_bf16_runs_the_whole_model_in_bf16_and_scores_in_fp32(tiny_classifier, caplog, monkeypatch):
+    import torch
+
+    from bertray import predictor
+
+    fp32 = Predictor(tiny_classifier)
+    bf16 = Predictor(tiny_classifier, quantize="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    texts = ["a fine film", "dull and long", "x " * 50]
+    probs = bf16.predict(texts).probs
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs, fp32.predict(texts).probs, atol=0.02)
+    # bf16 is a CPU option: a GPU already runs inference under bf16 autocast.
+    with pytest.raises(ValueError, match="bf16 is a CPU option"):
+        Predictor(tiny_classifier, device="cuda", quantize="bf16")
+    # Where the CPU would emulate bf16, the user is told it is likely slower, and the model still loads.
+    monkeypatch.setattr(predictor, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="bertray.predictor"):
+        assert Predictor(tiny_classifier, quantize="bf16").model.dtype == torch.bfloat16
+    assert "neither AVX512-BF16 nor AMX" in caplog.text
 
 
 def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_classifier):
@@ -123,6 +150,39 @@ def test_int8_quantizes_the_encoder_per_channel_and_keeps_the_head_fp32(tiny_cla
     assert all(m.weight().qscheme() == torch.per_channel_affine for m in quantized.values())
     texts = ["a fine film", "dull and long", "x " * 50]
     np.testing.assert_allclose(q.predict(texts).probs, fp32.predict(texts).probs, atol=0.05)
+
+
+def test_a_plain_hf_folder_truncates_to_the_positions_its_model_has(tiny_classifier):
+    # The tiny model has 128 positions and its tokenizer says 512: a long text used to fail inside the embeddings.
+    pred = Predictor(tiny_classifier)
+    assert pred.max_length == 128
+    out = pred.predict(["word " * 300, "short"])
+    assert out.truncated == 1 and out.probs.shape == (2, 2)
+
+
+def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
+    """bf16 builds a kernel per input shape on first sight, so its passes pad to a multiple of 8 tokens and a
+    replica runs one text at each of those widths before serving; fp32 pads to the text and needs no warm-up."""
+    def widths_seen(pred, run):
+        seen = []
+        hook = pred.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]),
+                                                    with_kwargs=True)
+        run()
+        hook.remove()
+        return seen
+
+    texts = [" ".join(["word"] * n) for n in (1, 5, 9, 14, 30, 61)]
+    bf16 = Predictor(tiny_classifier, quantize="bf16", max_length=60)
+    fp32 = Predictor(tiny_classifier, max_length=60)
+    lengths = [len(x) for x in fp32.encode(texts)[0]]
+    assert lengths == [3, 7, 11, 16, 32, 60]
+    assert widths_seen(bf16, lambda: [bf16.predict([t]) for t in texts]) == [8, 8, 16, 16, 32, 60]  # capped
+    assert widths_seen(fp32, lambda: [fp32.predict([t]) for t in texts]) == lengths
+    assert widths_seen(bf16, bf16.warm_up) == [8, 16, 24, 32, 40, 48, 56, 60]
+    assert widths_seen(fp32, fp32.warm_up) == []
+    # The padding is masked: a text scores the same alone, padded to 8, as in a pass padded to 60.
+    alone = np.concatenate([bf16.predict([t]).probs for t in texts])
+    np.testing.assert_allclose(bf16.predict(texts).probs, alone, atol=0.01)
 
 
 def _int8_layer_outputs():
