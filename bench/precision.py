@@ -8,8 +8,8 @@ inference does on a GPU; not an option on CPU):
   - agreement with fp32 on the labeled split: accuracy, labels that differ from fp32's, and the largest and mean
     change of a class probability (all texts in one predict call, as a labeling chunk runs them);
   - speed, with the variants taking turns in each of --rounds rounds so the VM's drift falls on all of them alike:
-    one text at a time and random draws of 32 texts at serving's CPU token budget (what a replica does alone and
-    with a full batch), and the whole split in one call at the labeler's budget.
+    one text at a time and random draws of 32 texts, on the model as a serve replica loads it (what a replica
+    does alone and with a full batch), and the whole split in one call, as a label actor loads it.
 The threads are torch's default (every core) unless --threads says otherwise.
 """
 from __future__ import annotations
@@ -30,13 +30,20 @@ SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data
 VARIANTS = ("fp32", "int8", "bf16", "fp32 + bf16 autocast")
 
 
-def load(model: str, variant: str, token_budget: int | None):
+def load(model: str, variant: str, as_replica: bool):
+    """As a serve replica loads it (serve.load_predictor: its token budget, and bf16's warm-up), or as a label actor
+    does (Predictor's defaults)."""
     import torch
 
+    from bertray.config import ServeConfig
     from bertray.predictor import Predictor
+    from bertray.serve import load_predictor
 
     quantize = {"fp32": "none", "int8": "int8", "bf16": "bf16"}.get(variant, "none")
-    pred = Predictor(model, quantize=quantize, token_budget=token_budget)
+    if as_replica:
+        pred = load_predictor(ServeConfig(model=model, quantize=quantize))
+    else:
+        pred = Predictor(model, quantize=quantize)
     if variant == "fp32 + bf16 autocast":
         pred.amp_dtype = torch.bfloat16  # Predictor runs every pass under autocast when this is set
     return pred
@@ -46,15 +53,14 @@ def measure(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from bertray.config import SERVE_CPU_TOKEN_BUDGET
     from bertray.predictor import cpu_has_bf16
 
     if args.threads:
         torch.set_num_threads(args.threads)
     table = pq.read_table(SST2 / f"{args.split}.parquet", columns=["text", "label"])
     texts, labels = table.column("text").to_pylist(), np.array(table.column("label").to_pylist())
-    chunk = {v: load(args.model, v, None) for v in VARIANTS}
-    serve = {v: load(args.model, v, SERVE_CPU_TOKEN_BUDGET) for v in VARIANTS}
+    chunk = {v: load(args.model, v, as_replica=False) for v in VARIANTS}
+    serve = {v: load(args.model, v, as_replica=True) for v in VARIANTS}
     probs = {v: chunk[v].predict(texts).probs for v in VARIANTS}
     agreement = {}
     for v in VARIANTS:

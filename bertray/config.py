@@ -112,8 +112,8 @@ def _positive(errors: list[str], name: str, value: float | None, allow_zero: boo
 
 
 def _quantize_on_cpu(errors: list[str], quantize: str, gpus_key: str, gpus: float) -> None:
-    # Dynamic int8 runs on fbgemm/onednn CPU kernels; PyTorch has no CUDA path for it. bf16 weights would gain a
-    # GPU nothing: inference there already runs under bf16 autocast.
+    # Dynamic int8 runs on fbgemm/onednn CPU kernels; PyTorch has no CUDA path for it. bf16 weights are not needed
+    # on a GPU: inference there already runs under autocast (bf16, or fp16 where bf16 is missing).
     if quantize != "none" and gpus:
         errors.append(f"quantize: {quantize} is a CPU option; drop it or set {gpus_key}=0")
 

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 # 13-24% on 250-text chunks and mostly by 2-6% on 2,048-text chunks and long documents; 64 sits in the middle.
 CPU_PASS_COST_TOKENS = 64
 
+# bf16 matmuls go through oneDNN, which builds a kernel for each input shape the first time it sees it: about 4 ms
+# for one text at a new length, against 0.5 in fp32 (1 thread, MiniLM-L6). Served one at a time, a fresh replica's
+# texts met new lengths often enough to nearly double its p99 (bench/serve_load.py --quantize bf16, session 15). Padding
+# bf16 passes to a multiple of this many tokens leaves max_length / 8 widths, which warm_up builds in advance.
+BF16_WIDTH_STEP = 8
+
 
 @dataclass
 class Prediction:
@@ -47,8 +53,12 @@ class Predictor:
         self.tokenizer = modeling.load_tokenizer(path)
         model_cfg = self.meta.get("config", {}).get("model", {})
         # A plain HF folder says nothing of max_length: take the tokenizer's, within what the model has positions for.
-        self.max_length = max_length or model_cfg.get("max_length") or min(
-            self.tokenizer.model_max_length, 512, getattr(config, "max_position_embeddings", None) or 512)
+        positions = getattr(config, "max_position_embeddings", None) or 512
+        self.max_length = max_length or model_cfg.get("max_length") or min(self.tokenizer.model_max_length, 512,
+                                                                           positions)
+        if self.max_length > positions:
+            raise modeling.ModelError(f"{model_uri}: max_length {self.max_length} exceeds the {positions} positions "
+                                      f"the model has; set max_length to {positions} or less")
         self.truncation = model_cfg.get("truncation", "head")
         self.device = torch.device(device)
         model = AutoModelForSequenceClassification.from_pretrained(path)
@@ -77,10 +87,7 @@ class Predictor:
         # as before (the cost model was measured on CPU only).
         self.pass_cost = None if gpu else CPU_PASS_COST_TOKENS
         self.pad_id = self.tokenizer.pad_token_id or 0
-        # bf16 matmuls go through oneDNN, which builds a kernel for each input shape the first time it sees it: about
-        # 4 ms for one text at a new length, against 0.5 in fp32 (1 thread, MiniLM-L6). Padding passes to a multiple
-        # of 8 tokens leaves max_length / 8 widths, which warm_up can build before the first request.
-        self.width_step = 8 if quantize == "bf16" else 1
+        self.width_step = BF16_WIDTH_STEP if quantize == "bf16" else 1
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
         return modeling.encode(self.tokenizer, texts, self.max_length, self.truncation)
@@ -93,11 +100,11 @@ class Predictor:
             return out
         sizes = [len(x) for x in ids]
         order = np.argsort(sizes, kind="stable")
-        lengths = [sizes[i] for i in order]
+        # Each text's padded width (its length, or for bf16 rounded up to width_step), planned with as it will run.
+        lengths = [self._width(sizes[i]) for i in order]
         for start, end in plan_passes(lengths, self.max_batch, self.token_budget, self.pass_cost):
             rows = order[start:end]
-            # Sorted, so the pass pads to its last text, rounded up to width_step.
-            width = min(-(-lengths[end - 1] // self.width_step) * self.width_step, self.max_length)
+            width = lengths[end - 1]  # sorted, so the pass pads to its last text
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):
@@ -109,16 +116,21 @@ class Predictor:
             out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
 
+    def _width(self, length: int) -> int:
+        return max(length, min(-(-length // self.width_step) * self.width_step, self.max_length))
+
     def warm_up(self) -> None:
-        """One text at every padded width, so that no caller waits for a kernel to be built (see width_step). Only
-        bf16 needs it; elsewhere it returns at once."""
+        """One text at every padded width, so that a lone caller never waits for a kernel to be built (see
+        BF16_WIDTH_STEP). Passes of several texts still build theirs on first sight, a smaller share of a longer
+        pass. Only bf16 needs it; elsewhere it returns at once."""
         if self.width_step == 1:
             return
         start = time.perf_counter()
         cls, sep = self.tokenizer.cls_token_id or 0, self.tokenizer.sep_token_id or 0
-        widths = range(self.width_step, self.max_length + self.width_step, self.width_step)
+        widths = sorted({self._width(min(w, self.max_length))
+                         for w in range(self.width_step, self.max_length + self.width_step, self.width_step)})
         for width in widths:
-            self.predict_ids([[cls] + [sep] * (min(width, self.max_length) - 1)])
+            self.predict_ids([[cls] + [sep] * (width - 1)])
         log.info("warmed up %d padded widths up to %d tokens in %.1f s", len(widths), self.max_length,
                  time.perf_counter() - start)
 
@@ -210,17 +222,19 @@ def plan_passes(lengths: list[int], max_batch: int, token_budget: int,
 def to_bf16(model: torch.nn.Module) -> torch.nn.Module:
     """The whole model in bf16, for CPUs with bf16 instructions (AVX512-BF16, AMX).
 
-    Weights, not autocast: autocast keeps fp32 weights and casts them on every call. On an AVX512-BF16 CPU a lone
-    SST-2 sentence took 8.3-8.5 ms at p50 with bf16 weights, 9.5-10.6 under autocast and 12.3-15.4 in fp32
-    (bench/precision.py, 2 threads). The logits come out in bf16 and Predictor takes their softmax in fp32.
-    Without bf16 instructions oneDNN emulates the arithmetic, which is slower than fp32, so that case is logged."""
+    Weights, not autocast: autocast keeps fp32 weights and casts them on every call (BENCHMARKS.md, "bf16 on a
+    CPU with AVX512-BF16", compares the two). The logits come out in bf16 and Predictor takes their softmax in
+    fp32. Without bf16 instructions oneDNN emulates the arithmetic, which is slower than fp32, so that case is
+    logged."""
     if not cpu_has_bf16():
-        log.warning("this CPU has neither AVX512-BF16 nor AMX: bf16 inference is emulated here and likely slower "
-                    "than fp32 (--quantize none), or int8 on a CPU with VNNI")
+        log.warning("bf16 is emulated on this CPU (it has neither AVX512-BF16 nor AMX) and likely slower than "
+                    "fp32; use --quantize none, or int8 on a CPU with VNNI")
     return model.to(torch.bfloat16)
 
 
 def cpu_has_bf16() -> bool:
+    # torch.cpu's probes are private, but the one place PyTorch says what oneDNN will find; torch is pinned (2.13)
+    # and has both. Should a later torch drop them, this says "no" and bf16 only logs a warning it need not have.
     flags = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(f is not None and f() for f in flags)
 

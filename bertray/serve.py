@@ -165,7 +165,7 @@ def load_predictor(cfg: ServeConfig):
     predictor = Predictor(cfg.model, device="cuda" if gpu else "cpu",
                           quantize=cfg.quantize,
                           token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
-    predictor.warm_up()  # bf16: build its kernels for every padded width before the first caller comes
+    predictor.warm_up()  # bf16: build the kernels for a lone text at every padded width before callers come
     return predictor
 
 
@@ -189,10 +189,10 @@ class Classifier:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
+        self.api_key = _api_key(cfg.api_key_env)  # first: a missing key should not wait for the model to load
         self.predictor = load_predictor(cfg)
         self.info = {**self.predictor.describe(), "quantize": cfg.quantize, "limits": {"max_texts": cfg.max_texts,
                                                              "max_text_chars": cfg.max_text_chars}}
-        self.api_key = _api_key(cfg.api_key_env)
         self.page = _page(auth=self.api_key is not None)
         self.max_body_bytes = cfg.max_texts * cfg.max_text_chars * _MAX_JSON_BYTES_PER_CHAR + _BODY_SLACK_BYTES
         self._start_batching(cfg)

@@ -118,8 +118,7 @@ def test_bf16_runs_the_whole_model_in_bf16_and_scores_in_fp32(tiny_classifier, c
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
     texts = ["a fine film", "dull and long", "x " * 50]
     probs = bf16.predict(texts).probs
-    assert probs.dtype == np.float32
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)  # a bf16 softmax would be off by ~1e-3
     np.testing.assert_allclose(probs, fp32.predict(texts).probs, atol=0.02)
     # bf16 is a CPU option: a GPU already runs inference under bf16 autocast.
     with pytest.raises(ValueError, match="bf16 is a CPU option"):
@@ -180,9 +179,35 @@ def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
     assert widths_seen(fp32, lambda: [fp32.predict([t]) for t in texts]) == lengths
     assert widths_seen(bf16, bf16.warm_up) == [8, 16, 24, 32, 40, 48, 56, 60]
     assert widths_seen(fp32, fp32.warm_up) == []
-    # The padding is masked: a text scores the same alone, padded to 8, as in a pass padded to 60.
+    # The padding is masked: a text scores the same alone, padded to 8, as in a pass with longer texts.
     alone = np.concatenate([bf16.predict([t]).probs for t in texts])
     np.testing.assert_allclose(bf16.predict(texts).probs, alone, atol=0.01)
+
+
+def test_bf16_passes_are_planned_at_their_padded_width_so_they_keep_the_token_budget(tiny_classifier):
+    bf16 = Predictor(tiny_classifier, quantize="bf16", max_length=128, token_budget=512)
+    shapes = []
+    bf16.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                         with_kwargs=True)
+    # 62 texts of 33 tokens fit 512 as planned at 33 and overshoot it at 40, as they run.
+    bf16.predict(["word " * 31] * 62 + ["word " * 9] * 40)
+    assert sum(rows for rows, _ in shapes) == 102
+    assert all(rows * width <= 512 and width % 8 == 0 for rows, width in shapes), shapes
+
+
+def test_replicas_warm_bf16_up_before_serving(tiny_classifier, monkeypatch):
+    from bertray.config import ServeConfig
+    from bertray.serve import load_predictor
+
+    calls = []
+    monkeypatch.setattr(Predictor, "warm_up", lambda self: calls.append(self.width_step))
+    load_predictor(ServeConfig(model=tiny_classifier, quantize="bf16"))
+    assert calls == [8]
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_by_name(tiny_classifier):
+    with pytest.raises(modeling.ModelError, match="max_length 256 exceeds the 128 positions the model has"):
+        Predictor(tiny_classifier, max_length=256)
 
 
 def _int8_layer_outputs():
