@@ -424,8 +424,8 @@ class LabelConfig:
     gpus_per_actor: float = 0.0  # > 0 runs inference on GPUs (fractions share a GPU)
     # CPU only. int8: dynamic, encoder linears only, weights per channel. bf16: the whole model in bf16, for CPUs
     # with AVX512-BF16 or AMX (emulated, and slower than fp32, elsewhere). With the demo model on an AVX512-BF16
-    # CPU, int8 ran SST-2 at 2.0-2.1x fp32's rate and changed 15 of 872 validation labels and 25 of 1,821 test
-    # labels; bf16 1.6-1.8x and 0 and 2 (bench/precision.py, BENCHMARKS "CPU inference precision").
+    # CPU, int8 ran SST-2 at 2.1-2.3x fp32's rate and changed 15 of 872 validation labels and 25 of 1,821 test
+    # labels; bf16 1.8-1.9x, and 0 and 1 (bench/precision.py; BENCHMARKS "bf16 on a CPU with AVX512-BF16").
     quantize: Literal["none", "int8", "bf16"] = "none"
     on_empty: Literal["null", "skip"] = "null"  # null/empty text: keep the row with a null label, or drop it (counted)
     on_bad_file: Literal["error", "skip"] = "error"  # unreadable input file: stop, or skip it (reported)

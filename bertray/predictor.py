@@ -29,8 +29,8 @@ CPU_PASS_COST_TOKENS = 64
 
 # bf16 matmuls go through oneDNN, which builds a kernel for each input shape the first time it sees it: about 4 ms
 # for one text at a new length, against 0.5 in fp32 (1 thread, MiniLM-L6). Served one at a time, a fresh replica's
-# texts met new lengths often enough to nearly double its p99 (bench/serve_load.py --quantize bf16, session 15). Padding
-# bf16 passes to a multiple of this many tokens leaves max_length / 8 widths, which warm_up builds in advance.
+# texts met new lengths often enough to nearly double its p99 (bench/serve_load.py --quantize bf16, session 15).
+# Padding bf16 passes to a multiple of this many tokens leaves max_length / 8 widths, which warm_up builds ahead.
 BF16_WIDTH_STEP = 8
 
 
@@ -75,7 +75,8 @@ class Predictor:
             raise ValueError(f"unknown quantize option {quantize!r}; use 'int8', 'bf16' or none")
         self.model = model.to(self.device)
         # On a GPU, inference runs under bf16 autocast (fp16 where bf16 is missing): tensor cores do several times
-        # the fp32 rate, and a top-label decision does not need fp32 logits. On CPU, fp32 (autocast is slower there).
+        # the fp32 rate, and a top-label decision does not need fp32 logits. On CPU no autocast: it is slower than
+        # fp32 without bf16 instructions, and with them --quantize bf16 does better.
         self.amp_dtype = modeling.amp_dtype("auto", self.device)
         # Micro-batch size per forward pass. On CPU, small ones win: a batch of 256 short texts padded to 64 tokens
         # spills the caches and ran at 43 docs/s on one thread, against 217 for batches of at most 64 texts and
@@ -222,8 +223,9 @@ def plan_passes(lengths: list[int], max_batch: int, token_budget: int,
 def to_bf16(model: torch.nn.Module) -> torch.nn.Module:
     """The whole model in bf16, for CPUs with bf16 instructions (AVX512-BF16, AMX).
 
-    Weights, not autocast: autocast keeps fp32 weights and casts them on every call (BENCHMARKS.md, "bf16 on a
-    CPU with AVX512-BF16", compares the two). The logits come out in bf16 and Predictor takes their softmax in
+    Weights, not autocast: autocast keeps fp32 weights and casts them on every call. It changed as few labels, but
+    ran passes of 32 texts 13-19% slower, and bf16 weights take half the memory (BENCHMARKS.md, "bf16 on a CPU
+    with AVX512-BF16"). The logits come out in bf16 and Predictor takes their softmax in
     fp32. Without bf16 instructions oneDNN emulates the arithmetic, which is slower than fp32, so that case is
     logged."""
     if not cpu_has_bf16():

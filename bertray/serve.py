@@ -494,16 +494,20 @@ def _port_taken(error: str, port: int | str) -> bool:
 
 def _bind_error(error: str, host: str, port: int, env: dict[str, str]) -> str | None:
     """The one-line error for a proxy that could not bind a port, naming which of its ports; None if `error` is
-    about something else."""
-    if _port_taken(error, port):
-        return (f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use by another process. "
-                "Choose another --port, or stop that process.")
+    about something else.
+
+    HAProxy's own ports come first. When one of them is taken, Serve retries HAProxy while the first instance still
+    holds --port, so the retries report --port as taken too (CI, session 15): naming --port would send the user
+    after the wrong one."""
     for name, what in _HAPROXY_PORTS.items():
         if name in env and _port_taken(error, env[name]):  # as text: a variable the user set may not be a number
             advice = (f"Set {name} to a free port." if os.environ.get(name) else
                       f"Start again: bertray picks a free port each time unless {name} is set.")
             return (f"Ray Serve's HAProxy could not listen on port {env[name]}, its {what} ({name}): the port is in "
                     f"use by another process. {advice}")
+    if _port_taken(error, port):
+        return (f"Ray Serve's HTTP proxy could not listen on {host}:{port}: the port is in use by another process. "
+                "Choose another --port, or stop that process.")
     return None
 
 

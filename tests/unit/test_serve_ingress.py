@@ -23,9 +23,12 @@ _FILES = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", 
 
 
 @pytest.fixture()
-def started(monkeypatch):
+def started(monkeypatch, tmp_path_factory):
     """serve.start recorded instead of run, an HAProxy binary present, a TMPDIR of the test's own (short: Serve's
     socket paths must fit 107 bytes), and none of the variables bertray sets. Returns the list of recorded calls."""
+    # pytest picks its own base folder from tempfile on first use; fix it now, or a later test's tmp_path would land
+    # in this test's folder, deleted below.
+    tmp_path_factory.getbasetemp()
     for name in (*_PORTS, *_FILES, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_ENABLE_HA_PROXY",
                  "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_HAPROXY_BINARY_PATH"):
         monkeypatch.delenv(name, raising=False)
@@ -132,6 +135,10 @@ def test_a_bind_error_on_one_of_haproxys_own_ports_names_that_port(monkeypatch):
                           "is set."), taken  # not set here: bertray picked it
     assert "--port" in S._bind_error("Failed to bind to address '127.0.0.1:8000'.", "127.0.0.1", 8000, env)
     assert S._bind_error("cannot bind socket (Address already in use) for [0.0.0.0:21002]", "h", 8000, env) is None
+    # Serve's retries of HAProxy find --port held by the first instance, so both appear; the cause is the stats port.
+    both = ("cannot bind socket (Address already in use) for [127.0.0.1:8000]\n"
+            "cannot bind socket (Address already in use) for [0.0.0.0:21000]")
+    assert S._bind_error(both, "127.0.0.1", 8000, env).startswith("Ray Serve's HAProxy could not listen on port 21000")
 
 
 def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
