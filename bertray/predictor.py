@@ -53,10 +53,10 @@ class Predictor:
         self.tokenizer = modeling.load_tokenizer(path)
         model_cfg = self.meta.get("config", {}).get("model", {})
         # A plain HF folder says nothing of max_length: take the tokenizer's, within what the model has positions for.
-        positions = getattr(config, "max_position_embeddings", None) or 512
+        positions = getattr(config, "max_position_embeddings", None)
         self.max_length = max_length or model_cfg.get("max_length") or min(self.tokenizer.model_max_length, 512,
-                                                                           positions)
-        if self.max_length > positions:
+                                                                           positions or 512)
+        if positions and self.max_length > positions:
             raise modeling.ModelError(f"{model_uri}: max_length {self.max_length} exceeds the {positions} positions "
                                       f"the model has; set max_length to {positions} or less")
         self.truncation = model_cfg.get("truncation", "head")
@@ -128,8 +128,7 @@ class Predictor:
             return
         start = time.perf_counter()
         cls, sep = self.tokenizer.cls_token_id or 0, self.tokenizer.sep_token_id or 0
-        widths = sorted({self._width(min(w, self.max_length))
-                         for w in range(self.width_step, self.max_length + self.width_step, self.width_step)})
+        widths = [*range(self.width_step, self.max_length, self.width_step), self.max_length]  # what _width gives
         for width in widths:
             self.predict_ids([[cls] + [sep] * (width - 1)])
         log.info("warmed up %d padded widths up to %d tokens in %.1f s", len(widths), self.max_length,
@@ -225,9 +224,8 @@ def to_bf16(model: torch.nn.Module) -> torch.nn.Module:
 
     Weights, not autocast: autocast keeps fp32 weights and casts them on every call. It changed as few labels, but
     ran passes of 32 texts 13-19% slower, and bf16 weights take half the memory (BENCHMARKS.md, "bf16 on a CPU
-    with AVX512-BF16"). The logits come out in bf16 and Predictor takes their softmax in
-    fp32. Without bf16 instructions oneDNN emulates the arithmetic, which is slower than fp32, so that case is
-    logged."""
+    with AVX512-BF16"). The logits come out in bf16 and Predictor takes their softmax in fp32. Without bf16
+    instructions oneDNN emulates the arithmetic, which is slower than fp32, so that case is logged."""
     if not cpu_has_bf16():
         log.warning("bf16 is emulated on this CPU (it has neither AVX512-BF16 nor AMX) and likely slower than "
                     "fp32; use --quantize none, or int8 on a CPU with VNNI")

@@ -497,8 +497,8 @@ def _bind_error(error: str, host: str, port: int, env: dict[str, str]) -> str | 
     about something else.
 
     HAProxy's own ports come first. When one of them is taken, Serve retries HAProxy while the first instance still
-    holds --port, so the retries report --port as taken too (CI, session 15): naming --port would send the user
-    after the wrong one."""
+    holds --port, so the retries report --port as taken too (seen in a fresh clone's suite, session 15): naming
+    --port would send the user after the wrong one."""
     for name, what in _HAPROXY_PORTS.items():
         if name in env and _port_taken(error, env[name]):  # as text: a variable the user set may not be a number
             advice = (f"Set {name} to a free port." if os.environ.get(name) else

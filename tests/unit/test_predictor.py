@@ -159,26 +159,32 @@ def test_a_plain_hf_folder_truncates_to_the_positions_its_model_has(tiny_classif
     assert out.truncated == 1 and out.probs.shape == (2, 2)
 
 
+def _pass_shapes(pred, run) -> list[tuple[int, int]]:
+    """(texts, padded width) of each forward pass `run` makes through `pred`."""
+    shapes = []
+    hook = pred.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                with_kwargs=True)
+    run()
+    hook.remove()
+    return shapes
+
+
+def _widths_seen(pred, run) -> list[int]:
+    return [width for _, width in _pass_shapes(pred, run)]
+
+
 def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
     """bf16 builds a kernel per input shape on first sight, so its passes pad to a multiple of 8 tokens and a
     replica runs one text at each of those widths before serving; fp32 pads to the text and needs no warm-up."""
-    def widths_seen(pred, run):
-        seen = []
-        hook = pred.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]),
-                                                    with_kwargs=True)
-        run()
-        hook.remove()
-        return seen
-
     texts = [" ".join(["word"] * n) for n in (1, 5, 9, 14, 30, 61)]
     bf16 = Predictor(tiny_classifier, quantize="bf16", max_length=60)
     fp32 = Predictor(tiny_classifier, max_length=60)
     lengths = [len(x) for x in fp32.encode(texts)[0]]
     assert lengths == [3, 7, 11, 16, 32, 60]
-    assert widths_seen(bf16, lambda: [bf16.predict([t]) for t in texts]) == [8, 8, 16, 16, 32, 60]  # capped
-    assert widths_seen(fp32, lambda: [fp32.predict([t]) for t in texts]) == lengths
-    assert widths_seen(bf16, bf16.warm_up) == [8, 16, 24, 32, 40, 48, 56, 60]
-    assert widths_seen(fp32, fp32.warm_up) == []
+    assert _widths_seen(bf16, lambda: [bf16.predict([t]) for t in texts]) == [8, 8, 16, 16, 32, 60]  # capped
+    assert _widths_seen(fp32, lambda: [fp32.predict([t]) for t in texts]) == lengths
+    assert _widths_seen(bf16, bf16.warm_up) == [8, 16, 24, 32, 40, 48, 56, 60]
+    assert _widths_seen(fp32, fp32.warm_up) == []
     # The padding is masked: a text scores the same alone, padded to 8, as in a pass with longer texts.
     alone = np.concatenate([bf16.predict([t]).probs for t in texts])
     np.testing.assert_allclose(bf16.predict(texts).probs, alone, atol=0.01)
@@ -186,11 +192,8 @@ def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
 
 def test_bf16_passes_are_planned_at_their_padded_width_so_they_keep_the_token_budget(tiny_classifier):
     bf16 = Predictor(tiny_classifier, quantize="bf16", max_length=128, token_budget=512)
-    shapes = []
-    bf16.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
-                                         with_kwargs=True)
-    # 62 texts of 33 tokens fit 512 as planned at 33 and overshoot it at 40, as they run.
-    bf16.predict(["word " * 31] * 62 + ["word " * 9] * 40)
+    # Texts of 33 tokens run padded to 40: planned at 33, a pass of 15 (495 tokens) would run at 600.
+    shapes = _pass_shapes(bf16, lambda: bf16.predict(["word " * 31] * 62 + ["word " * 9] * 40))
     assert sum(rows for rows, _ in shapes) == 102
     assert all(rows * width <= 512 and width % 8 == 0 for rows, width in shapes), shapes
 
