@@ -109,8 +109,9 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 @pytest.fixture(scope="module")
 def serve_apps(ray_cluster, trained_classifier):
     """One Serve instance on a free loopback port with three apps:
-    '/' (open), '/keyed' (API key required; also int8, to cover quantized serving without a fourth replica) and
-    '/tight' (one request at a time and a queue of one, to provoke 503s).
+    '/' (open), '/keyed' (API key required; also int8) and '/tight' (one request at a time and a queue of one, to
+    provoke 503s; also bf16). The quantized models ride on apps that are there anyway: a fourth replica would cost
+    the suite another model load on 2 cores.
     Returns {name: base URL}."""
     from ray import serve
 
@@ -125,7 +126,7 @@ def serve_apps(ray_cluster, trained_classifier):
     apps = {
         "open": (ServeConfig(**common), "/"),
         "keyed": (ServeConfig(**common, api_key_env=API_KEY_ENV, quantize="int8"), "/keyed"),
-        "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1), "/tight"),
+        "tight": (ServeConfig(**common, max_ongoing_requests=1, max_queued_requests=1, quantize="bf16"), "/tight"),
     }
     start_http("127.0.0.1", port, apps["open"][0].ingress)  # the default ingress
     try:

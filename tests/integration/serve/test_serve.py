@@ -212,28 +212,39 @@ def test_api_key(serve_apps, serve_api_key):
     assert 'content="none"' in requests.get(serve_apps["open"] + "/", timeout=10).text
 
 
-def test_an_int8_replica_serves_the_int8_model(serve_apps, serve_api_key, trained_classifier, separable_texts):
-    """The '/keyed' app runs with quantize=int8: its answers are the int8 model's, set up as a replica sets it up,
-    and not the fp32 model's."""
+@pytest.mark.parametrize("app, quantize", [("keyed", "int8"), ("tight", "bf16")])
+def test_a_quantized_replica_serves_the_quantized_model(serve_apps, serve_api_key, trained_classifier,
+                                                       separable_texts, app, quantize):
+    """'/keyed' runs with quantize=int8 and '/tight' with bf16: each answers with its quantized model, set up as a
+    replica sets it up (bf16: padded to a multiple of 8 tokens and warmed up), and not with the fp32 model."""
+    import torch
+
     from bertray.config import ServeConfig
     from bertray.serve import load_predictor
 
-    ok = {"Authorization": f"Bearer {serve_api_key}"}
-    url = serve_apps["keyed"]
-    assert requests.get(url + "/v1/model", headers=ok, timeout=10).json()["quantize"] == "int8"
+    ok = {"Authorization": f"Bearer {serve_api_key}"}  # '/tight' has no key and ignores the header
+    url = serve_apps[app]
+    assert requests.get(url + "/v1/model", headers=ok, timeout=10).json()["quantize"] == quantize
     texts, labels = separable_texts(8, seed=4)
     r = requests.post(url + "/v1/classify", json={"texts": texts, "probabilities": True}, headers=ok, timeout=30)
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert [p["label"] for p in preds] == [LABELS[y] for y in labels]
     got = np.array([[p["probabilities"][n] for n in LABELS] for p in preds])
-    # A lone request with an idle model runs as one call, so the local int8 model sees the same pass.
-    int8 = load_predictor(ServeConfig(model=trained_classifier, quantize="int8")).predict(texts).probs
-    fp32 = load_predictor(ServeConfig(model=trained_classifier)).predict(texts).probs
-    # The tiny model's int8 and fp32 answers differ only in the sixth decimal (5.6e-6 at most when written), so
-    # the test asks which of the two the replica's answers are far nearer to, not for a fixed gap.
-    to_int8, to_fp32 = np.abs(got - int8).max(), np.abs(got - fp32).max()
-    assert to_int8 <= 1e-6 and to_fp32 > 10 * to_int8, (to_int8, to_fp32)
+    # A lone request with an idle model runs as one call, so the local model sees the same pass; on one thread, as
+    # the replica (half a CPU) runs it, since bf16 sums in a different order on two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = load_predictor(ServeConfig(model=trained_classifier, quantize=quantize)).predict(texts).probs
+        fp32 = load_predictor(ServeConfig(model=trained_classifier)).predict(texts).probs
+    finally:
+        torch.set_num_threads(threads)
+    # The tiny model's quantized and fp32 answers are close (int8's differ only in the sixth decimal, 5.6e-6 at
+    # most when written), so the test asks which of the two the replica's answers are far nearer to, not for a
+    # fixed gap.
+    to_local, to_fp32 = np.abs(got - local).max(), np.abs(got - fp32).max()
+    assert to_local <= 1e-6 and to_fp32 > 10 * to_local, (to_local, to_fp32)
 
 
 def _haproxy_counts(stats_port: int, app: str, column: str) -> dict[str, int]:
