@@ -480,6 +480,15 @@ class ServeConfig:
     # size (15.6 texts) and cut a lone caller's p99 from 77-94 to 64 ms (bench/serve_load.py, 2-core CPU).
     batch_wait_timeout_s: float = 0.002
     batching: bool = True  # off: each request runs alone (for benchmarks)
+    # After a pass for several callers, how long the next batch may wait for them to send again: this much per
+    # caller answered, never longer than the pass took, and over once max_batch_size texts are queued; 0: no wait.
+    # Callers that send their next request when answered otherwise split into groups that take turns on the model
+    # with part-full batches (serve.Classifier._release_model). The replica sends all their answers before the
+    # first can come back: on the 2-core VM the first was back after 7 ms (p50) for a pass of 8 callers, 20 ms for
+    # 32, and all were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py, a patch
+    # logging the waits). Callers that do not come back (one-off or open-loop traffic) cost that wait of idle
+    # model once per pass.
+    regroup_s_per_caller: float = 0.002
     max_texts: int = 64  # per request
     max_text_chars: int = 10_000  # per text
     max_ongoing_requests: int = 64  # per replica, before requests queue
@@ -511,6 +520,7 @@ class ServeConfig:
                      "max_ongoing_requests", "max_queued_requests", "token_budget", "cpus_per_replica"):
             _positive(e, name, getattr(self, name))
         _positive(e, "batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
+        _positive(e, "regroup_s_per_caller", self.regroup_s_per_caller, allow_zero=True)
         _quantize_on_cpu(e, self.quantize, "gpus_per_replica", self.gpus_per_replica)
         if self.autoscaling and self.min_replicas > self.max_replicas:
             e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")

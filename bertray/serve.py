@@ -42,11 +42,9 @@ from bertray.runtime import free_ports
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
 _MAX_JSON_BYTES_PER_CHAR = 12
 _BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the texts
-# After a pass for several callers, how long the next batch may wait for them to send again, per caller, and never
-# longer than the pass took (Classifier._release_model). The replica sends all their answers before the first can
-# come back: on the 2-core VM the first was back after 7 ms (p50) for a pass of 8 callers, 20 ms for 32, and all
-# were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py, a patch logging the waits).
-REGROUP_PER_CALLER_S = 0.002
+# After a run of waits for answered callers that did not come back, how many passes at most go without one before
+# the replica tries again (Classifier._note_regroup).
+_REGROUP_MAX_SKIPS = 16
 _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
 # Serve's controller gives a starting HTTP proxy three ready checks of this many seconds (Ray's default is 5) before
 # it kills the proxy and starts another, while serve.start waits up to 60 s on the first proxy only. On a busy node
@@ -220,7 +218,9 @@ class Classifier:
         self._arrived = asyncio.Event()  # a request joined the queued ones: wakes _regroup
         self._regroup_task: asyncio.Task[None] | None = None  # a reference: the event loop keeps only weak ones
         self._callers = itertools.count()  # numbers the batched requests: a pass answers len(set(...)) callers
-        self._regroup_per_caller_s = REGROUP_PER_CALLER_S  # an attribute, so that tests can change it
+        self._regroup_per_caller_s = cfg.regroup_s_per_caller  # an attribute, so that tests can change it
+        self._regroup_misses = 0  # waits in a row that ended with fewer than half the answered callers back
+        self._regroup_skips = 0  # waits still to skip after the last miss (_note_regroup)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -317,19 +317,28 @@ class Classifier:
         forever. At 32 callers on the 2-core CPU such runs formed batches of 17-18 texts and served 67-70
         requests/s, a run that kept them together 31 texts and 96 (bench/serve_load.py, session 13). So after a
         pass for several callers the next batch waits until they are back, with those already queued, or until
-        max_batch_size texts are queued; for at most REGROUP_PER_CALLER_S per caller answered or the pass's own
-        time, whichever is shorter. Callers that do not come back cost at most that much idle model per pass. With
-        it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in all twelve runs (session 14). A lone caller
-        (a pass for one, nobody queued) is expected back alone and runs at once, as before; so does a pass that
-        leaves texts in the batcher (more than max_batch_size were handed over), which Serve runs next."""
+        max_batch_size texts are queued; for at most cfg.regroup_s_per_caller per caller answered or the pass's own
+        time, whichever is shorter. With it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in all twelve
+        runs (session 14). A lone caller (a pass for one, nobody queued) is expected back alone and runs at once,
+        as before; so does a pass that leaves texts in the batcher (more than max_batch_size were handed over),
+        which Serve runs next.
+
+        Callers that do not come back (one-off or open-loop traffic) would cost that wait of idle model after every
+        pass: at open-loop rates of 50-90% of the replica's closed-loop throughput it raised the median latency by
+        up to 40% (bench/serve_open_loop.py, session 16). So a wait that ends with fewer than half of them back
+        makes the replica skip the next ones (_note_regroup) before it tries again."""
         expected = self._queued + answered
-        if self._unstarted or expected <= 1 or self._regrouped(expected):
+        if self._unstarted or expected <= 1 or self._regrouped(expected) or not self._regroup_per_caller_s:
+            self._model_free.set()
+            return
+        if self._regroup_skips:
+            self._regroup_skips -= 1
             self._model_free.set()
             return
         deadline = asyncio.get_running_loop().time() + min(pass_s, self._regroup_per_caller_s * answered)
-        self._regroup_task = asyncio.create_task(self._regroup(expected, deadline))
+        self._regroup_task = asyncio.create_task(self._regroup(expected, answered, deadline))
 
-    async def _regroup(self, expected: int, deadline: float) -> None:
+    async def _regroup(self, expected: int, answered: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         try:
             while not self._regrouped(expected) and loop.time() < deadline:
@@ -339,7 +348,22 @@ class Classifier:
                 except asyncio.TimeoutError:
                     break
         finally:
+            # Requests that arrived during the wait: the model was held, so none of the queued ones left.
+            self._note_regroup(self._regrouped(expected), self._queued - (expected - answered), answered)
             self._model_free.set()
+
+    def _note_regroup(self, regrouped: bool, back: int, answered: int) -> None:
+        """After a wait: if fewer than half the callers answered came back and the batch was not complete, skip
+        the next 1, 2, 4, 8, then 16 waits, doubling with each such wait in a row; any other wait resets this.
+        Closed-loop callers come back within the wait (53 of 55 waits ended with all 32 back, session 14), while
+        independent arrivals at r requests/s bring about r x regroup_s_per_caller per caller answered, under half
+        below 250 requests/s at 2 ms. So steady open-loop traffic pays for one wait in 17 passes, and closed-loop
+        callers keep theirs."""
+        if regrouped or 2 * back >= answered:
+            self._regroup_misses = 0
+            return
+        self._regroup_misses += 1
+        self._regroup_skips = min(2 ** (self._regroup_misses - 1), _REGROUP_MAX_SKIPS)
 
     def _regrouped(self, expected: int) -> bool:
         """Whether the next batch is complete: every caller expected is queued, or a full batch of texts."""

@@ -101,3 +101,9 @@ def test_validate_subprocess_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bertray.cli", "validate", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "model: expected a mapping" in r.stderr
+
+
+def test_the_regroup_wait_can_be_turned_off_but_not_negative():
+    assert C.load(C.ServeConfig, data={"model": "m"}, overrides=["regroup_s_per_caller=0"]).regroup_s_per_caller == 0
+    with pytest.raises(C.ConfigError, match="regroup_s_per_caller"):
+        C.load(C.ServeConfig, data={"model": "m", "regroup_s_per_caller": -0.001})

@@ -163,12 +163,12 @@ def test_the_next_batch_waits_for_the_callers_a_pass_answered():
     assert [batch for _, batch, _ in results] == [3, 3, 3]
 
 
-def wait_when_nobody_comes_back(per_caller_s: float) -> tuple[float, float]:
+def wait_when_nobody_comes_back(per_caller_s: float) -> tuple[float, float, Classifier]:
     """The held pass of a1 answers, a1's caller never sends again, and b1 and c1 queued behind it wait for it: how
-    long (s) they waited after that pass, and how long the pass took (ms), with `per_caller_s` of allowance."""
+    long (s) they waited after that pass, and how long the pass took (ms), with `per_caller_s` of allowance (the
+    config's regroup_s_per_caller); and the replica."""
     pred = HeldPredictor()
-    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32)
-    clf._regroup_per_caller_s = per_caller_s
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32, regroup_s_per_caller=per_caller_s)
 
     async def main():
         first_ms, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
@@ -178,13 +178,13 @@ def wait_when_nobody_comes_back(per_caller_s: float) -> tuple[float, float]:
 
     waited, first_ms = asyncio.run(main())
     assert pred.passes[1:] == [["b1", "c1"]], pred.passes
-    return waited, first_ms
+    return waited, first_ms, clf
 
 
 def test_the_wait_for_answered_callers_ends_at_its_deadline():
     """Callers that do not come back hold up the next batch for their allowance, and never longer than the last
     pass took: here 10 s for the one caller answered, so the pass's time (about 400 ms) is the bound."""
-    waited, first_ms = wait_when_nobody_comes_back(10.0)
+    waited, first_ms, _ = wait_when_nobody_comes_back(10.0)
     window = first_ms / 1000
     assert 0.5 * window <= waited < window + 2.0, f"waited {waited:.3f} s for a window of {window:.3f} s"
 
@@ -192,8 +192,49 @@ def test_the_wait_for_answered_callers_ends_at_its_deadline():
 def test_the_wait_for_answered_callers_is_bounded_per_caller():
     """With one caller answered and an allowance of 50 ms per caller, the wait is about 50 ms, not the held pass's
     400 ms."""
-    waited, _ = wait_when_nobody_comes_back(0.05)
+    waited, _, _ = wait_when_nobody_comes_back(0.05)
     assert 0.025 <= waited < 0.3, f"waited {waited:.3f} s for a 0.05 s allowance"
+
+
+def test_regroup_s_per_caller_0_turns_the_wait_off():
+    """For open-loop traffic, whose callers do not come back: the model is free again as soon as a pass ends."""
+    waited, _, clf = wait_when_nobody_comes_back(0.0)
+    assert clf._regroup_task is None, "a wait was started with no allowance"
+    assert waited < 0.3, f"waited {waited:.3f} s"
+
+
+def test_after_a_wait_for_callers_that_did_not_come_back_the_next_is_skipped():
+    """Open-loop traffic: a1's caller never sends again, so the wait after its pass ends at its deadline with
+    nobody back, and the next pass ([b1, c1], nobody queued behind it) frees the model at once instead of holding
+    it for b1's and c1's callers (up to its own 0.2 s)."""
+    pred = HeldPredictor(later_s=0.2)
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32, regroup_s_per_caller=10.0)
+
+    async def main():
+        _, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        await asyncio.gather(*queued)
+        return clf._model_free.is_set()
+
+    assert asyncio.run(main()), "the model was held after a wait in which nobody came back"
+    assert pred.passes[1:] == [["b1", "c1"]], pred.passes
+    assert (clf._regroup_misses, clf._regroup_skips) == (1, 0)  # one miss; its one skip used by the [b1, c1] pass
+
+
+def test_skipped_waits_double_with_each_miss_in_a_row_and_reset_on_a_regroup():
+    clf = bare_classifier(HeldPredictor())
+    skips = []
+    for _ in range(7):
+        clf._note_regroup(regrouped=False, back=1, answered=4)  # 1 of 4 back: a miss
+        skips.append(clf._regroup_skips)
+    assert skips == [1, 2, 4, 8, 16, 16, 16]
+    clf._regroup_skips = 0
+    clf._note_regroup(regrouped=False, back=2, answered=4)  # half back: the callers do return
+    assert clf._regroup_misses == 0
+    clf._note_regroup(regrouped=False, back=0, answered=4)
+    assert (clf._regroup_misses, clf._regroup_skips) == (1, 1)
+    clf._regroup_skips = 0
+    clf._note_regroup(regrouped=True, back=0, answered=4)  # a full batch queued meanwhile: no loss in waiting
+    assert clf._regroup_misses == 0
 
 
 def test_no_wait_while_the_batcher_still_holds_texts():
