@@ -486,8 +486,9 @@ class ServeConfig:
     # with part-full batches (serve.Classifier._release_model). The replica sends all their answers before the
     # first can come back: on the 2-core VM the first was back after 7 ms (p50) for a pass of 8 callers, 20 ms for
     # 32, and all were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py, a patch
-    # logging the waits). Callers that do not come back (one-off or open-loop traffic) cost that wait of idle
-    # model once per pass.
+    # logging the waits). Callers that do not come back (one-off or open-loop traffic) would cost that wait of idle
+    # model after every pass, so a replica skips the next waits after one they did not come back to
+    # (serve.Classifier._note_regroup).
     regroup_s_per_caller: float = 0.002
     max_texts: int = 64  # per request
     max_text_chars: int = 10_000  # per text

@@ -202,13 +202,16 @@ class Classifier:
         # One forward pass at a time, off the event loop: while it runs, new requests are still parsed and queue
         # up for the next batch (torch uses its own intra-op threads inside the pass).
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-model")
-        # Set while no batched pass runs. Serve's batcher closes a batch `batch_wait_timeout_s` after its first
-        # text even while the model is busy, and queues it behind the running pass (ray/serve/batching.py forms
-        # batches ahead of its concurrency semaphore); under load that made many small batches (4.5 texts on
-        # average at 32 callers, bench/serve_load.py). Texts that arrive during a pass wait here instead, and
-        # all enter the next batch together.
+        # The door to the batcher: open while no batched pass runs and nobody is queued. Serve's batcher closes a
+        # batch `batch_wait_timeout_s` after its first text even while the model is busy, and queues it behind
+        # the running pass (ray/serve/batching.py forms batches ahead of its concurrency semaphore); under load
+        # that made many small batches (4.5 texts on average at 32 callers, bench/serve_load.py). Texts that
+        # arrive during a pass wait here instead, and all enter the next batch together (_open).
         self._model_free = asyncio.Event()
         self._model_free.set()
+        self._busy = False  # a pass runs, or the model is held for callers (_regroup)
+        self._let_in = 0  # callers _open let in that have not yet moved on
+        self._openings = 0  # counts _open's admissions: a queued caller tells from it whether it was let in
         self._waiting = 0  # requests in this replica that want the model and have not got it yet
         self._queued = 0  # of those, the ones still held at _model_free (not yet handed to the batcher)
         self._queued_texts = 0  # and their texts
@@ -221,6 +224,7 @@ class Classifier:
         self._regroup_per_caller_s = cfg.regroup_s_per_caller  # an attribute, so that tests can change it
         self._regroup_misses = 0  # waits in a row that ended with fewer than half the answered callers back
         self._regroup_skips = 0  # waits still to skip after the last miss (_note_regroup)
+        self._regroup_max_skips = _REGROUP_MAX_SKIPS  # an attribute: bench/regroup_sim.py sets 0 for the old policy
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -275,17 +279,24 @@ class Classifier:
         self._queued_texts += len(texts)
         self._arrived.set()
         caller = next(self._callers)
+        openings = self._openings
         try:
             try:
                 await self._model_free.wait()
             finally:
                 self._queued -= 1
                 self._queued_texts -= len(texts)
+                if self._openings != openings:
+                    self._let_in -= 1
             self._unstarted[caller] = len(texts)
             rows = await asyncio.gather(*(self._predict_one(t, caller) for t in texts))
         finally:
             self._waiting -= 1
             self._unstarted.pop(caller, None)  # if cancelled, Serve drops its texts that no pass has taken
+            if not (self._model_free.is_set() or self._busy or self._unstarted or self._let_in):
+                # The door was shut behind callers that were all cancelled before a pass took their texts, so no
+                # pass will end to open it: open it here.
+                self._model_free.set()
         _, batch, ms = max(rows, key=lambda row: row[1:])
         return [p for p, _, _ in rows], batch, ms
 
@@ -302,6 +313,7 @@ class Classifier:
 
     async def _hold_model(self, texts: list[str], callers: int = 1) -> tuple[np.ndarray, float]:
         self._model_free.clear()
+        self._busy = True
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
@@ -329,11 +341,11 @@ class Classifier:
         makes the replica skip the next ones (_note_regroup) before it tries again."""
         expected = self._queued + answered
         if self._unstarted or expected <= 1 or self._regrouped(expected) or not self._regroup_per_caller_s:
-            self._model_free.set()
+            self._open()
             return
         if self._regroup_skips:
             self._regroup_skips -= 1
-            self._model_free.set()
+            self._open()
             return
         deadline = asyncio.get_running_loop().time() + min(pass_s, self._regroup_per_caller_s * answered)
         self._regroup_task = asyncio.create_task(self._regroup(expected, answered, deadline))
@@ -350,7 +362,22 @@ class Classifier:
         finally:
             # Requests that arrived during the wait: the model was held, so none of the queued ones left.
             self._note_regroup(self._regrouped(expected), self._queued - (expected - answered), answered)
-            self._model_free.set()
+            self._open()
+
+    def _open(self) -> None:
+        """Let the callers queued at the door into the batcher, and shut it behind them if there were any.
+
+        Left open, it also let in callers that came in the moments between Serve closing their batch and its pass
+        starting. Their texts made a batch of their own that ran next, and the pass after it left a few more: at
+        32 closed-loop callers the passes went on as 22, 1 and 9 texts for good, with no wait for callers between
+        them, since a pass that leaves texts in the batcher has none (bench/regroup_sim.py, session 16). Callers
+        that come now wait for the next pass, as they do while one runs."""
+        self._busy = False
+        self._model_free.set()  # wakes every caller waiting now; they go on even if the door shuts again
+        if self._queued:
+            self._let_in = self._queued
+            self._openings += 1
+            self._model_free.clear()
 
     def _note_regroup(self, regrouped: bool, back: int, answered: int) -> None:
         """After a wait: if fewer than half the callers answered came back and the batch was not complete, skip
@@ -363,7 +390,7 @@ class Classifier:
             self._regroup_misses = 0
             return
         self._regroup_misses += 1
-        self._regroup_skips = min(2 ** (self._regroup_misses - 1), _REGROUP_MAX_SKIPS)
+        self._regroup_skips = min(2 ** (self._regroup_misses - 1), self._regroup_max_skips)
 
     def _regrouped(self, expected: int) -> bool:
         """Whether the next batch is complete: every caller expected is queued, or a full batch of texts."""

@@ -237,6 +237,43 @@ def test_skipped_waits_double_with_each_miss_in_a_row_and_reset_on_a_regroup():
     assert clf._regroup_misses == 0
 
 
+def test_the_door_shuts_behind_the_callers_let_in():
+    """When a pass ends, the callers queued for the model go into the batcher together; one that comes while their
+    batch forms waits for the next pass, as it would during a pass, rather than slip into the batcher behind them.
+    (Slipped-in texts made a small batch that ran next, and at 32 closed-loop callers the passes went on as 22, 1
+    and 9 texts; bench/regroup_sim.py.)"""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.3, max_batch_size=32, regroup_s_per_caller=0.0)
+
+    async def main():
+        _, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        await asyncio.sleep(0.05)  # b1 and c1 are in the batcher, whose batch stays open for 0.3 s
+        late = asyncio.create_task(clf._classify_texts(["d1"]))
+        return await asyncio.gather(*queued, late)
+
+    results = asyncio.run(main())
+    assert [sorted(p) for p in pred.passes] == [["a1"], ["b1", "c1"], ["d1"]], pred.passes
+    assert [batch for _, batch, _ in results] == [2, 2, 1]
+    assert clf._model_free.is_set()
+
+
+def test_the_door_opens_again_if_the_callers_let_in_are_all_cancelled():
+    """Callers let in and then cancelled (their clients went away) before a pass took their texts: no pass ends
+    to open the door, so the last of them opens it, and the next caller is served instead of waiting for good."""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=1.0, max_batch_size=32, regroup_s_per_caller=0.0)
+
+    async def main():
+        _, (b1,) = await held_pass_then(clf, pred, ["b1"])
+        await asyncio.sleep(0.05)  # b1 is in the batcher, which holds its batch open for 1 s
+        b1.cancel()
+        await asyncio.sleep(0.05)
+        return await asyncio.wait_for(clf._classify_texts(["c1"]), 5)
+
+    _, batch, _ = asyncio.run(main())
+    assert batch == 1 and ["c1"] in pred.passes, pred.passes
+
+
 def test_no_wait_while_the_batcher_still_holds_texts():
     """More texts handed over than one batch takes: Serve runs the rest next, so the model is not held for callers
     meanwhile, and the gate stays shut through every pass (a wait ending mid-pass would open it)."""
