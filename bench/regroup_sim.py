@@ -9,9 +9,11 @@ tests/unit/test_serve_batching.py does) in one process, with a stand-in model th
 pass in the model thread: by default 8 + 9 ms, near fp32 MiniLM on one thread of the VM (a lone SST-2 sentence in
 17 ms; 32 in 296 ms, 1.84x the throughput, as the model alone in bench/serve_load.py's session-14/15 runs).
 Three policies, in turns:
-- `always`: the wait after every pass for several callers (sessions 14-15);
+- `always`: the wait after every pass for several callers, as sessions 14-15 had it;
 - `adaptive`: the default since session 16, which skips waits after ones that callers did not come back to;
 - `off`: regroup_s_per_caller=0.
+All three run the rest of the batching code as it is now: a run of this script before the door to the batcher
+shut behind the callers let in (Classifier._open) is how that flaw was found.
 Closed-loop callers send again `--return-ms` (plus up to half again, at random) after their answer, as an HTTP
 round trip would. Open-loop requests come at Poisson arrival times, the same ones for every policy; latency runs
 from each one's scheduled time. Rates are fractions of the model's throughput in passes of max_batch_size texts.

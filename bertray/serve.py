@@ -380,17 +380,19 @@ class Classifier:
             self._model_free.clear()
 
     def _note_regroup(self, regrouped: bool, back: int, answered: int) -> None:
-        """After a wait: if fewer than half the callers answered came back and the batch was not complete, skip
-        the next 1, 2, 4, 8, then 16 waits, doubling with each such wait in a row; any other wait resets this.
+        """After a wait: if fewer than half the callers answered came back, skip the next 1, 2, 4, 8, then 16 waits,
+        doubling with each such wait in a row; a wait they came back to resets this. A wait ended by a full batch
+        of other callers' texts says neither, and changes nothing: counted as a return, it set the doubling back
+        under open-loop load near the replica's capacity, where queues often fill (bench/regroup_sim.py).
         Closed-loop callers come back within the wait (53 of 55 waits ended with all 32 back, session 14), while
         independent arrivals at r requests/s bring about r x regroup_s_per_caller per caller answered, under half
         below 250 requests/s at 2 ms. So steady open-loop traffic pays for one wait in 17 passes, and closed-loop
         callers keep theirs."""
-        if regrouped or 2 * back >= answered:
+        if 2 * back >= answered:
             self._regroup_misses = 0
-            return
-        self._regroup_misses += 1
-        self._regroup_skips = min(2 ** (self._regroup_misses - 1), self._regroup_max_skips)
+        elif not regrouped:
+            self._regroup_misses += 1
+            self._regroup_skips = min(2 ** (self._regroup_misses - 1), self._regroup_max_skips)
 
     def _regrouped(self, expected: int) -> bool:
         """Whether the next batch is complete: every caller expected is queued, or a full batch of texts."""

@@ -233,8 +233,10 @@ def test_skipped_waits_double_with_each_miss_in_a_row_and_reset_on_a_regroup():
     clf._note_regroup(regrouped=False, back=0, answered=4)
     assert (clf._regroup_misses, clf._regroup_skips) == (1, 1)
     clf._regroup_skips = 0
-    clf._note_regroup(regrouped=True, back=0, answered=4)  # a full batch queued meanwhile: no loss in waiting
-    assert clf._regroup_misses == 0
+    clf._note_regroup(regrouped=True, back=0, answered=4)  # a full batch of others queued meanwhile: says nothing
+    assert (clf._regroup_misses, clf._regroup_skips) == (1, 0)
+    clf._note_regroup(regrouped=False, back=0, answered=4)
+    assert (clf._regroup_misses, clf._regroup_skips) == (2, 2)
 
 
 def test_the_door_shuts_behind_the_callers_let_in():
