@@ -107,7 +107,9 @@ class MLMConfig:
 def _positive(errors: list[str], name: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
+    if value != value:  # NaN, which every comparison below lets through
+        errors.append(f"{name}: must be a number, got {value}")
+    elif value < 0 or (value == 0 and not allow_zero):
         errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 

@@ -202,14 +202,15 @@ class Classifier:
         # One forward pass at a time, off the event loop: while it runs, new requests are still parsed and queue
         # up for the next batch (torch uses its own intra-op threads inside the pass).
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-model")
-        # The door to the batcher: open while no batched pass runs and nobody is queued. Serve's batcher closes a
+        # The door to the batcher: shut while a pass runs, while the model is held for callers (_regroup), and
+        # behind the callers let in while their batch forms (_open); open otherwise. Serve's batcher closes a
         # batch `batch_wait_timeout_s` after its first text even while the model is busy, and queues it behind
         # the running pass (ray/serve/batching.py forms batches ahead of its concurrency semaphore); under load
         # that made many small batches (4.5 texts on average at 32 callers, bench/serve_load.py). Texts that
         # arrive during a pass wait here instead, and all enter the next batch together (_open).
         self._model_free = asyncio.Event()
         self._model_free.set()
-        self._busy = False  # a pass runs, or the model is held for callers (_regroup)
+        self._busy = False  # a batched pass runs, or the model is held for callers (_regroup)
         self._let_in = 0  # callers _open let in that have not yet moved on
         self._openings = 0  # counts _open's admissions: a queued caller tells from it whether it was let in
         self._waiting = 0  # requests in this replica that want the model and have not got it yet
@@ -219,6 +220,7 @@ class Classifier:
         # left is followed at once by the batch Serve formed of them: no waiting for callers then (_release_model).
         self._unstarted: dict[int, int] = {}
         self._arrived = asyncio.Event()  # a request joined the queued ones: wakes _regroup
+        self._arrivals = 0  # requests that have joined the queued ones so far: _regroup counts who came back
         self._regroup_task: asyncio.Task[None] | None = None  # a reference: the event loop keeps only weak ones
         self._callers = itertools.count()  # numbers the batched requests: a pass answers len(set(...)) callers
         self._regroup_per_caller_s = cfg.regroup_s_per_caller  # an attribute, so that tests can change it
@@ -277,6 +279,7 @@ class Classifier:
         self._waiting += 1
         self._queued += 1
         self._queued_texts += len(texts)
+        self._arrivals += 1
         self._arrived.set()
         caller = next(self._callers)
         openings = self._openings
@@ -293,7 +296,7 @@ class Classifier:
         finally:
             self._waiting -= 1
             self._unstarted.pop(caller, None)  # if cancelled, Serve drops its texts that no pass has taken
-            if not (self._model_free.is_set() or self._busy or self._unstarted or self._let_in):
+            if not (self._model_free.is_set() or self._busy or self._unstarted or self._let_in > 0):
                 # The door was shut behind callers that were all cancelled before a pass took their texts, so no
                 # pass will end to open it: open it here.
                 self._model_free.set()
@@ -340,8 +343,8 @@ class Classifier:
         the median latency 1.2, 2.3-2.4 and 1.7-1.8 times over no wait (bench/regroup_sim.py, session 16). So a
         wait that ends with fewer than half of them back makes the replica skip the next ones (_note_regroup)
         before it tries again: 1.0, 1.04-1.06 and 1.16-1.42 times there."""
-        expected = self._queued + answered
-        if self._unstarted or expected <= 1 or self._regrouped(expected) or not self._regroup_per_caller_s:
+        if (self._unstarted or self._queued + answered <= 1 or self._batch_full()
+                or not self._regroup_per_caller_s):
             self._open()
             return
         if self._regroup_skips:
@@ -349,21 +352,25 @@ class Classifier:
             self._open()
             return
         deadline = asyncio.get_running_loop().time() + min(pass_s, self._regroup_per_caller_s * answered)
-        self._regroup_task = asyncio.create_task(self._regroup(expected, answered, deadline))
+        self._regroup_task = asyncio.create_task(self._regroup(answered, deadline))
 
-    async def _regroup(self, expected: int, answered: int, deadline: float) -> None:
+    async def _regroup(self, answered: int, deadline: float) -> None:
+        """Hold the model until as many requests have arrived as the last pass answered (counted as they come, so
+        that a queued caller cancelled meanwhile does not make the wait run to its deadline), max_batch_size texts
+        are queued, or the deadline."""
         loop = asyncio.get_running_loop()
+        start = self._arrivals
         try:
-            while not self._regrouped(expected) and loop.time() < deadline:
+            while self._arrivals - start < answered and not self._batch_full() and loop.time() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
         finally:
-            # Requests that arrived during the wait: the model was held, so none of the queued ones left.
-            self._note_regroup(self._regrouped(expected), self._queued - (expected - answered), answered)
-            self._open()
+            full, back = self._batch_full(), self._arrivals - start
+            self._open()  # first: the door must open whatever happens below
+            self._note_regroup(full, back, answered)
 
     def _open(self) -> None:
         """Let the callers queued at the door into the batcher, and shut it behind them if there were any.
@@ -380,24 +387,24 @@ class Classifier:
             self._openings += 1
             self._model_free.clear()
 
-    def _note_regroup(self, regrouped: bool, back: int, answered: int) -> None:
+    def _note_regroup(self, full: bool, back: int, answered: int) -> None:
         """After a wait: if fewer than half the callers answered came back, skip the next 1, 2, 4, 8, then 16 waits,
         doubling with each such wait in a row; a wait they came back to resets this. A wait ended by a full batch
         of other callers' texts says neither, and changes nothing: counted as a return, it set the doubling back
         under open-loop load near the replica's capacity, where queues often fill (bench/regroup_sim.py).
         Closed-loop callers come back within the wait (53 of 55 waits ended with all 32 back, session 14), while
         independent arrivals at r requests/s bring about r x regroup_s_per_caller per caller answered, under half
-        below 250 requests/s at 2 ms. So steady open-loop traffic pays for one wait in 17 passes, and closed-loop
-        callers keep theirs."""
+        below 250 requests/s at 2 ms. So under steady open-loop traffic one pass in 17 of those that would have
+        waited does, and closed-loop callers keep their waits."""
         if 2 * back >= answered:
             self._regroup_misses = 0
-        elif not regrouped:
+        elif not full:
             self._regroup_misses += 1
             self._regroup_skips = min(2 ** (self._regroup_misses - 1), self._regroup_max_skips)
 
-    def _regrouped(self, expected: int) -> bool:
-        """Whether the next batch is complete: every caller expected is queued, or a full batch of texts."""
-        return self._queued >= expected or self._queued_texts >= self.cfg.max_batch_size
+    def _batch_full(self) -> bool:
+        """Whether the callers queued at the door hold a full batch of texts: no reason to wait for more."""
+        return self._queued_texts >= self.cfg.max_batch_size
 
     async def _forward(self, texts: list[str]) -> tuple[np.ndarray, float]:
         """Class probabilities, and the pass's wall time in ms, timed in the model thread."""

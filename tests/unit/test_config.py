@@ -107,3 +107,5 @@ def test_the_regroup_wait_can_be_turned_off_but_not_negative():
     assert C.load(C.ServeConfig, data={"model": "m"}, overrides=["regroup_s_per_caller=0"]).regroup_s_per_caller == 0
     with pytest.raises(C.ConfigError, match="regroup_s_per_caller"):
         C.load(C.ServeConfig, data={"model": "m", "regroup_s_per_caller": -0.001})
+    with pytest.raises(C.ConfigError, match="regroup_s_per_caller: must be a number, got nan"):
+        C.load(C.ServeConfig, data={"model": "m"}, overrides=["regroup_s_per_caller=nan"])

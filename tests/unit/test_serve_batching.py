@@ -220,22 +220,22 @@ def test_after_a_wait_for_callers_that_did_not_come_back_the_next_is_skipped():
     assert (clf._regroup_misses, clf._regroup_skips) == (1, 0)  # one miss; its one skip used by the [b1, c1] pass
 
 
-def test_skipped_waits_double_with_each_miss_in_a_row_and_reset_on_a_regroup():
+def test_skipped_waits_double_with_each_miss_in_a_row_and_reset_when_callers_return():
     clf = bare_classifier(HeldPredictor())
     skips = []
     for _ in range(7):
-        clf._note_regroup(regrouped=False, back=1, answered=4)  # 1 of 4 back: a miss
+        clf._note_regroup(full=False, back=1, answered=4)  # 1 of 4 back: a miss
         skips.append(clf._regroup_skips)
     assert skips == [1, 2, 4, 8, 16, 16, 16]
     clf._regroup_skips = 0
-    clf._note_regroup(regrouped=False, back=2, answered=4)  # half back: the callers do return
+    clf._note_regroup(full=False, back=2, answered=4)  # half back: the callers do return
     assert clf._regroup_misses == 0
-    clf._note_regroup(regrouped=False, back=0, answered=4)
+    clf._note_regroup(full=False, back=0, answered=4)
     assert (clf._regroup_misses, clf._regroup_skips) == (1, 1)
     clf._regroup_skips = 0
-    clf._note_regroup(regrouped=True, back=0, answered=4)  # a full batch of others queued meanwhile: says nothing
+    clf._note_regroup(full=True, back=0, answered=4)  # a full batch of others queued meanwhile: says nothing
     assert (clf._regroup_misses, clf._regroup_skips) == (1, 0)
-    clf._note_regroup(regrouped=False, back=0, answered=4)
+    clf._note_regroup(full=False, back=0, answered=4)
     assert (clf._regroup_misses, clf._regroup_skips) == (2, 2)
 
 
@@ -274,6 +274,84 @@ def test_the_door_opens_again_if_the_callers_let_in_are_all_cancelled():
 
     _, batch, _ = asyncio.run(main())
     assert batch == 1 and ["c1"] in pred.passes, pred.passes
+
+
+def test_a_caller_cancelled_during_the_wait_does_not_stretch_it():
+    """b1's client goes away while the model is held for a1's caller; a1's caller then comes back, and the wait
+    ends at once instead of running to its deadline (the held pass's 0.4 s), and counts as a return."""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32, regroup_s_per_caller=10.0)
+    notes = []
+    note = clf._note_regroup
+    clf._note_regroup = lambda *args: (notes.append(args), note(*args))
+
+    async def main():
+        _, (b1, c1) = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        b1.cancel()
+        await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        back = asyncio.create_task(clf._classify_texts(["a2"]))
+        await asyncio.gather(c1, back)
+        return time.perf_counter() - t0
+
+    took = asyncio.run(main())
+    assert took < 0.2, f"the wait ran {took:.2f} s, to its deadline"
+    assert sorted(pred.passes[1]) == ["a2", "c1"], pred.passes
+    assert notes[0] == (False, 1, 1)  # not a full batch; 1 back of the 1 answered
+
+
+def test_cancelling_every_caller_of_a_running_pass_leaves_the_door_shut():
+    """The pass [b1, c1] runs on after its callers' clients go away, so a caller that comes meanwhile queues for
+    the next pass rather than finding the door open and running alone beside it."""
+    pred = HeldPredictor(later_s=0.5)
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.002, max_batch_size=32, regroup_s_per_caller=0.0)
+
+    async def main():
+        _, queued = await held_pass_then(clf, pred, ["b1"], ["c1"])
+        await asyncio.sleep(0.1)  # [b1, c1] is running, for 0.5 s
+        for task in queued:
+            task.cancel()
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(clf._classify_texts(["d1"]))
+        await asyncio.sleep(0.05)
+        state = (clf._model_free.is_set(), clf._queued)
+        await late
+        return state
+
+    assert asyncio.run(main()) == (False, 1)
+    assert [sorted(p) for p in pred.passes] == [["a1"], ["b1", "c1"], ["d1"]], pred.passes
+
+
+def test_one_of_the_callers_let_in_cancelled_before_it_moves_on_keeps_the_door_shut():
+    """b1 and c1 are let in together, and b1 is cancelled in that same moment: c1 has not yet moved on, so b1's
+    leaving must not open the door, and d1, coming while c1's batch forms, still waits for the next pass."""
+    pred = HeldPredictor()
+    clf = bare_classifier(pred, batch_wait_timeout_s=0.2, max_batch_size=32, regroup_s_per_caller=0.0)
+    tasks: dict[str, asyncio.Task] = {}
+    open_door = clf._open
+
+    def open_and_cancel_b1():
+        open_door()
+        if clf._let_in == 2:
+            tasks["b1"].cancel()
+
+    clf._open = open_and_cancel_b1
+
+    async def main():
+        first = asyncio.create_task(clf._classify_texts(["a1"]))
+        await asyncio.sleep(0.3)
+        tasks["b1"] = asyncio.create_task(clf._classify_texts(["b1"]))
+        c1 = asyncio.create_task(clf._classify_texts(["c1"]))
+        await asyncio.sleep(0.1)
+        pred.release.set()
+        await first
+        await asyncio.sleep(0.05)  # c1's batch stays open for 0.2 s
+        d1 = asyncio.create_task(clf._classify_texts(["d1"]))
+        await asyncio.gather(c1, d1)
+
+    asyncio.run(main())
+    assert tasks["b1"].cancelled()
+    assert pred.passes[1:] == [["c1"], ["d1"]], pred.passes
 
 
 def test_no_wait_while_the_batcher_still_holds_texts():
