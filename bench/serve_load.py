@@ -412,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="ServeConfig.ingress; several: each in turn, in the same run")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_load.json"))
-    args = p.parse_args(argv)
+    return run_and_report(p.parse_args(argv), argv, __file__, run_bench, markdown)
+
+
+def run_and_report(args, argv: list[str] | None, script: str, run, to_markdown) -> int:
+    """What every serving benchmark does around its run: offline Hugging Face, SST-2 present, the machine and its
+    load average before and after, the command, the wall time; then the JSON at args.out and the Markdown."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not SST2.exists():
@@ -420,13 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = machine()
     t0 = time.time()
-    out = run_bench(args)
+    out = run(args)
     out.update(machine=info, args=vars(args), wall_s=time.time() - t0,
-               command="python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]))
+               command="python " + " ".join([os.path.relpath(script, REPO), *(argv or sys.argv[1:])]))
     out["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(markdown(out))
+    print(to_markdown(out))
     print(f"\n(JSON: {args.out})")
     return 0
 

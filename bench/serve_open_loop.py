@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import sys
 import tempfile
 import time
@@ -34,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, minilm_classifier
-from serve_load import LABELS, SST2, WARMUP_S, _load, _server_timing_ms, texts
+from common import minilm_classifier
+from serve_load import LABELS, WARMUP_S, _load, _server_timing_ms, run_and_report, texts
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"on": None, "off": 0.0}  # regroup_s_per_caller: None keeps ServeConfig's default
@@ -192,23 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "serve_open_loop.json"))
-    args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not SST2.exists():
-        print(f"error: SST-2 not found at {SST2}; set BERTRAY_SHARED_DATA", file=sys.stderr)
-        return 2
-    info = machine()
-    t0 = time.time()
-    out = run_bench(args)
-    out.update(machine=info, args=vars(args), wall_s=time.time() - t0,
-               command="python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]))
-    out["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(markdown(out))
-    print(f"\n(JSON: {args.out})")
-    return 0
+    return run_and_report(p.parse_args(argv), argv, __file__, run_bench, markdown)
 
 
 if __name__ == "__main__":
