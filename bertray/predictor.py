@@ -1,7 +1,8 @@
 """Inference on a classifier checkpoint: the one loader that labeling, serving, evaluation and `predict` share.
 
 Texts are sorted by token length and run in micro-batches under a token budget, so little compute goes to
-padding; results come back in the caller's order.
+padding; results come back in the caller's order. On CPU a BERT classifier runs each micro-batch packed
+(packed_logits), so its linear layers do no work on padding at all.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
 from bertray import checkpoint, modeling, storage
 
@@ -89,6 +91,10 @@ class Predictor:
         self.pass_cost = None if gpu else CPU_PASS_COST_TOKENS
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.width_step = BF16_WIDTH_STEP if quantize == "bf16" else 1
+        # Packed passes on CPU, for fp32 and int8. Not bf16: packing makes every pass a new matmul shape, and bf16
+        # builds a kernel for each (BF16_WIDTH_STEP). Not on a GPU: not measured there, where passes are bigger and
+        # run under autocast. bench/label_throughput.py and serve_load.py time it against padded passes.
+        self.packed = self.device.type == "cpu" and quantize != "bf16" and can_pack(self.model)
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
         return modeling.encode(self.tokenizer, texts, self.max_length, self.truncation)
@@ -105,17 +111,23 @@ class Predictor:
         lengths = [self._width(sizes[i]) for i in order]
         for start, end in plan_passes(lengths, self.max_batch, self.token_budget, self.pass_cost):
             rows = order[start:end]
-            width = lengths[end - 1]  # sorted, so the pass pads to its last text
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):
-                input_ids[j, : len(ids[r])] = torch.as_tensor(ids[r])
-                mask[j, : len(ids[r])] = 1
+            out[rows] = self._pass([ids[r] for r in rows], lengths[end - 1])  # sorted: the last text is the longest
+        return out
+
+    def _pass(self, seqs: list[list[int]], width: int) -> np.ndarray:
+        """Class probabilities for one forward pass over `seqs`, padded to `width` tokens unless packed."""
+        if self.packed:
+            logits = packed_logits(self.model, seqs)
+        else:
+            input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for j, seq in enumerate(seqs):
+                input_ids[j, : len(seq)] = torch.as_tensor(seq)
+                mask[j, : len(seq)] = 1
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.model(input_ids=input_ids.to(self.device, non_blocking=True),
                                     attention_mask=mask.to(self.device, non_blocking=True)).logits
-            out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return out
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     def _width(self, length: int) -> int:
         return max(length, min(-(-length // self.width_step) * self.width_step, self.max_length))
@@ -217,6 +229,52 @@ def plan_passes(lengths: list[int], max_batch: int, token_budget: int,
         cuts.append((int(prev[end]), end))
         end = int(prev[end])
     return cuts[::-1]
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Whether packed_logits computes what `model` computes: a BERT classifier with absolute positions, used as an
+    encoder, in eval mode (packed_logits skips dropout). Other architectures run padded passes."""
+    cfg = model.config
+    return (isinstance(model, BertForSequenceClassification) and not model.training and not cfg.is_decoder
+            and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+            and cfg._attn_implementation in ("sdpa", "eager") and model.bert.pooler is not None)
+
+
+def packed_logits(model: BertForSequenceClassification, seqs: list[list[int]]) -> torch.Tensor:
+    """The model's logits for `seqs` (token ids, of any lengths), with its linear layers run on real tokens only.
+
+    In a padded pass every pad token goes through every linear layer, and on CPU the linear layers are nearly all
+    of the time (85% of it in a pass of SST-2 sentences). Here the texts' tokens are packed into one matrix of
+    (tokens, hidden) rows. Only attention, which must keep texts apart, sees them padded to the longest text, with
+    the padding masked as keys. A padded pass computes the same: pad rows never reach a real token, since the mask
+    hides them as keys and each linear layer works row by row. Logits agree with the model's own forward to about
+    1e-6 (tests/unit/test_predictor.py).
+
+    The submodules are called, not their weights read, so int8's quantized linear layers run here as they are."""
+    bert = model.bert
+    lens = torch.tensor([len(s) for s in seqs])
+    texts, width = len(seqs), int(lens.max())
+    flat = torch.tensor([t for s in seqs for t in s])[None]
+    positions = torch.cat([torch.arange(n) for n in lens.tolist()])[None]
+    real = torch.arange(width)[None, :] < lens[:, None]  # (texts, width): True for a real token
+    slots = real.reshape(-1).nonzero().squeeze(1)  # packed row -> its place in the padded (texts x width) rows
+    keys = real[:, None, None, :]  # SDPA's mask: a query may look at its own text's real tokens
+    h = bert.embeddings(input_ids=flat, token_type_ids=torch.zeros_like(flat), position_ids=positions)[0]
+    for layer in bert.encoder.layer:
+        att = layer.attention.self
+        heads, head_dim = att.num_attention_heads, att.attention_head_size
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (texts, heads, width, head_dim)
+            out = x.new_zeros(texts * width, x.shape[-1]).index_copy_(0, slots, x)
+            return out.view(texts, width, heads, head_dim).transpose(1, 2)
+
+        ctx = F.scaled_dot_product_attention(padded(att.query(h)), padded(att.key(h)), padded(att.value(h)),
+                                             attn_mask=keys, scale=att.scaling)
+        ctx = ctx.transpose(1, 2).reshape(texts * width, -1).index_select(0, slots)
+        h = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + h)
+        h = layer.output.LayerNorm(layer.output.dense(layer.intermediate(h)) + h)
+    starts = torch.cumsum(lens, 0) - lens  # each text's [CLS] row
+    return model.classifier(bert.pooler(h[starts][:, None, :]))
 
 
 def to_bf16(model: torch.nn.Module) -> torch.nn.Module:

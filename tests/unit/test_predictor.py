@@ -35,12 +35,9 @@ def tiny_classifier(tmp_path_factory) -> str:
 
 def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifier):
     pred = Predictor(tiny_classifier, max_length=128)
-    shapes = []
-    pred.model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
-                                         with_kwargs=True)
     rng = np.random.default_rng(0)
     texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 100, size=300)]
-    batched = pred.predict(texts).probs
+    batched, shapes = _probs_and_passes(pred, texts)
 
     assert pred.token_budget == 2048 and pred.max_batch == 64 and pred.pass_cost == 64  # the CPU defaults
     assert sum(rows for rows, _ in shapes) == len(texts)
@@ -48,7 +45,6 @@ def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifi
     widths = [w for _, w in shapes]
     assert widths == sorted(widths)  # sorted by length, so each batch pads to its own longest text only
 
-    shapes.clear()
     one_by_one = np.concatenate([pred.predict([t]).probs for t in texts[:40]])
     np.testing.assert_allclose(batched[:40], one_by_one, atol=1e-5)
 
@@ -160,17 +156,37 @@ def test_a_plain_hf_folder_truncates_to_the_positions_its_model_has(tiny_classif
 
 
 def _pass_shapes(pred, run) -> list[tuple[int, int]]:
-    """(texts, padded width) of each forward pass `run` makes through `pred`."""
+    """(texts, padded width) of each forward pass `run` makes through `pred`; a packed pass pads only attention, to
+    the same width."""
+    shapes, inner = [], pred._pass
+    pred._pass = lambda seqs, width: shapes.append((len(seqs), width)) or inner(seqs, width)
+    try:
+        run()
+    finally:
+        del pred._pass
+    return shapes
+
+
+def _probs_and_passes(pred, texts) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    out = []
+    shapes = _pass_shapes(pred, lambda: out.append(pred.predict(texts).probs))
+    return out[0], shapes
+
+
+def _model_calls(pred, run) -> list[tuple[int, int]]:
+    """The input shape of each call `run` makes to the Hugging Face model's own forward."""
     shapes = []
     hook = pred.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                                 with_kwargs=True)
-    run()
-    hook.remove()
+    try:
+        run()
+    finally:
+        hook.remove()
     return shapes
 
 
 def _widths_seen(pred, run) -> list[int]:
-    return [width for _, width in _pass_shapes(pred, run)]
+    return [width for _, width in _model_calls(pred, run)]
 
 
 def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
@@ -182,9 +198,9 @@ def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
     lengths = [len(x) for x in fp32.encode(texts)[0]]
     assert lengths == [3, 7, 11, 16, 32, 60]
     assert _widths_seen(bf16, lambda: [bf16.predict([t]) for t in texts]) == [8, 8, 16, 16, 32, 60]  # capped
-    assert _widths_seen(fp32, lambda: [fp32.predict([t]) for t in texts]) == lengths
+    assert [w for _, w in _pass_shapes(fp32, lambda: [fp32.predict([t]) for t in texts])] == lengths
     assert _widths_seen(bf16, bf16.warm_up) == [8, 16, 24, 32, 40, 48, 56, 60]
-    assert _widths_seen(fp32, fp32.warm_up) == []
+    assert _pass_shapes(fp32, fp32.warm_up) == []
     # The padding is masked: a text scores the same alone, padded to 8, as in a pass with longer texts.
     alone = np.concatenate([bf16.predict([t]).probs for t in texts])
     np.testing.assert_allclose(bf16.predict(texts).probs, alone, atol=0.01)
@@ -193,9 +209,62 @@ def test_bf16_pads_to_multiples_of_8_and_warms_every_width_up(tiny_classifier):
 def test_bf16_passes_are_planned_at_their_padded_width_so_they_keep_the_token_budget(tiny_classifier):
     bf16 = Predictor(tiny_classifier, quantize="bf16", max_length=128, token_budget=512)
     # Texts of 33 tokens run padded to 40: planned at 33, a pass of 15 (495 tokens) would run at 600.
-    shapes = _pass_shapes(bf16, lambda: bf16.predict(["word " * 31] * 62 + ["word " * 9] * 40))
+    shapes = _model_calls(bf16, lambda: bf16.predict(["word " * 31] * 62 + ["word " * 9] * 40))
     assert sum(rows for rows, _ in shapes) == 102
     assert all(rows * width <= 512 and width % 8 == 0 for rows, width in shapes), shapes
+
+
+def _mixed_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["good", "bad", "film", "plot", "quite", "never", "the", "actors", "unbelievably", "dull", "!"]
+    return [" ".join(rng.choice(words, size=int(k))) for k in rng.integers(1, 60, size=n)]
+
+
+@pytest.mark.parametrize("model", ["tiny", "embedded"])
+def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(model, tiny_classifier, tmp_path):
+    """Packed passes never call the model's forward, and give what padded passes through it give."""
+    from transformers import AutoModelForSequenceClassification
+
+    if model == "embedded":  # the default base model with a fresh 3-class head: 6 layers, 12 heads
+        AutoModelForSequenceClassification.from_pretrained(modeling.resolve("embedded"), num_labels=3)\
+            .save_pretrained(tmp_path)
+        modeling.load_tokenizer(modeling.resolve("embedded")).save_pretrained(tmp_path)
+    pred = Predictor(tiny_classifier if model == "tiny" else str(tmp_path), max_length=64)
+    texts = _mixed_texts(150)
+    assert pred.packed
+    packed, shapes = _probs_and_passes(pred, texts)
+    assert len(shapes) > 1 and _model_calls(pred, lambda: pred.predict(texts)) == []
+    pred.packed = False
+    padded, padded_shapes = _probs_and_passes(pred, texts)
+    assert padded_shapes == shapes  # the same passes, each through the model's forward
+    assert len(_model_calls(pred, lambda: pred.predict(texts))) == len(shapes)
+    np.testing.assert_allclose(packed, padded, atol=1e-5)
+    assert packed.argmax(1).tolist() == padded.argmax(1).tolist()
+
+
+def test_int8_runs_packed_and_bf16_and_other_architectures_padded(tiny_classifier, tmp_path):
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    texts = _mixed_texts(40, seed=1)
+    int8 = Predictor(tiny_classifier, quantize="int8")
+    assert int8.packed
+    packed = int8.predict(texts).probs
+    int8.packed = False
+    # Not equal: int8 quantizes activations with one scale per call, which pad rows no longer widen when packed.
+    np.testing.assert_allclose(packed, int8.predict(texts).probs, atol=0.02)
+    np.testing.assert_allclose(packed, Predictor(tiny_classifier).predict(texts).probs, atol=0.05)
+    assert not Predictor(tiny_classifier, quantize="bf16").packed
+
+    tok = modeling.load_tokenizer(tiny_classifier)
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2,
+                                                         hidden_dim=32, max_position_embeddings=64)) \
+        .save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    other = Predictor(str(tmp_path))
+    assert not other.packed
+    assert len(_model_calls(other, lambda: other.predict(texts))) > 0
 
 
 def test_replicas_warm_bf16_up_before_serving(tiny_classifier, monkeypatch):
