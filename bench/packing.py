@@ -7,7 +7,7 @@ A packed pass runs the linear layers on real tokens only (predictor.packed_logit
 Face model's own forward on texts padded to the pass's longest. For fp32 and int8, three workloads:
   - serve: random draws of 32 SST-2 validation sentences, on the model as a serve replica loads it (its smaller
     token budget), what a replica runs with 32 callers; and one text at a time, for the gain from batching;
-  - label, sentences: the whole validation split in one call, as a label actor runs a chunk (its token budget);
+  - label, sentences: the whole validation split (872 sentences) in one call, as a label actor runs a chunk (its token budget);
   - label, documents: 64 documents of 200-500 tokens (joined SST-2 sentences), likewise, read up to
     --doc-max-length tokens (512: the demo model's own 128 would cut every document to one length, with no padding).
 Each round runs every (variant, workload) pair once, in a fresh random order, so the VM's drift falls on both
@@ -30,7 +30,7 @@ from common import machine
 from label_throughput import SST2, long_docs, sst2_sentences
 
 REPO = Path(__file__).resolve().parents[1]
-WORKLOADS = ("serve: 32 sentences", "serve: 1 sentence", "label: 872 sentences", "label: 64 documents")
+WORKLOADS = ("serve: 32 sentences", "serve: 1 sentence", "label: validation split", "label: 64 documents")
 
 
 def load(model: str, quantize: str, as_replica: bool, packed: bool, max_length: int | None = None):
@@ -53,8 +53,9 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     table = pq.read_table(SST2 / "validation.parquet", columns=["text", "label"])
     sentences, labels = table.column("text").to_pylist(), np.array(table.column("label").to_pylist())
-    docs = long_docs(sst2_sentences(), load(args.model, "none", False, False).tokenizer, 64)
-    reference = {"sentences": load(args.model, "none", False, False).predict(sentences).probs,
+    fp32 = load(args.model, "none", False, False)
+    docs = long_docs(sst2_sentences(), fp32.tokenizer, 64)
+    reference = {"sentences": fp32.predict(sentences).probs,
                  "documents": load(args.model, "none", False, False, args.doc_max_length).predict(docs).probs}
     rng = np.random.default_rng(0)
     out = {"machine": None, "model": args.model, "threads": args.threads, "rounds": args.rounds,
@@ -75,10 +76,10 @@ def measure(args) -> dict:
                     **({"accuracy": float(np.mean(probs.argmax(1) == labels))} if name == "sentences" else {})}
         times = {(p, w): [] for p in (False, True) for w in WORKLOADS}
         for _ in range(args.rounds):
-            draws = [[sentences[i] for i in rng.choice(len(sentences), 32)] for _ in range(4)]
-            singles = [sentences[i] for i in rng.choice(len(sentences), 32)]
+            draws = [[sentences[i] for i in rng.choice(len(sentences), 32, replace=False)] for _ in range(4)]
+            singles = [sentences[i] for i in rng.choice(len(sentences), 32, replace=False)]
             runs = {"serve: 32 sentences": (True, draws, 128), "serve: 1 sentence": (True, [[t] for t in singles], 32),
-                    "label: 872 sentences": (False, [sentences], len(sentences)),
+                    "label: validation split": (False, [sentences], len(sentences)),
                     "label: 64 documents": ("docs", [docs], len(docs))}
             pairs = [(p, w) for p in (False, True) for w in WORKLOADS]
             for i in rng.permutation(len(pairs)):

@@ -93,7 +93,7 @@ class Predictor:
         self.width_step = BF16_WIDTH_STEP if quantize == "bf16" else 1
         # Packed passes on CPU, for fp32 and int8. Not bf16: packing makes every pass a new matmul shape, and bf16
         # builds a kernel for each (BF16_WIDTH_STEP). Not on a GPU: not measured there, where passes are bigger and
-        # run under autocast. bench/label_throughput.py and serve_load.py time it against padded passes.
+        # run under autocast. bench/packing.py times it against padded passes.
         self.packed = self.device.type == "cpu" and quantize != "bf16" and can_pack(self.model)
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
@@ -232,12 +232,13 @@ def plan_passes(lengths: list[int], max_batch: int, token_budget: int,
 
 
 def can_pack(model: torch.nn.Module) -> bool:
-    """Whether packed_logits computes what `model` computes: a BERT classifier with absolute positions, used as an
-    encoder, in eval mode (packed_logits skips dropout). Other architectures run padded passes."""
+    """Whether packed_logits computes what `model` computes: Hugging Face's own BERT classifier (not a subclass,
+    which may change its forward), in fp32 or int8, used as an encoder, in eval mode (packed_logits skips dropout).
+    Other models run padded passes through their own forward."""
     cfg = model.config
-    return (isinstance(model, BertForSequenceClassification) and not model.training and not cfg.is_decoder
-            and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
-            and cfg._attn_implementation in ("sdpa", "eager") and model.bert.pooler is not None)
+    return (type(model) is BertForSequenceClassification and model.dtype == torch.float32 and not model.training
+            and not cfg.is_decoder and cfg._attn_implementation in ("sdpa", "eager")
+            and model.bert.pooler is not None)
 
 
 def packed_logits(model: BertForSequenceClassification, seqs: list[list[int]]) -> torch.Tensor:
@@ -247,27 +248,29 @@ def packed_logits(model: BertForSequenceClassification, seqs: list[list[int]]) -
     of the time (85% of it in a pass of SST-2 sentences). Here the texts' tokens are packed into one matrix of
     (tokens, hidden) rows. Only attention, which must keep texts apart, sees them padded to the longest text, with
     the padding masked as keys. A padded pass computes the same: pad rows never reach a real token, since the mask
-    hides them as keys and each linear layer works row by row. Logits agree with the model's own forward to about
-    1e-6 (tests/unit/test_predictor.py).
+    hides them as keys and each linear layer works row by row. In fp32 the scores match the model's own forward
+    bit for bit on SST-2 (bench/packing.py), and to 1e-6 in every case tests/unit/test_predictor.py tries.
 
     The submodules are called, not their weights read, so int8's quantized linear layers run here as they are."""
     bert = model.bert
     lens = torch.tensor([len(s) for s in seqs])
+    if len(seqs) == 0 or int(lens.min()) == 0:
+        raise ValueError("packed_logits needs at least one text, each of at least one token")
     texts, width = len(seqs), int(lens.max())
+    heads = bert.config.num_attention_heads
     flat = torch.tensor([t for s in seqs for t in s])[None]
     positions = torch.cat([torch.arange(n) for n in lens.tolist()])[None]
     real = torch.arange(width)[None, :] < lens[:, None]  # (texts, width): True for a real token
     slots = real.reshape(-1).nonzero().squeeze(1)  # packed row -> its place in the padded (texts x width) rows
     keys = real[:, None, None, :]  # SDPA's mask: a query may look at its own text's real tokens
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (texts, heads, width, head_dim)
+        out = x.new_zeros(texts * width, x.shape[-1]).index_copy_(0, slots, x)
+        return out.view(texts, width, heads, -1).transpose(1, 2)
+
     h = bert.embeddings(input_ids=flat, token_type_ids=torch.zeros_like(flat), position_ids=positions)[0]
     for layer in bert.encoder.layer:
         att = layer.attention.self
-        heads, head_dim = att.num_attention_heads, att.attention_head_size
-
-        def padded(x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (texts, heads, width, head_dim)
-            out = x.new_zeros(texts * width, x.shape[-1]).index_copy_(0, slots, x)
-            return out.view(texts, width, heads, head_dim).transpose(1, 2)
-
         ctx = F.scaled_dot_product_attention(padded(att.query(h)), padded(att.key(h)), padded(att.value(h)),
                                              attn_mask=keys, scale=att.scaling)
         ctx = ctx.transpose(1, 2).reshape(texts * width, -1).index_select(0, slots)

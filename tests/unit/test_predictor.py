@@ -15,6 +15,7 @@ from bertray.predictor import Predictor
 
 LABELS = ["neg", "pos"]
 REPO = Path(__file__).resolve().parents[2]
+WORDS = ["good", "bad", "film", "plot", "quite", "never", "the", "actors", "unbelievably", "dull", "!"]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,28 @@ def tiny_classifier(tmp_path_factory) -> str:
     return str(out)
 
 
-def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifier):
-    pred = Predictor(tiny_classifier, max_length=128)
+@pytest.fixture(scope="module")
+def spread_classifier(tmp_path_factory) -> str:
+    """Like tiny_classifier, with 2 layers and weights large enough that its scores differ from text to text
+    (tiny_classifier gives every text 0.50 to three decimals, which cannot tell a right score from a wrong one)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("spread-cls")
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.5,
+                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_cpu_micro_batches_stay_small_and_results_keep_input_order(spread_classifier):
+    pred = Predictor(spread_classifier, max_length=128)
     rng = np.random.default_rng(0)
-    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 100, size=300)]
+    texts = [" ".join(rng.choice(WORDS, size=int(n))) for n in rng.integers(1, 100, size=300)]
     batched, shapes = _probs_and_passes(pred, texts)
 
     assert pred.token_budget == 2048 and pred.max_batch == 64 and pred.pass_cost == 64  # the CPU defaults
@@ -46,6 +65,7 @@ def test_cpu_micro_batches_stay_small_and_results_keep_input_order(tiny_classifi
     assert widths == sorted(widths)  # sorted by length, so each batch pads to its own longest text only
 
     one_by_one = np.concatenate([pred.predict([t]).probs for t in texts[:40]])
+    assert one_by_one[:, 0].std() > 0.05  # scores that differ, so a row out of place shows
     np.testing.assert_allclose(batched[:40], one_by_one, atol=1e-5)
 
 
@@ -216,12 +236,11 @@ def test_bf16_passes_are_planned_at_their_padded_width_so_they_keep_the_token_bu
 
 def _mixed_texts(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
-    words = ["good", "bad", "film", "plot", "quite", "never", "the", "actors", "unbelievably", "dull", "!"]
-    return [" ".join(rng.choice(words, size=int(k))) for k in rng.integers(1, 60, size=n)]
+    return [" ".join(rng.choice(WORDS, size=int(k))) for k in rng.integers(1, 60, size=n)]
 
 
-@pytest.mark.parametrize("model", ["tiny", "embedded"])
-def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(model, tiny_classifier, tmp_path):
+@pytest.mark.parametrize("model", ["spread", "embedded"])
+def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(model, spread_classifier, tmp_path):
     """Packed passes never call the model's forward, and give what padded passes through it give."""
     from transformers import AutoModelForSequenceClassification
 
@@ -229,7 +248,7 @@ def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(m
         AutoModelForSequenceClassification.from_pretrained(modeling.resolve("embedded"), num_labels=3)\
             .save_pretrained(tmp_path)
         modeling.load_tokenizer(modeling.resolve("embedded")).save_pretrained(tmp_path)
-    pred = Predictor(tiny_classifier if model == "tiny" else str(tmp_path), max_length=64)
+    pred = Predictor(spread_classifier if model == "spread" else str(tmp_path), max_length=64)
     texts = _mixed_texts(150)
     assert pred.packed
     packed, shapes = _probs_and_passes(pred, texts)
@@ -238,25 +257,60 @@ def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(m
     padded, padded_shapes = _probs_and_passes(pred, texts)
     assert padded_shapes == shapes  # the same passes, each through the model's forward
     assert len(_model_calls(pred, lambda: pred.predict(texts))) == len(shapes)
-    np.testing.assert_allclose(packed, padded, atol=1e-5)
-    assert packed.argmax(1).tolist() == padded.argmax(1).tolist()
+    assert packed.std(axis=0).min() > 1e-4  # scores that differ from text to text, far beyond the tolerance
+    np.testing.assert_allclose(packed, padded, atol=1e-6)
 
 
-def test_int8_runs_packed_and_bf16_and_other_architectures_padded(tiny_classifier, tmp_path):
+def test_int8_runs_packed_with_its_quantized_layers(spread_classifier):
+    """int8 quantizes activations with one scale per call. Where no text has padding the packed and padded calls
+    see the same rows, so they must agree exactly; with padding they may not, since pad rows widen a padded
+    call's range."""
+    pred = Predictor(spread_classifier, quantize="int8")
+    assert pred.packed
+    same_length = [[101] + [2000 + 37 * i + j for j in range(20)] + [102] for i in range(12)]
+    mixed = [x[: 3 + 2 * i] + [102] for i, x in enumerate(same_length)]
+    packed = {"same": pred.predict_ids(same_length), "mixed": pred.predict_ids(mixed)}
+    pred.packed = False
+    assert packed["same"][:, 0].std() > 0.05
+    np.testing.assert_array_equal(packed["same"], pred.predict_ids(same_length))
+    one_at_a_time = np.concatenate([pred.predict_ids([x]) for x in mixed])  # no padding: exact too
+    pred.packed = True
+    np.testing.assert_array_equal(np.concatenate([pred.predict_ids([x]) for x in mixed]), one_at_a_time)
+    np.testing.assert_allclose(packed["mixed"], one_at_a_time, atol=0.1)
+
+
+def _bert(**changes):
     import torch
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, **changes)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_packing_is_refused_where_it_would_not_compute_what_the_model_does(spread_classifier, tmp_path):
+    import torch
+    from transformers import BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+
+    from bertray.predictor import can_pack
+
+    class MeanPooled(BertForSequenceClassification):  # a subclass may change the forward: not ours to redo
+        pass
+
+    assert can_pack(_bert())
+    assert can_pack(_bert(attn_implementation="eager"))
+    assert not can_pack(_bert().train())  # packed passes skip dropout
+    assert not can_pack(_bert(is_decoder=True))
+    assert not can_pack(_bert(attn_implementation="flex_attention"))
+    assert not can_pack(_bert().to(torch.bfloat16))  # a bf16 checkpoint loads as bf16: no packed bf16 passes
+    assert not can_pack(MeanPooled(_bert().config).eval())
+    assert not can_pack(DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).eval())
+    assert not Predictor(spread_classifier, quantize="bf16").packed
 
     texts = _mixed_texts(40, seed=1)
-    int8 = Predictor(tiny_classifier, quantize="int8")
-    assert int8.packed
-    packed = int8.predict(texts).probs
-    int8.packed = False
-    # Not equal: int8 quantizes activations with one scale per call, which pad rows no longer widen when packed.
-    np.testing.assert_allclose(packed, int8.predict(texts).probs, atol=0.02)
-    np.testing.assert_allclose(packed, Predictor(tiny_classifier).predict(texts).probs, atol=0.05)
-    assert not Predictor(tiny_classifier, quantize="bf16").packed
-
-    tok = modeling.load_tokenizer(tiny_classifier)
+    tok = modeling.load_tokenizer(spread_classifier)
     torch.manual_seed(0)
     DistilBertForSequenceClassification(DistilBertConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2,
                                                          hidden_dim=32, max_position_embeddings=64)) \
