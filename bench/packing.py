@@ -7,7 +7,8 @@ A packed pass runs the linear layers on real tokens only (predictor.packed_logit
 Face model's own forward on texts padded to the pass's longest. For fp32 and int8, three workloads:
   - serve: random draws of 32 SST-2 validation sentences, on the model as a serve replica loads it (its smaller
     token budget), what a replica runs with 32 callers; and one text at a time, for the gain from batching;
-  - label, sentences: the whole validation split (872 sentences) in one call, as a label actor runs a chunk (its token budget);
+  - label, sentences: the whole validation split (872 sentences) in one call, as a label actor runs a chunk (its
+    token budget);
   - label, documents: 64 documents of 200-500 tokens (joined SST-2 sentences), likewise, read up to
     --doc-max-length tokens (512: the demo model's own 128 would cut every document to one length, with no padding).
 Each round runs every (variant, workload) pair once, in a fresh random order, so the VM's drift falls on both
@@ -115,9 +116,10 @@ def report(r: dict) -> str:
     for quantize, v in r["variants"].items():
         a, g = v["agreement"], v["batching_gain"]
         name = "fp32" if quantize == "none" else quantize
-        lines += [f"**{name}** (token budgets: serve {v['token_budgets']['serve']}, label {v['token_budgets']['label']}"
-                  f"; documents read up to {r['doc_max_length']} tokens). Gain from batching 32 serve texts over one at "
-                  f"a time: padded {g['False']:.2f}×, packed {g['True']:.2f}×.", "",
+        budgets = v["token_budgets"]
+        lines += [f"**{name}** (token budgets: serve {budgets['serve']}, label {budgets['label']}; documents read up "
+                  f"to {r['doc_max_length']} tokens). Gain from batching 32 serve texts over one at a time: padded "
+                  f"{g['False']:.2f}×, packed {g['True']:.2f}×.", "",
                   "| passes | validation accuracy | labels changed vs fp32 padded: sentences / documents | largest "
                   "probability change: sentences / documents |", "|---|---:|---:|---:|"]
         for kind in ("padded", "packed"):
