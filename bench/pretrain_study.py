@@ -170,7 +170,7 @@ def main() -> int:
     tps = pre["tokens_per_s_median"] or 0.0
     util = tps * 6 * params / peak
     n, lines = args.steps, []
-    lines += [f"### Further pretraining on SST-2 sentences (embedded MiniLM, CPU)", "",
+    lines += ["### Further pretraining on SST-2 sentences (embedded MiniLM, CPU)", "",
               f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
               f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {machine()['torch']}; "
               f"{args.workers} Ray Train worker(s) x {args.threads} torch thread(s)  ",

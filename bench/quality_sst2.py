@@ -96,8 +96,8 @@ def markdown(r: dict) -> str:
     lines = [
         "### Quality: embedded MiniLM (all-MiniLM-L6-v2) on SST-2",
         "",
-        f"| metric | value |",
-        f"|---|---|",
+        "| metric | value |",
+        "|---|---|",
         f"| validation accuracy (872 rows) | **{r['accuracy']:.4f}** (target >= {r['target_accuracy']:.2f}: "
         f"{'met' if r['meets_target'] else 'NOT met'}) |",
         f"| validation macro-F1 | {r['macro_f1']:.4f} |",

@@ -110,7 +110,7 @@ def main() -> int:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
-    report = [f"# bertray tune study (miniature)\n",
+    report = ["# bertray tune study (miniature)\n",
               f"machine: {platform.node()}, {platform.processor() or platform.machine()}, Ray sees {cpus:g} CPUs; "
               f"command: {' '.join(sys.argv)}\n",
               f"data: SST-2, seeded samples of {args.train_rows} train and {args.val_rows} validation rows; "
