@@ -46,6 +46,7 @@ def load(model: str, variant: str, as_replica: bool):
         pred = Predictor(model, quantize=quantize)
     if variant == "fp32 + bf16 autocast":
         pred.amp_dtype = torch.bfloat16  # Predictor runs every pass under autocast when this is set
+        pred.packed = False  # autocast wraps the model's own forward; packed passes (fp32 on CPU) skip it
     return pred
 
 
