@@ -3,8 +3,10 @@
 The scripts run as `python bench/NAME.py`, so this folder is on sys.path and `from common import ...` works."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -75,3 +77,15 @@ def minilm_classifier(folder: Path, labels: list[str], max_length: int = 128) ->
     checkpoint.save(folder, model, tok, {"kind": "classifier", "base_model": cfg.base, "label_names": labels,
                                          "config": {"model": dataclasses.asdict(cfg)}, "metrics": {}})
     return str(folder)
+
+
+def run_on_trained_model(args, measure, report) -> int:
+    """What the benchmarks of a trained classifier (precision.py, packing.py) do around their measurement: refuse a
+    missing --model with the way to make one, measure, write the raw result to --json if given, print Markdown."""
+    if not Path(args.model).is_dir():
+        sys.exit(f"--model {args.model}: no such folder; run `make demo` first, or pass a trained classifier")
+    r = measure(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    print(report(r))
+    return 0

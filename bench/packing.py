@@ -20,14 +20,13 @@ The threads are 1 unless --threads says otherwise: a replica's and a label actor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import machine
+from common import machine, run_on_trained_model
 from label_throughput import SST2, long_docs, sst2_sentences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,14 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--doc-max-length", type=int, default=512)
     p.add_argument("--json", default=None, help="also write the raw result here")
-    args = p.parse_args(argv)
-    if not Path(args.model).is_dir():
-        sys.exit(f"--model {args.model}: no such folder; run `make demo` first, or pass a trained classifier")
-    r = measure(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
-    print(report(r))
-    return 0
+    return run_on_trained_model(p.parse_args(argv), measure, report)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ The threads are torch's default (every core) unless --threads says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine
+from common import machine, run_on_trained_model
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
@@ -120,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the raw result here")
-    args = p.parse_args(argv)
-    if not Path(args.model).is_dir():
-        sys.exit(f"--model {args.model}: no such folder; run `make demo` first, or pass a trained classifier")
-    r = measure(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
-    print(report(r))
-    return 0
+    return run_on_trained_model(p.parse_args(argv), measure, report)
 
 
 if __name__ == "__main__":
