@@ -18,38 +18,32 @@ REPO = Path(__file__).resolve().parents[2]
 WORDS = ["good", "bad", "film", "plot", "quite", "never", "the", "actors", "unbelievably", "dull", "!"]
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory) -> str:
+def _saved_bert_classifier(folder: Path, **config) -> str:
+    """A random 2-label BERT classifier (`config` sizes it), saved with the embedded model's tokenizer."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    out = tmp_path_factory.mktemp("tiny-cls")
     tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=128, num_labels=2,
-                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, num_labels=2,
+                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}, **config)
     torch.manual_seed(0)
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> str:
+    return _saved_bert_classifier(tmp_path_factory.mktemp("tiny-cls"), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32)
 
 
 @pytest.fixture(scope="module")
 def spread_classifier(tmp_path_factory) -> str:
     """Like tiny_classifier, with 2 layers and weights large enough that its scores differ from text to text
     (tiny_classifier gives every text 0.50 to three decimals, which cannot tell a right score from a wrong one)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    out = tmp_path_factory.mktemp("spread-cls")
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.5,
-                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    torch.manual_seed(0)
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return _saved_bert_classifier(tmp_path_factory.mktemp("spread-cls"), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, initializer_range=0.5)
 
 
 def test_cpu_micro_batches_stay_small_and_results_keep_input_order(spread_classifier):
