@@ -4,14 +4,14 @@
 
 Serves the embedded MiniLM as a 2-class classifier (random head: speed does not depend on the weights) on one
 replica, and drives it with 1, 8 and 32 closed-loop clients (each sends one text, waits for the answer, sends the
-next) for a fixed time per step, first with batching on, then off, in the same run; with `--ingress haproxy proxy`
+next) for a fixed time per step, first with batching on, then off (max_batch_size 1), in the same run; with `--ingress haproxy proxy`
 both ingresses take their turn (each with a Serve of its own), so they compare in one run too. Texts are SST-2
 validation sentences. The baseline is the model's own latency on one text (`Predictor.predict` in a loop, set up as the
 replica sets it up: torch threads, device, token budget). After the load steps the model alone is also timed in
 calls of the mean batch the replica ran at the top client count: the model's own gain from batching, to set beside
 the end-to-end ratio. At 1 client each answer's Server-Timing splits its latency into the replica's forward pass
 and the rest, and the 1-client ratio is measured once more with the model alone taking turns with the HTTP caller
-(see _interleaved_lone). Prints a Markdown block and writes JSON. Targets (issue 6): batched >= 2x unbatched
+(see _interleaved_lone). Prints a Markdown block and writes JSON. Targets: batched >= 2x unbatched
 throughput at 32 clients; p99 at 1 client <= 1.5x the single-text latency.
 """
 from __future__ import annotations
@@ -245,9 +245,10 @@ def run_bench(args) -> dict:
                     serve.shutdown()  # a new controller: the ingress is fixed when Serve starts
                     port = free_ports(1)[0]
                     url = f"http://127.0.0.1:{port}/v1/classify"
-                cfg = ServeConfig(model=model, port=port, batching=batching, cpus_per_replica=args.cpus_per_replica,
+                # Unbatched: passes of one request each, one after another, through the same code.
+                cfg = ServeConfig(model=model, port=port, cpus_per_replica=args.cpus_per_replica,
                                   gpus_per_replica=args.gpus_per_replica,
-                                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                                  max_batch_size=args.max_batch_size if batching else 1,
                                   token_budget=args.token_budget, quantize=args.quantize, ingress=ingress)
                 deploy(cfg, name="bench")  # the ingress starts with the first; the second call reuses it
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
@@ -318,7 +319,7 @@ def markdown(out: dict) -> str:
         f"Command: `{out['command']}`",
         f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
         f"(torch threads {max(1, int(a['cpus_per_replica']))}) and {a.get('gpus_per_replica', 0):g} GPU; max_batch_size {a['max_batch_size']}, "
-        f"batch_wait_timeout_s {a['batch_wait_timeout_s']}, token_budget {a['token_budget']}, "
+        f"token_budget {a['token_budget']}, "
         f"quantize {a.get('quantize', 'none')}; ingress {', '.join(a['ingress'])}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
@@ -404,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="> 0 serves (and times the baseline) on CUDA")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=ServeConfig.batch_wait_timeout_s)
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
     p.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none", help="ServeConfig.quantize (CPU only)")

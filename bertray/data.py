@@ -78,20 +78,70 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise DataError(f"{uri}: files disagree on column types: {exc}") from None
 
 
+class _Invalid:
+    """The value of a text whose bytes are not UTF-8: falsy, like a null, but told apart from one by identity."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "INVALID_TEXT"
+
+    def __reduce__(self) -> str:  # unpickles as the one module-level instance, so `is` still works in workers
+        return "INVALID_TEXT"
+
+
+INVALID_TEXT = _Invalid()
+
+
+def strings(col: pa.Array | pa.ChunkedArray) -> list:
+    """A string column's values as Python strings; None for nulls, INVALID_TEXT for a value that is not UTF-8.
+
+    Arrow does not check UTF-8 when it reads Parquet, and one such value makes `to_pylist` fail for the whole
+    column: the good rows must not be lost with it."""
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        out = []
+        for raw in col.cast(pa.binary()).to_pylist():
+            try:
+                out.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(INVALID_TEXT)
+        return out
+
+
+def invalid_text(text: str) -> str | None:
+    """Why a Python string cannot be tokenized, or None. A lone UTF-16 surrogate (valid in JSON as "\\ud83d", and
+    what Python makes of undecodable command-line bytes) has no UTF-8 form, and the tokenizer raises on the whole
+    batch it is in."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode: lone surrogate {text[exc.start]!r} at character {exc.start}"
+    return None
+
+
 _TAG = re.compile(r"<[^>]+>")
 _WS = re.compile(r"\s+")
 
 
-def texts_from(table: pa.Table, cfg: DataConfig, source: str = "") -> list[str | None]:
-    """Join the text columns with a space and clean them; None where every text column is null."""
+def texts_from(table: pa.Table, cfg: DataConfig, source: str = "") -> list:
+    """Join the text columns with a space and clean them; None where every text column is null, INVALID_TEXT where
+    one is not UTF-8."""
     cols = []
     for name in cfg.text_columns:
         col = table.column(name)
         if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
             raise DataError(f"{source}: text column {name!r} has type {col.type}, expected strings")
-        cols.append(col.to_pylist())
-    out: list[str | None] = []
+        cols.append(strings(col))
+    out: list = []
     for parts in zip(*cols):
+        if any(p is INVALID_TEXT for p in parts):
+            out.append(INVALID_TEXT)
+            continue
         present = [p for p in parts if p is not None]
         out.append(clean(" ".join(present), cfg) if present else None)
     return out
@@ -149,7 +199,9 @@ def load_labeled(uri: str, cfg: DataConfig, label_names: list[str] | None = None
     keep_t, keep_y = [], []
     for row, (t, y) in enumerate(zip(texts, raw)):
         reason = None
-        if t is None:
+        if t is INVALID_TEXT:
+            reason = "invalid_text"
+        elif t is None:
             reason = "null_text"
         elif not t:
             reason = "empty_text"
@@ -211,5 +263,6 @@ def load_texts(uri: str, cfg: DataConfig) -> tuple[list[str], dict]:
     kept = [t for t in texts if t]
     report = {"source": uri, "rows_read": table.num_rows, "rows_used": len(kept),
               "dropped": {k: v for k, v in {"null_text": sum(t is None for t in texts),
-                                            "empty_text": sum(t == "" for t in texts)}.items() if v}}
+                                            "empty_text": sum(t == "" for t in texts),
+                                            "invalid_text": sum(t is INVALID_TEXT for t in texts)}.items() if v}}
     return kept, report

@@ -25,13 +25,12 @@ from bertray import checkpoint, modeling, storage
 log = logging.getLogger(__name__)
 
 # What one more forward pass costs on CPU, in padded tokens: plan_passes trades padding against passes with it.
-# Timed on SST-2 sentences with MiniLM-L6 (1 and 2 threads), costs from 16 to 128 all beat the greedy cut by
-# 13-24% on 250-text chunks and mostly by 2-6% on 2,048-text chunks and long documents; 64 sits in the middle.
+# Costs from 16 to 128 all beat the greedy cut on CPU; 64 sits in the middle (BENCHMARKS.md, "Bulk labeling").
 CPU_PASS_COST_TOKENS = 64
 
-# bf16 matmuls go through oneDNN, which builds a kernel for each input shape the first time it sees it: about 4 ms
-# for one text at a new length, against 0.5 in fp32 (1 thread, MiniLM-L6). Served one at a time, a fresh replica's
-# texts met new lengths often enough to nearly double its p99 (bench/serve_load.py --quantize bf16, session 15).
+# bf16 matmuls go through oneDNN, which builds a kernel for each input shape the first time it sees it, several
+# times the pass itself for one short text; served one at a time, a fresh replica's texts meet new lengths often
+# (BENCHMARKS.md, "bf16 replicas").
 # Padding bf16 passes to a multiple of this many tokens leaves max_length / 8 widths, which warm_up builds ahead.
 BF16_WIDTH_STEP = 8
 
@@ -80,9 +79,8 @@ class Predictor:
         # the fp32 rate, and a top-label decision does not need fp32 logits. On CPU no autocast: it is slower than
         # fp32 without bf16 instructions, and with them --quantize bf16 does better.
         self.amp_dtype = modeling.amp_dtype("auto", self.device)
-        # Micro-batch size per forward pass. On CPU, small ones win: a batch of 256 short texts padded to 64 tokens
-        # spills the caches and ran at 43 docs/s on one thread, against 217 for batches of at most 64 texts and
-        # 2048 padded tokens (bench/label_throughput.py, SST-2 sentences). A GPU wants big ones to fill its cores.
+        # Micro-batch size per forward pass. On CPU, small ones win: big padded batches spill the caches
+        # (BENCHMARKS.md, "Bulk labeling"). A GPU wants big ones to fill its cores.
         gpu = self.device.type == "cuda"
         self.token_budget = token_budget or (16384 if gpu else 2048)
         self.max_batch = max_batch or (256 if gpu else 64)
@@ -119,8 +117,10 @@ class Predictor:
         if self.packed:
             logits = packed_logits(self.model, seqs)
         else:
-            input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            # Page-locked on a GPU, so that the non-blocking copies below really run beside the GPU's work.
+            pin = self.device.type == "cuda"
+            input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, pin_memory=pin)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long, pin_memory=pin)
             for j, seq in enumerate(seqs):
                 input_ids[j, : len(seq)] = torch.as_tensor(seq)
                 mask[j, : len(seq)] = 1
@@ -306,12 +306,10 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     Weights are quantized per output channel, not per tensor: a BERT weight matrix has rows of very different
     scales, and one scale for the whole matrix rounds the small rows away. The pooler and classifier stay fp32:
     they run once per text (not per token), so they cost nothing to keep, and the logits are what the label and
-    score are read from. On SST-2 validation with the demo model this cut the accuracy drop from 1.26 to 0.69
-    points (BENCHMARKS.md, session 4).
+    score are read from. Per channel roughly halved the accuracy drop on SST-2 (BENCHMARKS.md, "Bulk labeling").
 
     Activations get all 8 bits where the host's int8 kernels add them up exactly, and PyTorch's 7 elsewhere
-    (Int8Linear). With the demo model on a CPU with VNNI, 8 bits cut the SST-2 validation labels that int8
-    changes from 34 to 15 of 872, and the accuracy drop from 0.92 to 0.11 points (BENCHMARKS.md, session 10)."""
+    (Int8Linear): 8 bits change far fewer labels than 7 (BENCHMARKS.md, "A VM with VNNI")."""
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     keep_fp32 = ("pooler", "classifier", "score")

@@ -3,10 +3,11 @@
     bertray serve --model runs/sst2/model --port 8000       # then open http://127.0.0.1:8000/ (API docs at /docs)
     serve deploy cluster/serve_config.yaml                   # the same app on a running cluster or a KubeRay RayService
 
-One FastAPI ingress deployment holds the model, loaded once per replica. The texts of concurrent requests are
-flattened into one `@serve.batch` queue, so one forward pass serves many callers, and `Predictor` orders each batch
-by length so little compute goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload
-into a fast 503 instead of an ever longer queue.
+One FastAPI ingress deployment holds the model, loaded once per replica. Each request is checked and tokenized on
+its own, so a bad text fails only its request, with a 4xx naming it. The token ids of concurrent requests go to one
+continuous batcher (bertray.batching): a pass takes everything queued, and `Predictor` orders it by length so little
+compute goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload into a fast 503
+instead of an ever longer queue.
 
 Requests enter through Serve's HAProxy ingress by default (ServeConfig.ingress): HAProxy forwards them to an HTTP
 server inside each replica. Ray's Python proxy actor, the alternative, costs several ms of CPU per request and
@@ -17,7 +18,6 @@ calls back for each body, which on a small machine took the CPU that batching sa
 import asyncio
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -36,15 +36,14 @@ from ray import serve
 from ray.serve import Application
 
 from bertray import modeling, storage
+from bertray.batching import Batcher
 from bertray.config import SERVE_CPU_TOKEN_BUDGET, ConfigError, ServeConfig, load
+from bertray.data import invalid_text
 from bertray.runtime import free_ports
 
 # Longest a JSON encoding of one character can be: a non-BMP character written as two \uXXXX escapes.
 _MAX_JSON_BYTES_PER_CHAR = 12
 _BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the texts
-# After a run of waits for answered callers that did not come back, how many passes at most go without one before
-# the replica tries again (Classifier._note_regroup).
-_REGROUP_MAX_SKIPS = 16
 _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
 # Serve's controller gives a starting HTTP proxy three ready checks of this many seconds (Ray's default is 5) before
 # it kills the proxy and starts another, while serve.start waits up to 60 s on the first proxy only. On a busy node
@@ -82,7 +81,8 @@ _ERROR_RESPONSES = {
     400: {"description": "body is not valid JSON"},
     401: {"description": "missing or wrong API key (only when the server has one)"},
     413: {"description": "too many texts, a text too long, or a body too large"},
-    422: {"description": "well-formed JSON of the wrong shape: a missing field, a wrong type, an empty list or text"},
+    422: {"description": "well-formed JSON of the wrong shape: a missing field, a wrong type, an empty list or text, "
+                 "a text that is not valid Unicode"},
     503: {"description": "overloaded: the replica queue is full; retry later"},
 }
 
@@ -138,6 +138,8 @@ def _check_limits(texts: list[str], cfg: ServeConfig) -> None:
             raise HTTPException(413, f"texts[{i}]: longer than {cfg.max_text_chars} characters ({len(t)})")
         if not t.strip():
             raise HTTPException(422, f"texts[{i}]: empty text")
+        if reason := invalid_text(t):
+            raise HTTPException(422, f"texts[{i}]: {reason}")
 
 
 def _too_large(n: int, limit: int, cfg: ServeConfig) -> str:
@@ -183,7 +185,10 @@ app = FastAPI(title="bertray", description="Text classification with a fine-tune
 @serve.deployment
 @serve.ingress(app)
 class Classifier:
-    """The model plus the HTTP API; `build_app` sets replicas, limits and resources from the ServeConfig."""
+    """The model plus the HTTP API; `build_app` sets replicas, limits and resources from the ServeConfig.
+
+    Routes check, authorize and tokenize each request on their own; the model sees token ids only, through one
+    continuous batcher (bertray.batching) that runs the queued requests' texts in one pass while new ones queue."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -193,40 +198,10 @@ class Classifier:
                                                              "max_text_chars": cfg.max_text_chars}}
         self.page = _page(auth=self.api_key is not None)
         self.max_body_bytes = cfg.max_texts * cfg.max_text_chars * _MAX_JSON_BYTES_PER_CHAR + _BODY_SLACK_BYTES
-        self._start_batching(cfg)
-
-    def _start_batching(self, cfg: ServeConfig) -> None:
-        # The decorator's sizes are placeholders; these are the configured ones.
-        self._predict_one.set_max_batch_size(cfg.max_batch_size)
-        self._predict_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        # One forward pass at a time, off the event loop: while it runs, new requests are still parsed and queue
-        # up for the next batch (torch uses its own intra-op threads inside the pass).
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-model")
-        # The door to the batcher: shut while a pass runs, while the model is held for callers (_regroup), and
-        # behind the callers let in while their batch forms (_open); open otherwise. Serve's batcher closes a
-        # batch `batch_wait_timeout_s` after its first text even while the model is busy, and queues it behind
-        # the running pass (ray/serve/batching.py forms batches ahead of its concurrency semaphore); under load
-        # that made many small batches (4.5 texts on average at 32 callers, bench/serve_load.py). Texts that
-        # arrive during a pass wait here instead, and all enter the next batch together (_open).
-        self._model_free = asyncio.Event()
-        self._model_free.set()
-        self._busy = False  # a batched pass runs, or the model is held for callers (_regroup)
-        self._let_in = 0  # callers _open let in that have not yet moved on
-        self._openings = 0  # counts _open's admissions: a queued caller tells from it whether it was let in
-        self._waiting = 0  # requests in this replica that want the model and have not got it yet
-        self._queued = 0  # of those, the ones still held at _model_free (not yet handed to the batcher)
-        self._queued_texts = 0  # and their texts
-        # Texts handed to the batcher that no pass has taken yet, by request number. A pass that ends with some
-        # left is followed at once by the batch Serve formed of them: no waiting for callers then (_release_model).
-        self._unstarted: dict[int, int] = {}
-        self._arrived = asyncio.Event()  # a request joined the queued ones: wakes _regroup
-        self._arrivals = 0  # requests that have joined the queued ones so far: _regroup counts who came back
-        self._regroup_task: asyncio.Task[None] | None = None  # a reference: the event loop keeps only weak ones
-        self._callers = itertools.count()  # numbers the batched requests: a pass answers len(set(...)) callers
-        self._regroup_per_caller_s = cfg.regroup_s_per_caller  # an attribute, so that tests can change it
-        self._regroup_misses = 0  # waits in a row that ended with fewer than half the answered callers back
-        self._regroup_skips = 0  # waits still to skip after the last miss (_note_regroup)
-        self._regroup_max_skips = _REGROUP_MAX_SKIPS  # an attribute: bench/regroup_sim.py sets 0 for the old policy
+        self.batcher = Batcher(self.predictor.predict_ids, cfg.max_batch_size)
+        # Tokenizing beside the model's pass rather than in it; one thread, since a fast tokenizer's truncation
+        # settings are shared state that concurrent calls would fight over.
+        self._tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-tokenize")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -250,170 +225,23 @@ class Classifier:
         self._authorize(request)
         req = _parse(await self._read_body(request))
         _check_limits(req.texts, self.cfg)
-        probs, batch, model_ms = await self._classify_texts(req.texts)
-        # How many texts the largest forward pass behind this answer held: shows batching at work (benchmarks).
-        response.headers["X-Batch-Size"] = str(batch)
+        ids, _ = await asyncio.get_running_loop().run_in_executor(self._tokenize_thread, self.predictor.encode,
+                                                                  req.texts)
+        answer = await self.batcher.submit(ids)
+        # How many texts the forward pass behind this answer held, its own and other callers': batching at work.
+        response.headers["X-Batch-Size"] = str(answer.batch_items)
         # And how long that pass took in the model thread (the standard header a browser's dev tools show): the
-        # rest of a request's latency is the HTTP path, the queue, the wait for the model, and any other pass.
-        response.headers["Server-Timing"] = f'model;dur={model_ms:.2f};desc="largest forward pass"'
+        # rest of a request's latency is the HTTP path, tokenizing, and the wait for the model.
+        response.headers["Server-Timing"] = f'model;dur={answer.pass_ms:.2f};desc="forward pass"'
         names = self.predictor.label_names
         out = []
-        for p in probs:
+        for p in answer.results:
             best = int(np.argmax(p))
             pred = {"label": names[best], "score": float(p[best])}
             if req.probabilities:
                 pred["probabilities"] = {n: float(x) for n, x in zip(names, p)}
             out.append(pred)
         return {"predictions": out, "model": self.info["model"]}
-
-    async def _classify_texts(self, texts: list[str]) -> tuple[list[np.ndarray], int, float]:
-        """Class probabilities per text, and the size and duration (ms) of the largest forward pass they ran in."""
-        if not self.cfg.batching:
-            probs, ms = await self._forward(texts)
-            return list(probs), len(texts), ms
-        if self._model_free.is_set() and self._waiting == 0:
-            # Alone with an idle model: there is nothing to batch with, so skip the batcher's wait for company
-            # (batch_wait_timeout_s, plus its queue) and run now. Callers that arrive meanwhile batch behind it.
-            probs, ms = await self._hold_model(texts)
-            return list(probs), len(texts), ms
-        self._waiting += 1
-        self._queued += 1
-        self._queued_texts += len(texts)
-        self._arrivals += 1
-        self._arrived.set()
-        caller = next(self._callers)
-        openings = self._openings
-        try:
-            try:
-                await self._model_free.wait()
-            finally:
-                self._queued -= 1
-                self._queued_texts -= len(texts)
-                if self._openings != openings:
-                    self._let_in -= 1
-            self._unstarted[caller] = len(texts)
-            rows = await asyncio.gather(*(self._predict_one(t, caller) for t in texts))
-        finally:
-            self._waiting -= 1
-            self._unstarted.pop(caller, None)  # if cancelled, Serve drops its texts that no pass has taken
-            if not (self._model_free.is_set() or self._busy or self._unstarted or self._let_in > 0):
-                # The door was shut behind callers that were all cancelled before a pass took their texts, so no
-                # pass will end to open it: open it here.
-                self._model_free.set()
-        _, batch, ms = max(rows, key=lambda row: row[1:])
-        return [p for p, _, _ in rows], batch, ms
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _predict_one(self, texts: list[str], callers: list[int]) -> list[tuple[np.ndarray, int, float]]:
-        """Called with one text and its request's number; Serve gathers concurrent calls into one list of each."""
-        for c in callers:
-            if self._unstarted.get(c, 0) > 1:
-                self._unstarted[c] -= 1
-            else:
-                self._unstarted.pop(c, None)
-        probs, ms = await self._hold_model(texts, callers=len(set(callers)))
-        return [(p, len(texts), ms) for p in probs]
-
-    async def _hold_model(self, texts: list[str], callers: int = 1) -> tuple[np.ndarray, float]:
-        self._model_free.clear()
-        self._busy = True
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        try:
-            return await self._forward(texts)
-        finally:
-            self._release_model(callers, loop.time() - start)
-
-    def _release_model(self, answered: int, pass_s: float) -> None:
-        """Open the model to the next batch, once the callers just answered are likely back.
-
-        Closed-loop callers (each sends its next request when answered) otherwise split into two groups that take
-        turns: the ones answered by a pass come back while the next pass, made of the others, runs, and so on
-        forever. At 32 callers on the 2-core CPU such runs formed batches of 17-18 texts and served 67-70
-        requests/s, a run that kept them together 31 texts and 96 (bench/serve_load.py, session 13). So after a
-        pass for several callers the next batch waits until they are back, with those already queued, or until
-        max_batch_size texts are queued; for at most cfg.regroup_s_per_caller per caller answered or the pass's own
-        time, whichever is shorter. With it, batches held 8.0 texts at 8 callers and 31.9-32.0 at 32 in all twelve
-        runs (session 14). A lone caller (a pass for one, nobody queued) is expected back alone and runs at once,
-        as before; so does a pass that leaves texts in the batcher (more than max_batch_size were handed over),
-        which Serve runs next.
-
-        Callers that do not come back (one-off or open-loop traffic) would cost that wait of idle model after every
-        pass: with open-loop arrivals at 50, 75 and 90% of the model's throughput, waiting after every pass raised
-        the median latency 1.2, 2.3-2.4 and 1.7-1.8 times over no wait (bench/regroup_sim.py, session 16). So a
-        wait that ends with fewer than half of them back makes the replica skip the next ones (_note_regroup)
-        before it tries again: 1.0, 1.04-1.06 and 1.16-1.42 times there."""
-        if (self._unstarted or self._queued + answered <= 1 or self._batch_full()
-                or not self._regroup_per_caller_s):
-            self._open()
-            return
-        if self._regroup_skips:
-            self._regroup_skips -= 1
-            self._open()
-            return
-        deadline = asyncio.get_running_loop().time() + min(pass_s, self._regroup_per_caller_s * answered)
-        self._regroup_task = asyncio.create_task(self._regroup(answered, deadline))
-
-    async def _regroup(self, answered: int, deadline: float) -> None:
-        """Hold the model until as many requests have arrived as the last pass answered (counted as they come, so
-        that a queued caller cancelled meanwhile does not make the wait run to its deadline), max_batch_size texts
-        are queued, or the deadline."""
-        loop = asyncio.get_running_loop()
-        start = self._arrivals
-        try:
-            while self._arrivals - start < answered and not self._batch_full() and loop.time() < deadline:
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
-                except asyncio.TimeoutError:
-                    break
-        finally:
-            full, back = self._batch_full(), self._arrivals - start
-            self._open()  # first: the door must open whatever happens below
-            self._note_regroup(full, back, answered)
-
-    def _open(self) -> None:
-        """Let the callers queued at the door into the batcher, and shut it behind them if there were any.
-
-        Left open, it also let in callers that came in the moments between Serve closing their batch and its pass
-        starting. Their texts made a batch of their own that ran next, and the pass after it left a few more: at
-        32 closed-loop callers the passes went on as 22, 1 and 9 texts for good, with no wait for callers between
-        them, since a pass that leaves texts in the batcher has none (bench/regroup_sim.py, session 16). Callers
-        that come now wait for the next pass, as they do while one runs."""
-        self._busy = False
-        self._model_free.set()  # wakes every caller waiting now; they go on even if the door shuts again
-        if self._queued:
-            self._let_in = self._queued
-            self._openings += 1
-            self._model_free.clear()
-
-    def _note_regroup(self, full: bool, back: int, answered: int) -> None:
-        """After a wait: if fewer than half the callers answered came back, skip the next 1, 2, 4, 8, then 16 waits,
-        doubling with each such wait in a row; a wait they came back to resets this. A wait ended by a full batch
-        of other callers' texts says neither, and changes nothing: counted as a return, it set the doubling back
-        under open-loop load near the replica's capacity, where queues often fill (bench/regroup_sim.py).
-        Closed-loop callers come back within the wait (53 of 55 waits ended with all 32 back, session 14), while
-        independent arrivals at r requests/s bring about r x regroup_s_per_caller per caller answered, under half
-        below 250 requests/s at 2 ms. So under steady open-loop traffic one pass in 17 of those that would have
-        waited does, and closed-loop callers keep their waits."""
-        if 2 * back >= answered:
-            self._regroup_misses = 0
-        elif not full:
-            self._regroup_misses += 1
-            self._regroup_skips = min(2 ** (self._regroup_misses - 1), self._regroup_max_skips)
-
-    def _batch_full(self) -> bool:
-        """Whether the callers queued at the door hold a full batch of texts: no reason to wait for more."""
-        return self._queued_texts >= self.cfg.max_batch_size
-
-    async def _forward(self, texts: list[str]) -> tuple[np.ndarray, float]:
-        """Class probabilities, and the pass's wall time in ms, timed in the model thread."""
-        def timed() -> tuple[np.ndarray, float]:
-            t0 = time.perf_counter()
-            probs = self.predictor.predict(texts).probs
-            return probs, (time.perf_counter() - t0) * 1000
-
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, timed)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -433,6 +261,7 @@ class Classifier:
             if len(body) > self.max_body_bytes:
                 raise HTTPException(413, _too_large(len(body), self.max_body_bytes, self.cfg))
         return bytes(body)
+
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -558,7 +387,7 @@ def _bind_error(error: str, host: str, port: int, env: dict[str, str]) -> str | 
     about something else.
 
     HAProxy's own ports come first. When one of them is taken, Serve retries HAProxy while the first instance still
-    holds --port, so the retries report --port as taken too (seen in a fresh clone's suite, session 15): naming
+    holds --port, so the retries report --port as taken too (seen in a fresh clone's test suite): naming
     --port would send the user after the wrong one."""
     for name, what in _HAPROXY_PORTS.items():
         if name in env and _port_taken(error, env[name]):  # as text: a variable the user set may not be a number

@@ -76,3 +76,30 @@ def test_stratified_split_is_seeded_and_keeps_class_shares():
     assert len(va) == 10 and (y[va] == 1).sum() == 2
     assert set(tr) | set(va) == set(range(100)) and not set(tr) & set(va)
     assert D.stratified_split(y, 0.1, seed=3)[1].tolist() == va.tolist()
+
+
+def _not_utf8(*values: bytes) -> pa.Array:
+    """A string column holding bytes that are not UTF-8, as a Parquet writer that does not check can leave it."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
+def test_text_that_is_not_utf8_is_dropped_and_counted_not_fatal(tmp_path):
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": _not_utf8(b"good", b"\xed\xa0\xbd oops", b"bad", b"\xff\xfe", None),
+                             "label": ["pos", "neg", "neg", "pos", "neg"]}), p)
+    out = D.load_labeled(str(p), cfg(), label_names=["neg", "pos"])
+    assert out.texts == ["good", "bad"] and out.labels.tolist() == [1, 0]
+    assert out.report["dropped"] == {"invalid_text": 2, "null_text": 1}
+    assert out.report["first_dropped_row"]["invalid_text"] == 1
+    texts, report = D.load_texts(str(p), cfg())
+    assert texts == ["good", "bad"] and report["dropped"] == {"invalid_text": 2, "null_text": 1}
+
+
+def test_strings_keeps_the_good_values_of_a_column_with_bad_bytes():
+    col = pa.chunked_array([_not_utf8(b"ok", b"caf\xc3\xa9"), _not_utf8(None, b"\xed\xa0\xbd")])
+    assert D.strings(col) == ["ok", "caf\u00e9", None, D.INVALID_TEXT]
+
+
+def test_invalid_text_names_a_lone_surrogate():
+    assert D.invalid_text("caf\u00e9 \U0001f600") is None
+    assert D.invalid_text("ok \ud83d oops") == "not valid Unicode: lone surrogate '\\ud83d' at character 3"

@@ -420,3 +420,24 @@ def test_a_mistyped_relative_path_is_named_as_missing_not_left_to_the_replicas(t
     with pytest.raises(ModelError, match=r"runs/demo: folder has no config.json; expected a model folder "
                                          r"\(did you mean runs/demo/model\?\)"):
         serve.run(ServeConfig(model="runs/demo"))
+
+
+def test_predict_refuses_a_text_that_is_not_unicode_in_one_line(tiny_classifier, capsys):
+    """Bytes on a command line that are not UTF-8 reach Python as lone surrogates, which the tokenizer raises on."""
+    from bertray import cli
+
+    assert cli.main(["predict", tiny_classifier, "fine", "bad \udcff byte"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: text 2: not valid Unicode: lone surrogate '\\udcff' at character 4 (its bytes are not UTF-8)\n"
+
+
+def test_evaluate_counts_texts_that_are_not_utf8_and_scores_the_rest(tiny_classifier, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bertray.evaluate import evaluate
+
+    texts = pa.array([b"a good film", b"\xed\xa0\xbd oops", b"an awful film"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": texts, "label": [1, 0, 0]}), tmp_path / "eval.parquet")
+    result = evaluate(tiny_classifier, str(tmp_path / "eval.parquet"), str(tmp_path / "out"))
+    assert result["n"] == 2 and result["data_report"]["dropped"] == {"invalid_text": 1}

@@ -106,6 +106,12 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{url}/healthz not healthy after {timeout}s (last: {last})")
 
 
+@pytest.fixture(scope="session")
+def healthy():
+    """`f(url)`: returns once the app at `url` answers /healthz."""
+    return wait_healthy
+
+
 @pytest.fixture(scope="module")
 def serve_apps(ray_cluster, trained_classifier):
     """One Serve instance on a free loopback port with three apps:
