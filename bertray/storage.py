@@ -7,6 +7,7 @@ S3-compatible servers such as MinIO or moto).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 import shutil
@@ -84,12 +85,22 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
+        # mkstemp makes the file private (0600); the finished file gets the mode any new file would, so an output
+        # folder shared by a team stays readable to it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_text(uri: str, text: str) -> None:
@@ -154,7 +165,8 @@ def local_dir(uri: str) -> Path:
     """A local folder holding `uri`'s content: the folder itself if local, else a cached download."""
     if not is_remote(uri):
         return Path(uri.removeprefix("file://")).resolve()
-    cache_root = Path(os.environ.get("BERTRAY_CACHE", Path(tempfile.gettempdir()) / "bertray-cache"))
+    cache_root = _private_dir(Path(os.environ.get("BERTRAY_CACHE",
+                                                  Path(tempfile.gettempdir()) / f"bertray-cache-{os.getuid()}")))
     # Keyed by the URI and the remote folder's config.json/bertray.json times, so a model re-exported to the
     # same URI is downloaded again rather than served stale.
     fs, path = filesystem(uri)
@@ -163,7 +175,7 @@ def local_dir(uri: str) -> Path:
     target = cache_root / hashlib.sha256("|".join([uri, *stamps]).encode()).hexdigest()[:16]
     done = target / ".complete"
     if not done.exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache_root.mkdir(parents=True, exist_ok=True) or cache_root))
+        tmp = Path(tempfile.mkdtemp(dir=cache_root))
         download_dir(uri, tmp)
         (tmp / ".complete").write_text(uri)
         try:
@@ -171,3 +183,16 @@ def local_dir(uri: str) -> Path:
         except OSError:  # another process won the race; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a folder that only this user can enter, made if missing. A model loaded from a cache that another
+    user could write to would run whatever they put there (a tokenizer's code, pickled weights)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
+        raise StorageError(f"{path}: the model cache is not a folder of this user's (another user's, or a link); "
+                           "remove it, or set BERTRAY_CACHE to a folder of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path

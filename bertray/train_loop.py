@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 # which ones a killed process left behind (see _remove_orphaned_scratch).
 _SCRATCH_NAME = re.compile(r"bertray-(ckpt|restore)-(\d+)-[^/]+")
 _ORPHAN_MIN_AGE_S = 3600
+
+
+# The key of the last report of a run whose loss stopped being finite; its value is the one-line message.
+DIVERGED = "diverged"
 
 
 class Objective:
@@ -231,6 +236,8 @@ class Loop:
                 st.step += 1
                 if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
                     self._log_progress(window)
+                    if self._diverged():
+                        return
                 if st.step % self.eval_every == 0 or st.step == self.total_steps:
                     self._evaluate_and_report()
                     reported = True
@@ -246,6 +253,28 @@ class Loop:
         if not reported:
             # A re-run of a finished run: report the restored state once so the driver has a result.
             self._evaluate_and_report()
+
+    def _diverged(self) -> bool:
+        """Whether the loss just logged is not finite on any rank; then the run ends here, saying so, and nothing is
+        exported. Checked at progress lines only, where the loss is read back anyway."""
+        st = self.state
+        bad = torch.tensor([0.0 if math.isfinite(st.history[-1]["train_loss"]) else 1.0], device=self.device)
+        if self.s.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must stop together, or the others hang
+        if not bad.item():
+            return False
+        last = next((h for h in reversed(st.history[:-1]) if math.isfinite(h.get("train_loss", math.nan))), None)
+        message = (f"training diverged: the loss was not finite by step {st.step}"
+                   + (f" (last finite loss {last['train_loss']:.4f} at step {last['step']})" if last else "")
+                   + "; nothing was exported. Lower optim.lr, or set optim.max_grad_norm")
+        if self.is_main:
+            self._print(message)
+        if isinstance(self.s, _TuneSession):
+            raise RuntimeError(message)  # the trial ends as failed, and the sweep goes on
+        self.s.report({DIVERGED: message}, None)
+        return True
 
     def _optimizer_step(self) -> None:
         max_norm = self.cfg.optim.max_grad_norm
@@ -333,18 +362,24 @@ class Loop:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "loop": asdict(st),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": random.getstate(), "numpy": _numpy_rng_state(), "torch": torch.get_rng_state()},
         }, Path(directory) / ckpt_io.TRAIN_STATE)
 
     def _restore_state(self, directory: str) -> None:
-        state = torch.load(Path(directory) / ckpt_io.TRAIN_STATE, map_location="cpu", weights_only=False)
+        path = Path(directory) / ckpt_io.TRAIN_STATE
+        try:
+            # Tensors and plain containers only: whoever can write to run.storage must not run code in the workers.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise RuntimeError(f"{path}: holds more than tensors and plain values, so it is not loaded (written by "
+                               f"an older bertray, or altered): {str(exc).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
         self.state.resumed_at.append(self.state.step)
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         # The config, not the checkpoint, sets lr and weight decay: PBT restores a trial with them perturbed (its
         # explore step); optimizer moments, step count and schedule position carry over. A plain resume is unchanged.
@@ -489,3 +524,15 @@ def _apply_overrides(cfg, overrides: dict):
         current = getattr(node, last)
         setattr(node, last, type(current)(value) if isinstance(current, (int, float)) and not isinstance(current, bool) else value)
     return cfg
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state with its key array as a tensor, which torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached_gaussian"]))

@@ -112,3 +112,35 @@ def test_scratch_left_by_killed_processes_is_removed_and_nothing_else(tmp_path, 
     assert all(d.exists() for d in kept)
     with train_loop._scratch_dir("ckpt") as live:  # what the loop creates carries its pid, so the sweep knows it
         assert train_loop._SCRATCH_NAME.fullmatch(Path(live).name).group(2) == str(os.getpid())
+
+
+class _Payload:
+    """Stands in for what a hostile train_state.pt could unpickle: any importable callable."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_train_state_with_more_than_tensors_is_refused_not_run(tmp_path, capsys):
+    import torch
+
+    from bertray import checkpoint
+    from bertray.train_loop import Loop
+
+    torch.save({"optimizer": _Payload()}, tmp_path / checkpoint.TRAIN_STATE)
+    with pytest.raises(RuntimeError, match="holds more than tensors and plain values"):
+        Loop.__new__(Loop)._restore_state(str(tmp_path))
+    assert "unpickled" not in capsys.readouterr().out
+
+
+def test_numpy_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import torch
+
+    from bertray.train_loop import _numpy_rng_state, _set_numpy_rng_state
+
+    np.random.seed(7)
+    np.random.normal()  # leaves a cached gaussian in the state
+    torch.save({"numpy": _numpy_rng_state()}, tmp_path / "s.pt")
+    expected = np.random.random(5)
+    _set_numpy_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["numpy"])
+    np.testing.assert_array_equal(np.random.random(5), expected)
