@@ -5,12 +5,18 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 
 log = logging.getLogger(__name__)
 
 # Passed to every Ray worker so S3 settings and offline model loading hold on all nodes.
 _PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TRANSFORMERS_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+# Never passed that way: Ray writes a runtime env, values and all, to its logs (runtime_env_agent.log, readable
+# by every user of the node). A local cluster started here inherits them with the rest of this process's
+# environment; on a running cluster they come from the nodes' own (an IAM role, a Kubernetes Secret).
+_SECRET = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|_KEY)", re.IGNORECASE)
+_NOT_SECRET = ("AWS_ACCESS_KEY_ID",)  # the key's public half; S3 needs it beside the secret one
 
 
 # Where free_ports looks. A port found by binding port 0 comes from the kernel's ephemeral range (32768-60999 on
@@ -42,8 +48,13 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def is_secret(name: str) -> bool:
+    return bool(_SECRET.search(name)) and name not in _NOT_SECRET
+
+
 def worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATE)}
+    """What every Ray worker gets through the runtime env: settings, never secrets (is_secret)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATE) and not is_secret(k)}
     # Per-worker weight-loading bars and load reports drown the training progress lines.
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -64,6 +75,10 @@ def init_ray(address: str | None = None) -> None:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     for key in (job.get("runtime_env") or {}).get("env_vars", {}):
         env.pop(key, None)
+    held = sorted(k for k in os.environ if k.startswith(_PROPAGATE) and is_secret(k))
+    if address and held:
+        log.info("not forwarding %s to the cluster's workers (Ray would log the values); they use the nodes' own",
+                 ", ".join(held))
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
              **({} if address else {"include_dashboard": False}))
     res = ray.cluster_resources()

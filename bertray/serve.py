@@ -278,11 +278,10 @@ def build_app(cfg: ServeConfig) -> Application:
                                           "target_ongoing_requests": min(cfg.max_batch_size, cfg.max_ongoing_requests)}}
     else:
         scaling = {"num_replicas": cfg.replicas}
+    # The API key is not handed over in a runtime env, which Ray writes to its logs: replicas read it from their
+    # node's environment, which a local Ray started by `bertray serve` inherits from the launching shell (on a
+    # cluster: a Kubernetes Secret in the pods' environment).
     actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
-    if cfg.api_key_env and os.environ.get(cfg.api_key_env):
-        # Hand the key from the launching shell to the replicas; on a cluster, set the variable in the pod's
-        # environment (a Kubernetes Secret) instead, and it is read there.
-        actor["runtime_env"] = {"env_vars": {cfg.api_key_env: os.environ[cfg.api_key_env]}}
     return Classifier.options(max_ongoing_requests=cfg.max_ongoing_requests,
                               max_queued_requests=cfg.max_queued_requests,
                               ray_actor_options=actor, **scaling).bind(cfg)

@@ -22,6 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# The API key of the Serve tests' keyed app: in the environment before any Ray process starts, so replicas inherit
+# it, since bertray never hands a secret over in a runtime env (Ray logs those).
+os.environ.setdefault("BERTRAY_TEST_SERVE_KEY", "s3cret-test-key")
 # Ray Train's controller polls its workers every 2 s, so a run notices start-up and the end of training seconds
 # late: measured 24 -> 18 s for a 12-step tiny run at 0.2 s. The suite has about ten Ray Train runs; long jobs
 # do not notice the 2 s.

@@ -9,8 +9,10 @@ import pytest
 import requests
 
 LABELS = ["negative", "positive"]
+# The keyed app's key, set in the environment before the test cluster starts (tests/conftest.py): replicas read it
+# from the environment their node inherited, as on a real cluster.
 API_KEY_ENV = "BERTRAY_TEST_SERVE_KEY"
-API_KEY = "s3cret-test-key"
+API_KEY = os.environ[API_KEY_ENV]
 
 _GOOD = ["good", "great", "lovely", "wonderful"]
 _BAD = ["bad", "awful", "terrible", "boring"]
@@ -127,7 +129,6 @@ def serve_apps(ray_cluster, trained_classifier):
 
     port = free_ports(1)[0]
     base = f"http://127.0.0.1:{port}"
-    os.environ[API_KEY_ENV] = API_KEY
     common = dict(model=trained_classifier, cpus_per_replica=0.5, max_texts=8, max_text_chars=200)
     apps = {
         "open": (ServeConfig(**common), "/"),
@@ -145,4 +146,3 @@ def serve_apps(ray_cluster, trained_classifier):
         yield urls
     finally:
         serve.shutdown()
-        os.environ.pop(API_KEY_ENV, None)
