@@ -179,8 +179,39 @@ def label_names_for(uri: str, cfg: DataConfig, table: pa.Table) -> list[str]:
             return []
         if min(values) < 0:
             raise DataError(f"{uri}: label column {cfg.label_column!r} has negative ids; set data.labels or use names")
+        # Integer ids imply the classes 0..max; ids with no rows there are a 1-based or sparse id scheme, which
+        # would train (and score) classes nobody has.
+        absent = sorted(set(range(max(values) + 1)) - set(values))
+        if absent:
+            raise DataError(f"{uri}: label column {cfg.label_column!r} has ids {_ranges(sorted(values))}, so classes "
+                            f"0-{max(values)}, of which {len(absent):,} have no rows ({_ranges(absent)}); declare the "
+                            "classes with data.labels or a labels.json beside the data, or use 0-based ids")
         return [str(i) for i in range(max(values) + 1)]
     return sorted(str(v) for v in values)
+
+
+def _ranges(ids: list[int], shown: int = 4) -> str:
+    """'0, 2-7, 9' for sorted ids; the first `shown` runs, then how many more."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:shown])
+    return text + (f" and {len(runs) - shown} more runs" if len(runs) > shown else "")
+
+
+def check_classes(train: Labeled) -> list[str]:
+    """A DataError if the training rows hold fewer than two classes; returns the declared classes with no
+    training rows (a warning: the model can never learn to answer them)."""
+    counts = np.bincount(train.labels, minlength=len(train.label_names))
+    present = [n for n, c in zip(train.label_names, counts) if c]
+    if len(present) < 2:
+        raise DataError(f"{train.report.get('source', 'training data')}: every usable training row has the label "
+                        f"{present[0]!r}: a classifier needs at least two classes" if present else
+                        "no usable training rows")
+    return [n for n, c in zip(train.label_names, counts) if not c]
 
 
 def load_labeled(uri: str, cfg: DataConfig, label_names: list[str] | None = None) -> Labeled:

@@ -103,3 +103,24 @@ def test_strings_keeps_the_good_values_of_a_column_with_bad_bytes():
 def test_invalid_text_names_a_lone_surrogate():
     assert D.invalid_text("caf\u00e9 \U0001f600") is None
     assert D.invalid_text("ok \ud83d oops") == "not valid Unicode: lone surrogate '\\ud83d' at character 3"
+
+
+@pytest.mark.parametrize("ids,absent", [([0, 5000], "1-4999"), ([1, 2, 3], "0"), ([0, 2, 2, 5], "1, 3-4")])
+def test_integer_ids_that_imply_classes_with_no_rows_are_refused(tmp_path, ids, absent):
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["t"] * len(ids), "label": ids}), p)
+    with pytest.raises(D.DataError, match=rf"have no rows \({absent}\); declare the classes with data.labels"):
+        D.load_labeled(str(p), cfg())
+    # declared, they are what the user meant
+    names = [f"c{i}" for i in range(max(ids) + 1)]
+    assert D.load_labeled(str(p), cfg(labels=names)).label_names == names
+
+
+def test_a_training_set_of_one_class_is_refused_and_empty_declared_classes_are_named(tmp_path):
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": ["pos", "pos"]}), p)
+    one = D.load_labeled(str(p), cfg(), label_names=["neg", "pos"])
+    with pytest.raises(D.DataError, match="every usable training row has the label 'pos'"):
+        D.check_classes(one)
+    pq.write_table(pa.table({"text": ["a", "b"], "label": ["pos", "neg"]}), p)
+    assert D.check_classes(D.load_labeled(str(p), cfg(), label_names=["neg", "pos", "meh"])) == ["meh"]
