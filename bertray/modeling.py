@@ -41,6 +41,7 @@ def resolve(base: str) -> str:
             hint = (f" (did you mean {os.path.join(base, 'model')}?)"
                     if os.path.exists(os.path.join(base, "model", "config.json")) else "")
             raise ModelError(f"{base}: folder has no config.json; expected a model folder{hint}")
+        check_weights(base)
         return str(Path(base).resolve())
     if base.startswith((".", "/", "~")) or os.sep + os.sep in base:
         raise ModelError(f"{base}: no such model folder")
@@ -88,6 +89,21 @@ def build_masked_lm(cfg: ModelConfig):
                     cfg.base, len(missing))
         model.tie_weights()
     return model, bool(missing)
+
+
+def check_weights(folder: str) -> None:
+    """A ModelError naming the file if a safetensors weights file in `folder` is not whole. Reads only the headers,
+    which say how long the file must be: a truncated or overwritten file would otherwise fail inside every worker
+    or actor that loads it, each with its own traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{f}: the weights file is damaged or incomplete ({exc}); export or copy the model "
+                             "again") from None
 
 
 def encoder_of(model) -> torch.nn.Module:

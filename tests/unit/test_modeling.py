@@ -1,0 +1,39 @@
+"""bertray.modeling: resolving model folders, and refusing damaged weights before any worker loads them."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bertray import modeling
+
+
+def _folder(tmp_path, weights: bytes | None):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    if weights is not None:
+        (tmp_path / "model.safetensors").write_bytes(weights)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_damaged_weights_are_refused_by_name_before_loading(tmp_path, damage, capsys):
+    save_file({"w": torch.zeros(256)}, tmp_path / "whole.safetensors")
+    whole = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "whole.safetensors").unlink()
+    folder = _folder(tmp_path, whole[: len(whole) // 2] if damage == "truncated" else os.urandom(600))
+    with pytest.raises(modeling.ModelError, match=r"model.safetensors: the weights file is damaged or incomplete"):
+        modeling.resolve(folder)
+    from bertray import cli
+
+    assert cli.main(["predict", folder, "some text"]) == 1
+    err = capsys.readouterr().err
+    assert "damaged or incomplete" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_whole_weights_and_folders_without_safetensors_pass(tmp_path):
+    save_file({"w": torch.zeros(4)}, tmp_path / "model.safetensors")
+    assert modeling.resolve(_folder(tmp_path, None)) == str(tmp_path.resolve())
+    modeling.check_weights(str(tmp_path / "nothing-here"))
