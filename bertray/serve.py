@@ -81,6 +81,7 @@ _ERROR_RESPONSES = {
     400: {"description": "body is not valid JSON"},
     401: {"description": "missing or wrong API key (only when the server has one)"},
     413: {"description": "too many texts, a text too long, or a body too large"},
+    415: {"description": "the body is not sent as application/json"},
     422: {"description": "well-formed JSON of the wrong shape: a missing field, a wrong type, an empty list or text, "
                  "a text that is not valid Unicode"},
     503: {"description": "overloaded: the replica queue is full; retry later"},
@@ -223,6 +224,9 @@ class Classifier:
     async def classify(self, request: Request, response: Response) -> dict:
         # The body is parsed here rather than by FastAPI so that auth comes first and every error says where it is.
         self._authorize(request)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            # A browser sends text/plain or a form across sites without asking first; JSON it must ask for (CORS).
+            raise HTTPException(415, "send the body as JSON, with the header 'Content-Type: application/json'")
         req = _parse(await self._read_body(request))
         _check_limits(req.texts, self.cfg)
         ids, _ = await asyncio.get_running_loop().run_in_executor(self._tokenize_thread, self.predictor.encode,

@@ -102,3 +102,14 @@ def test_bad_texts_in_a_concurrent_batch_fail_alone(served, tiny_classifier_dir)
 def test_after_the_attack_the_replica_still_answers(served):
     r = requests.post(served + "/v1/classify", json={"texts": ["still here"]}, timeout=30)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("negative", "positive"), r.text
+
+
+@pytest.mark.parametrize("headers", [{"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"},
+                                     {}])
+def test_only_json_bodies_are_taken(served, headers):
+    """A page on another site can POST text/plain or a form without a CORS preflight; JSON it cannot."""
+    r = requests.post(served + "/v1/classify", data=b'{"texts": ["a good film"]}', headers=headers, timeout=30)
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], r.text
+    r = requests.post(served + "/v1/classify", data=b'{"texts": ["a good film"]}', timeout=30,
+                      headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
