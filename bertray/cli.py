@@ -14,13 +14,15 @@ import sys
 
 from bertray import config as C
 
-# stage -> (module, config class name, {flag: (config key, kind)}); kind: 'value' or 'flag' (store_true).
+# stage -> (module, config class name, {flag: (config key, kind)}); kind: 'value', 'list' (comma-separated values)
+# or 'flag' (store_true); any other kind is the value a store_true flag sets.
 _TRAIN_FLAGS = {
     "--num-workers": ("run.num_workers", "value"),
     "--use-gpu": ("run.use_gpu", "flag"),
     "--name": ("run.name", "value"),
     "--storage": ("run.storage", "value"),
     "--address": ("run.ray_address", "value"),
+    "--overwrite": ("run.overwrite", "flag"),
 }
 STAGES = {
     "pretrain": ("bertray.pretrain", "PretrainConfig", _TRAIN_FLAGS),
@@ -37,7 +39,7 @@ STAGES = {
         "--output": ("output", "value"),
         "--text-column": ("text_column", "value"),
         "--id-column": ("id_column", "value"),
-        "--passthrough": ("passthrough", "value"),
+        "--passthrough": ("passthrough", "list"),
         "--probabilities": ("probabilities", "flag"),
         "--rows-per-file": ("rows_per_file", "value"),
         "--actors": ("actors", "value"),
@@ -67,7 +69,9 @@ def _known_errors() -> tuple[type, ...]:
     from bertray.modeling import ModelError
     from bertray.storage import StorageError
 
-    errors = (DataError, ModelError, StorageError, FileNotFoundError, PermissionError)
+    from bertray.trainer import TrainingDiverged
+
+    errors = (DataError, ModelError, StorageError, TrainingDiverged, FileNotFoundError, PermissionError)
     # Only a serve run raises ServeStartError; importing bertray.serve (FastAPI, Ray Serve) to catch others is waste.
     serve_mod = sys.modules.get("bertray.serve")
     return errors + ((serve_mod.ServeStartError,) if serve_mod else ())
@@ -76,20 +80,35 @@ def _known_errors() -> tuple[type, ...]:
 def build_config(stage: str, config_file: str | None, sets: list[str], flags: dict) -> object:
     _, cls_name, flag_map = STAGES[stage]
     overrides = list(sets or [])
+    given = {s.partition("=")[0].strip(): s.partition("=")[2].strip() for s in overrides}
+    conflicts = []
     for flag, (key, kind) in flag_map.items():
         value = flags.get(flag.lstrip("-").replace("-", "_"))
         if value in (None, False):
             continue
-        overrides.append(f"{key}={'true' if kind == 'flag' else (kind if kind != 'value' else value)}")
+        if kind == "list":
+            value = "[" + ", ".join(v.strip() for v in str(value).split(",")) + "]"
+        value = {"flag": "true", "value": value, "list": value}.get(kind, kind)
+        if key in given and not _same_value(given[key], value):
+            conflicts.append(f"{flag} {value} contradicts --set {key}={given[key]}; give one of them")
+        overrides.append(f"{key}={value}")
+    if conflicts:
+        raise C.ConfigError(conflicts, "command line")
     return C.load(getattr(C, cls_name), config_file, overrides)
+
+
+def _same_value(a: str, b: str) -> bool:
+    import yaml
+
+    try:
+        return yaml.safe_load(a) == yaml.safe_load(b)
+    except yaml.YAMLError:
+        return a == b
 
 
 def detect_stage(path: str) -> str:
     """Guess which stage a YAML file configures from its sections (for `bertray validate`)."""
-    import yaml
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = C.read_yaml(path) or {}
     if not isinstance(raw, dict):
         return "finetune"
     if "search" in raw:
@@ -115,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
         for flag, (key, kind) in flag_map.items():
             if kind == "value":
                 sp.add_argument(flag, help=f"same as --set {key}=...")
+            elif kind == "list":
+                sp.add_argument(flag, help=f"comma-separated; same as --set {key}=[a, b]")
             else:
                 sp.add_argument(flag, action="store_true", help=f"same as --set {key}={'true' if kind == 'flag' else kind}")
     v = sub.add_parser("validate", help="check a config file and exit (0 ok, 2 problems)")
@@ -122,16 +143,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--stage", choices=list(STAGES), help="which stage it configures (default: guessed from its sections)")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e = sub.add_parser("evaluate", help="metrics JSON and confusion-matrix PNG of MODEL on labeled DATA")
-    e.add_argument("model")
-    e.add_argument("data")
+    e.add_argument("model", help="a classifier checkpoint (local or s3://) or a Hugging Face classifier")
+    e.add_argument("data", help="labeled Parquet, CSV or JSON Lines: a file, folder or glob, local or s3://")
     e.add_argument("--out", default=None, help="output folder (default: outputs/evaluate-<model name>)")
     e.add_argument("--text-column", action="append", dest="text_columns", default=None)
     e.add_argument("--label-column", default="label")
     e.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none")
     e.add_argument("--max-rows", type=int, default=None)
     pr = sub.add_parser("predict", help="label a few texts")
-    pr.add_argument("model")
-    pr.add_argument("texts", nargs="+")
+    pr.add_argument("model", help="a classifier checkpoint (local or s3://) or a Hugging Face classifier")
+    pr.add_argument("texts", nargs="+", help="one or more texts to label")
     return p
 
 
@@ -153,8 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result["summary"], indent=2))
             return 0
         if args.command == "predict":
+            from bertray.data import DataError, invalid_text
             from bertray.predictor import Predictor
 
+            for i, text in enumerate(args.texts, 1):
+                if not text.strip():  # the rule serve and label apply: an empty text has no label
+                    raise DataError(f"text {i}: empty text")
+                if reason := invalid_text(text):  # undecodable bytes on the command line arrive as lone surrogates
+                    raise DataError(f"text {i}: {reason} (its bytes are not UTF-8)")
             pred = Predictor(args.model)
             probs = pred.predict(args.texts).probs
             for text, p in zip(args.texts, probs):

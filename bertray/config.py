@@ -7,6 +7,7 @@ contradictory settings) in one `ConfigError`, before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,7 +81,10 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "finetune"  # run directory under storage; re-running the same name resumes
+    # Run folder under storage. Re-running the same name resumes, if the folder holds the same run (same settings
+    # and data: trainer.start_run); else the run is refused. None: '<stage>-<8 hex digits of that fingerprint>'
+    # (e.g. finetune-3f9a0c1e), so the same command resumes and other settings or data get another folder.
+    name: Optional[str] = None
     storage: str = "./runs"  # local path or s3://bucket/prefix; must be shared storage on a multi-node cluster
     num_workers: int = 1  # data-parallel training workers
     use_gpu: bool = False
@@ -88,6 +92,7 @@ class RunConfig:
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     keep_checkpoints: int = 2  # best ones kept (by train.metric); the latest is always kept too
     ray_address: Optional[str] = None  # None: RAY_ADDRESS or a new local cluster
+    overwrite: bool = False  # delete what the run folder holds and start afresh, instead of resuming or refusing
 
 
 @dataclass
@@ -96,8 +101,8 @@ class MLMConfig:
     whole_word: bool = False  # mask every piece of a selected word together
     packing: bool = True  # concatenate short texts into full max_length sequences
     eval_rows: int = 512  # fixed held-out sample for masked-LM loss / perplexity
-    # Micro-batches tokenized and packed ahead in a background thread, overlapping the training step. None: 4 on a
-    # GPU (the host is otherwise idle while the GPU works), 0 on CPU (the same cores would do both).
+    # Micro-batches padded and masked ahead by Ray Data's iterator threads, overlapping the training step (the
+    # tokenizing and packing run in Ray Data tasks of their own). None: 4 on a GPU, 1 on CPU; 0 counts as 1.
     prefetch: Optional[int] = None
 
 
@@ -139,7 +144,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, eval_every=100, metric="loss"))
     mlm: MLMConfig = field(default_factory=MLMConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain"))
+    run: RunConfig = field(default_factory=RunConfig)
 
     def check(self) -> list[str]:
         errors = _check_common(self)
@@ -189,8 +194,8 @@ def _check_common(cfg: FinetuneConfig | PretrainConfig) -> list[str]:
     _positive(e, "train.log_every", t.log_every)
     if t.mixed_precision in ("bf16", "fp16") and not r.use_gpu:
         e.append(f"train.mixed_precision: {t.mixed_precision!r} needs run.use_gpu=true (use 'auto' or 'no' on CPU)")
-    if not r.name or "/" in r.name:
-        e.append(f"run.name: must be a non-empty name without '/', got {r.name!r}")
+    if r.name is not None and (not r.name or "/" in r.name or r.name in (".", "..")):
+        e.append(f"run.name: must be a folder name (not empty, '.' or '..', no '/'), got {r.name!r}")
     if not r.storage:
         e.append("run.storage: required (local path or s3://bucket/prefix)")
     _positive(e, "run.num_workers", r.num_workers)
@@ -218,14 +223,7 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
     errors: list[str] = []
     raw: dict = {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError([f"cannot read config file: {exc.strerror}"], source) from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"not valid YAML: {exc}"], source) from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
     if data:
@@ -238,6 +236,40 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
     if errors:
         raise ConfigError(errors, source)
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config file's content; a ConfigError naming the file if it is a folder, not text, or not YAML."""
+    source = str(path)
+    if Path(path).is_dir():
+        raise ConfigError(["is a folder; give the path of a YAML config file"], source)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file: {exc.strerror}"], source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not a text file (byte {exc.start} is not UTF-8); give a YAML config file"],
+                          source) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"], source) from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -346,7 +378,10 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
             kwargs[name] = _build(t, merged, f"{prefix}{name}.", errors)
         else:
             ok, value = _coerce(raw[name], t)
-            if ok:
+            if ok and isinstance(value, float) and not math.isfinite(value):
+                # YAML reads .inf and .nan as floats; no setting means either, and they fail far from here.
+                errors.append(f"{prefix}{name}: must be a finite number, got {value}")
+            elif ok:
                 kwargs[name] = value
             else:
                 errors.append(f"{prefix}{name}: expected {_type_name(t)}, got {raw[name]!r}")
@@ -424,6 +459,10 @@ class LabelConfig:
     actors: Optional[int] = None  # inference actors; None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # > 0 runs inference on GPUs (fractions share a GPU)
+    # Ray CPUs each read+tokenize and build+write task reserves; the tasks fill the CPUs the actors leave free
+    # (two per CPU at 0.5, so one reads while the other tokenizes). Where actors take every CPU (CPU actors by
+    # default) the tasks run beside them unreserved, one per actor per stage.
+    cpus_per_task: float = 0.5
     # CPU only. int8: dynamic, encoder linears only, weights per channel. bf16: the whole model in bf16, for CPUs
     # with AVX512-BF16 or AMX (emulated, and slower than fp32, elsewhere). With the demo model on an AVX512-BF16
     # CPU, int8 ran SST-2 at 2.1-2.3x fp32's rate and changed 15 of 872 validation labels and 25 of 1,821 test
@@ -448,6 +487,7 @@ class LabelConfig:
         _positive(e, "actors", self.actors)
         _positive(e, "cpus_per_actor", self.cpus_per_actor)
         _positive(e, "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        _positive(e, "cpus_per_task", self.cpus_per_task)
         _quantize_on_cpu(e, self.quantize, "gpus_per_actor", self.gpus_per_actor)
         if not 0 <= self.confidence_threshold <= 1:
             e.append(f"confidence_threshold: must be in [0, 1], got {self.confidence_threshold}")
@@ -478,22 +518,9 @@ class ServeConfig:
     max_replicas: int = 4
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
-    max_batch_size: int = 32  # texts batched across callers into one forward pass
-    # How long the first text of a batch waits for others when the model is idle. Under load batches fill while
-    # the previous pass runs, so this can stay short: 2 ms against 10 ms kept batches at 32 callers the same
-    # size (15.6 texts) and cut a lone caller's p99 from 77-94 to 64 ms (bench/serve_load.py, 2-core CPU).
-    batch_wait_timeout_s: float = 0.002
-    batching: bool = True  # off: each request runs alone (for benchmarks)
-    # After a pass for several callers, how long the next batch may wait for them to send again: this much per
-    # caller answered, never longer than the pass took, and over once max_batch_size texts are queued; 0: no wait.
-    # Callers that send their next request when answered otherwise split into groups that take turns on the model
-    # with part-full batches (serve.Classifier._release_model). The replica sends all their answers before the
-    # first can come back: on the 2-core VM the first was back after 7 ms (p50) for a pass of 8 callers, 20 ms for
-    # 32, and all were back after 9 and 32 ms, the longest 37 and 68 ms (int8, bench/serve_load.py, a patch
-    # logging the waits). Callers that do not come back (one-off or open-loop traffic) would cost that wait of idle
-    # model after every pass, so a replica skips the next waits after one they did not come back to
-    # (serve.Classifier._note_regroup).
-    regroup_s_per_caller: float = 0.002
+    # Most texts one forward pass takes, from however many callers; a request of more runs alone. Passes follow each
+    # other with no wait: texts that arrive during one make up the next (bertray.batching).
+    max_batch_size: int = 32
     max_texts: int = 64  # per request
     max_text_chars: int = 10_000  # per text
     max_ongoing_requests: int = 64  # per replica, before requests queue
@@ -501,15 +528,12 @@ class ServeConfig:
     api_key_env: Optional[str] = None  # name of an env var holding a bearer token; None: no auth
     # Padded tokens per inference micro-batch; None: SERVE_CPU_TOKEN_BUDGET on CPU, Predictor's default on GPU.
     token_budget: Optional[int] = None
-    # As LabelConfig.quantize. On CPU, int8 also makes batching pay more: in the batches a replica formed at 32
-    # callers the int8 model alone ran 1.52-2.01x faster per text than one text at a time, fp32 1.28-1.40x
-    # (bench/serve_load.py, BENCHMARKS "Serving", session 11).
+    # As LabelConfig.quantize. On CPU, int8 also gains more from batching than fp32 (BENCHMARKS.md, "Serving").
     quantize: Literal["none", "int8", "bf16"] = "none"
     # Who takes HTTP requests on host:port. haproxy: Ray Serve's HAProxy ingress (Ray's "high throughput" mode)
     # forwards each request straight to an HTTP server inside a replica. proxy: Ray's Python proxy actor, which
-    # hands each request to a replica by actor call and is called back for its body. At 32 callers on the 2-core
-    # CPU, haproxy served 1.31-1.63x the requests per second of proxy with batching on (fp32; bench/serve_load.py,
-    # BENCHMARKS "Serving", session 12). It applies where bertray starts Serve (`bertray serve`, serve.deploy); a
+    # hands each request to a replica by actor call and is called back for its body, which costs CPU that batching
+    # saves (BENCHMARKS.md, "Serving"). It applies where bertray starts Serve (`bertray serve`, serve.deploy); a
     # Serve already running, or one started by `serve deploy` / a RayService, keeps the ingress its cluster was
     # started with (RAY_SERVE_ENABLE_HA_PROXY in the nodes' environment; cluster/rayservice.yaml sets it).
     ingress: Literal["haproxy", "proxy"] = "haproxy"
@@ -524,8 +548,6 @@ class ServeConfig:
         for name in ("replicas", "min_replicas", "max_replicas", "max_batch_size", "max_texts", "max_text_chars",
                      "max_ongoing_requests", "max_queued_requests", "token_budget", "cpus_per_replica"):
             _positive(e, name, getattr(self, name))
-        _positive(e, "batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
-        _positive(e, "regroup_s_per_caller", self.regroup_s_per_caller, allow_zero=True)
         _quantize_on_cpu(e, self.quantize, "gpus_per_replica", self.gpus_per_replica)
         if self.autoscaling and self.min_replicas > self.max_replicas:
             e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
@@ -576,7 +598,6 @@ class SearchConfig:
 @dataclass
 class TuneConfig(FinetuneConfig):
     """A fine-tuning config (every trial's base) plus the search: the same sections, so the same defaults."""
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="sweep"))
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def trial_base(self) -> FinetuneConfig:

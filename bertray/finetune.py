@@ -26,6 +26,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
     train, val = load_splits(cfg)
+    cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
     objective = ClassificationObjective(cfg, ray.put((train.texts, train.labels)), ray.put((val.texts, val.labels)),
                                         train.label_names, report={"train": train.report, "validation": val.report})
     log.info("fine-tuning %s on %d train / %d validation rows, classes %s", cfg.model.base, len(train.texts),
@@ -52,13 +53,19 @@ def load_splits(cfg: FinetuneConfig) -> tuple[D.Labeled, D.Labeled]:
         train.report["split"] = val.report["split"] = f"stratified {d.validation_fraction:.0%} of train, seed {cfg.train.seed}"
     train = D.sample(train, d.max_train_rows, cfg.train.seed)
     val = D.sample(val, d.max_validation_rows, cfg.train.seed)
-    for name, part in (("train", train), ("validation", val)):
+    for part in ({p.report["source"]: p for p in (full, val)}).values():  # one line per data read, not per split
         dropped = part.report.get("dropped")
         if dropped:
             log.warning("%s: dropped %s of %d rows (%s)", part.report["source"], sum(dropped.values()),
                         part.report["rows_read"], ", ".join(f"{k}: {v}" for k, v in dropped.items()))
+    for part in (train, val):
+        part.report["rows_in_split"] = len(part.texts)
     if len(val.texts) == 0:
         raise D.DataError(f"{d.validation or d.train}: validation set is empty")
+    unseen = D.check_classes(train)
+    if unseen:
+        log.warning("%s: no training rows for class(es) %s; the model will never predict them (drop them from "
+                    "data.labels / labels.json, or add rows)", d.train, ", ".join(map(repr, unseen)))
     return train, val
 
 

@@ -1,24 +1,200 @@
-"""Driver side of training, shared by pretraining, fine-tuning and sweeps: build the Ray `TorchTrainer`,
-then export the best checkpoint and write the run's artifacts."""
+"""Driver side of training, shared by pretraining, fine-tuning and sweeps: name the run and claim its folder,
+build the Ray `TorchTrainer`, then export the best checkpoint and write the run's artifacts."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from bertray import checkpoint as ckpt_io
 from bertray import metrics as M
 from bertray import storage
-from bertray.train_loop import Objective, train_loop_per_worker
+from bertray.config import ConfigError, to_dict
+from bertray.train_loop import DIVERGED, Objective, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"  # what the run in a folder was started with: its config and data fingerprints
+# Keys a re-run may change and still resume: where the run lives and runs, its retry budget, its CPUs and its
+# progress lines, none of which changes what is trained (a sweep keeps the retry budget it started with). The data
+# paths are left out because the data itself is fingerprinted: by content (fine-tuning) or file listing (pretraining).
+RESUMABLE_KEYS = ("run.name", "run.storage", "run.overwrite", "run.ray_address", "run.max_failures",
+                  "run.cpus_per_worker", "train.log_every", "data.train", "data.validation",
+                  "search.resume_failed", "search.keep_train_state")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite: nothing is exported (the message says when, and what to change)."""
+
+
+class RunConflict(ConfigError):
+    """The run folder holds another run: one line saying what differs and how to start afresh."""
+
+    def __init__(self, message: str):
+        self.errors = [message]
+        ValueError.__init__(self, message)
 
 
 def run_dir(cfg) -> str:
     return storage.join(cfg.run.storage if storage.is_remote(cfg.run.storage) else os.path.abspath(cfg.run.storage),
                         cfg.run.name)
+
+
+# --------------------------------------------------------------------------------------------------- run identity
+
+
+def start_run(cfg, stage: str, data: dict):
+    """Name the run and claim its folder, before Ray Train starts; returns `cfg` with `run.name` set.
+
+    A run is its stage, its config less RESUMABLE_KEYS, and `data` (from labeled_data or files_part). Without a
+    run.name it is named `<stage>-<first 8 hex digits of that fingerprint>`: the same command finds its folder
+    again, other settings or data get another. A folder holding the same run resumes it; one holding another run,
+    or files but no RUN_FILE, is refused in one line, unless run.overwrite empties it first."""
+    fp = fingerprint(cfg, stage, data)
+    if cfg.run.name is None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{stage}-{fp['fingerprint'][:8]}"))
+    rdir = run_dir(cfg)
+    path = storage.join(rdir, RUN_FILE)
+    fresh = "; start a new one with --set run.name=NAME, or pass --overwrite to replace it"
+    if cfg.run.overwrite and storage.exists(rdir):
+        log.warning("run.overwrite: deleting %s to start afresh", rdir)
+        storage.delete(rdir)
+    elif storage.exists(path):
+        before = json.loads(storage.read_text(path))
+        if before.get("fingerprint") == fp["fingerprint"]:
+            log.info("run %s: same settings and data as when it started; resuming", rdir)
+            return cfg
+        raise RunConflict(f"{rdir} already holds {describe_difference(before, fp)}{fresh}")
+    elif _holds_files(rdir):
+        raise RunConflict(f"{rdir} holds files but no {RUN_FILE} (a run of an older bertray, or no run at all), so "
+                          f"whether it is this run is unknown{fresh}")
+    fp["config"] = to_dict(cfg)  # with the name it was given
+    storage.write_text(path, json.dumps(fp, indent=2, default=str))
+    log.info("run %s: new", rdir)
+    return cfg
+
+
+def fingerprint(cfg, stage: str, data: dict) -> dict:
+    """What makes two runs the same run: {stage, fingerprint, config_sha256, data_sha256, data, config}."""
+    config = to_dict(cfg)
+    config_sha, data_sha = _sha(_run_settings(config)), _sha(_content(data))
+    return {"stage": stage, "fingerprint": _sha({"stage": stage, "config": config_sha, "data": data_sha}),
+            "config_sha256": config_sha, "data_sha256": data_sha, "data": data, "config": config}
+
+
+def labeled_data(train, val) -> dict:
+    """A classifier run's data: every text and label id trained and validated on, and the class names."""
+    return {"train": _rows_part(train), "validation": _rows_part(val), "classes": list(train.label_names)}
+
+
+def files_part(source: str, files: list[str]) -> dict:
+    """A file listing's fingerprint (paths, sizes, modification times) without reading any data. One listing per
+    folder, not a request per file, which on S3 would cost a round trip each."""
+    import pyarrow.fs as pafs
+
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(f)[1] for f in files]
+    infos = {}
+    for folder in dict.fromkeys(p.rsplit("/", 1)[0] for p in paths):
+        infos.update((i.path, i) for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)))
+    missing = [p for p in paths if p not in infos]
+    infos.update((i.path, i) for i in (fs.get_file_info(missing) if missing else []))
+    h = hashlib.sha256()
+    for f, p in zip(files, paths):
+        h.update(f"{f}\t{infos[p].size}\t{infos[p].mtime_ns}\n".encode())
+    return {"source": source, "files": len(files), "bytes": sum(infos[p].size or 0 for p in paths),
+            "sha256": h.hexdigest()}
+
+
+def describe_difference(before: dict, now: dict) -> str:
+    """What a run recorded in RUN_FILE differs in, e.g. 'a run with other settings (optim.lr: 5e-05 -> 3e-05)'."""
+    if before.get("stage") != now["stage"]:
+        return f"a {before.get('stage')} run, not a {now['stage']} one"
+    old, new = _run_settings(before.get("config") or {}), _run_settings(now["config"])
+    old_data, new_data = before.get("data") or {}, now["data"]
+    old_content, new_content = _content(old_data), _content(new_data)
+    what, details = [], []
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, "unset") != new.get(k, "unset")]
+    if changed:
+        what.append("other settings")
+        details += [f"{k}: {_short(old.get(k, 'unset'))} -> {_short(new.get(k, 'unset'))}" for k in changed]
+    changed = [k for k in dict.fromkeys([*new_data, *old_data]) if old_content.get(k) != new_content.get(k)]
+    if changed:
+        what.append("other training data")
+        details += [_data_change(k, old_data.get(k), new_data.get(k)) for k in changed]
+    if not what:
+        return "a run fingerprinted differently (by another bertray version)"
+    if len(details) > 6:
+        details = details[:5] + [f"{len(details) - 5} more"]
+    return f"a run with {' and '.join(what)} ({'; '.join(details)})"
+
+
+def _data_change(key: str, a, b) -> str:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return f"{key}: {_short(a)} then, {_short(b)} now"
+    if a.get("source") != b.get("source"):
+        return f"{key}: {a.get('source')} with {_size(a)} then, {b.get('source')} with {_size(b)} now"
+    if _size(a) != _size(b):
+        return f"{key}: {b['source']}, {_size(a)} then, {_size(b)} now"
+    return f"{key}: {b['source']}, other content in the same {_size(b)}"
+
+
+def _size(part: dict) -> str:
+    return f"{part['rows']:,} rows" if "rows" in part else f"{part.get('files', 0):,} files of {part.get('bytes', 0):,} bytes"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _run_settings(config: dict) -> dict:
+    """The flattened config a run is identified by: all of it but RESUMABLE_KEYS, as JSON would store it."""
+    flat = _flatten(json.loads(json.dumps(config, default=str)))
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        # search.space values are themselves dicts of distributions: compare them whole.
+        if isinstance(v, dict) and v and prefix + k != "search.space":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _content(data: dict) -> dict:
+    """`data` without where it was read from: moved data is the same data."""
+    return {k: {f: x for f, x in v.items() if f != "source"} if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _rows_part(part) -> dict:
+    h = hashlib.sha256()
+    for t in part.texts:
+        # Length-prefixed, so no two lists of texts hash alike; surrogatepass, so a lone surrogate still hashes.
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little") + b)
+    h.update(np.asarray(part.labels, dtype=np.int64).tobytes())
+    return {"source": part.report["source"], "rows": len(part.texts), "sha256": h.hexdigest()}
+
+
+def _holds_files(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri)
+    return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
 
 
 def torch_trainer_cls(dashboard: bool | None = None):
@@ -99,6 +275,8 @@ def export_run(cfg, result, objective: Objective, out_uri: str | None = None) ->
     """Export the best checkpoint as `<run dir>/model` and write metrics.json, curves.png and (for
     classifiers) confusion_matrix.png beside it. Returns the run summary."""
     rdir = run_dir(cfg)
+    if DIVERGED in (result.metrics or {}):
+        raise TrainingDiverged(f"{rdir}: {result.metrics[DIVERGED]}")
     out_uri = out_uri or storage.join(rdir, "model")
     best, best_metrics = best_checkpoint(result, objective.metric, objective.mode)
     with tempfile.TemporaryDirectory(prefix="bertray-export-") as tmp:

@@ -38,11 +38,10 @@ from pathlib import Path
 from bertray import checkpoint as ckpt_io
 from bertray import finetune, runtime, storage, trainer
 from bertray.metrics import mode_of
-from bertray.config import ConfigError, FinetuneConfig, TuneConfig, parse_space, planned_trials, to_dict
+from bertray.config import ConfigError, FinetuneConfig, TuneConfig, parse_space, planned_trials
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"  # the resolved config a sweep started with; a resume must match it
 # A trial that ends below its planned steps without early stopping was stopped by ASHA (or PBT's cut-off).
 FINISHED, STOPPED, PATIENCE, FAILED, INTERRUPTED = ("finished", "stopped early (scheduler)",
                                                     "stopped early (patience)", "failed", "interrupted")
@@ -62,9 +61,10 @@ def run(cfg: TuneConfig) -> dict:
     import ray
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
-    base = cfg.trial_base()
     concurrency = _concurrency(cfg)
-    train, val = finetune.load_splits(base)
+    train, val = finetune.load_splits(cfg.trial_base())
+    cfg = trainer.start_run(cfg, "sweep", trainer.labeled_data(train, val))
+    base = cfg.trial_base()  # with the run's name, under which the trials' Ray Train runs are stored
     data = SweepData(ray.put((train.texts, train.labels)), ray.put((val.texts, val.labels)), train.label_names,
                      {"train": train.report, "validation": val.report})
     # Built on the driver only for its metric and mode; each trial builds its own from the trial's config.
@@ -177,13 +177,12 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
     rdir = trainer.run_dir(cfg)
     fs, exp_path = storage.filesystem(rdir)
     fs_arg = fs if storage.is_remote(rdir) else None
+    # trainer.start_run has checked that the sweep in this folder, if any, is this sweep.
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs_arg):
-        _check_same_sweep(cfg, rdir)
         log.info("resuming the sweep at %s (finished trials are kept, unfinished ones continue from their last "
                  "checkpoint%s)", rdir, ", failed ones are retried" if s.resume_failed else "")
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=s.resume_failed, restart_errored=False, storage_filesystem=fs_arg)
-    storage.write_text(storage.join(rdir, SWEEP_FILE), json.dumps(to_dict(cfg), indent=2, default=str))
     space, _ = parse_space(s.space)  # already checked when the config was loaded
     keep = cfg.run.keep_checkpoints
     # The scheduler may compare trials on another metric than the one that ranks them. Tune then takes each metric
@@ -292,34 +291,6 @@ def _concurrency(cfg: TuneConfig) -> int:
         raise ConfigError([f"search: one trial needs {per} x ({s.cpus_per_trial} CPU, {s.gpus_per_trial} GPU) but the "
                            f"cluster has {res.get('CPU', 0)} CPU and {res.get('GPU', 0)} GPU"], "resources")
     return min(fits, s.max_concurrent_trials) if s.max_concurrent_trials else fits
-
-
-def _check_same_sweep(cfg: TuneConfig, rdir: str) -> None:
-    """Resuming continues the trials a sweep started with; a changed space or base config would mix two sweeps."""
-    path = storage.join(rdir, SWEEP_FILE)
-    if not storage.exists(path):
-        return
-    # Only where Ray runs and whether to retry failures may change: Tune restores everything else (trials, their
-    # resources, the searcher and scheduler, failure and checkpoint settings) as the sweep started.
-    free = ("run.ray_address", "search.resume_failed", "search.keep_train_state")
-    before = _flatten(json.loads(storage.read_text(path)))
-    now = _flatten(json.loads(json.dumps(to_dict(cfg), default=str)))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(free))
-    if changed:
-        raise ConfigError([f"{k}: was {before.get(k)!r} when the sweep started, now {now.get(k)!r}" for k in changed]
-                          + [f"the sweep at {rdir} would resume with different settings; choose a new run.name, "
-                             "or delete that folder to start over"], "resume")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        # search.space values are themselves dicts of distributions: compare them whole.
-        if isinstance(v, dict) and v and prefix + k != "search.space":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- results

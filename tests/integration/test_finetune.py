@@ -152,6 +152,54 @@ def test_rerunning_the_same_command_resumes_after_driver_dies(ray_cluster, tiny_
     assert summary["resumed_at"] and summary["resumed_at"][0] >= 5
 
 
+@pytest.mark.s3
+def test_rerun_with_other_data_is_refused_before_training_and_overwrite_starts_afresh(two_worker_run, tiny_bert,
+                                                                                       tmp_path, capsys):
+    """The same run name with other data once resumed the old run and exported its weights under the new labels.
+    Now it is refused in one line before anything is written; --overwrite replaces the folder and trains anew."""
+    import shutil
+
+    from bertray import cli
+
+    words = {"negative": ["awful", "dreadful", "boring", "terrible"],
+             "positive": ["wonderful", "superb", "delightful", "brilliant"]}
+    rows = [(f"{a} and {b}", label) for label, ws in words.items() for a in ws for b in ws]
+    for split in ("train", "validation"):
+        pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [y for _, y in rows]}), tmp_path / f"{split}.parquet")
+    args = ["finetune", "--set", "model.max_length=48", "--set", "optim.lr=1e-3", "--set", "train.batch_size=16",
+            "--set", "train.max_steps=12", "--set", "train.eval_every=4", "--set", "train.log_every=4",
+            "--set", f"data.train={tmp_path}/train.parquet", "--set", f"data.validation={tmp_path}/validation.parquet"]
+
+    # The shared run's own settings, other data.
+    bucket = "s3://finetune-shared"
+    old_run = f"{bucket}/runs/two-workers"
+    before = storage.list_files(old_run)
+    assert cli.main([*args, "--set", f"model.base={bucket}/models/tiny", "--name", "two-workers",
+                     "--storage", f"{bucket}/runs", "--num-workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"error: {old_run} already holds a run with other training data (train: "), err
+    assert "with 400 rows then" in err[-1] and "with 32 rows now" in err[-1] and "other settings" not in err[-1]
+    assert err[-1].endswith("start a new one with --set run.name=NAME, or pass --overwrite to replace it")
+    assert storage.list_files(old_run) == before
+
+    # A local copy of that run, replaced with --overwrite: trained from step 0 on the new data, long enough (at a
+    # high rate) for the tiny model to learn it.
+    _, old_local = two_worker_run
+    runs = tmp_path / "runs"
+    shutil.copytree(old_local, runs / "two-workers")
+    (runs / "two-workers" / "stale.txt").write_text("from the old run")
+    assert cli.main([*args, "--set", f"model.base={tiny_bert}", "--name", "two-workers", "--storage", str(runs),
+                     "--num-workers", "1", "--set", "train.max_steps=24", "--set", "train.eval_every=12",
+                     "--set", "optim.lr=1e-2", "--overwrite"]) == 0
+    summary = json.loads((runs / "two-workers" / "metrics.json").read_text())
+    assert summary["final_step"] == 24 and summary["resumed_at"] == []
+    assert not (runs / "two-workers" / "stale.txt").exists()
+    pred = Predictor(str(runs / "two-workers" / "model"))
+    probs = pred.predict([t for t, _ in rows]).probs
+    predicted = [pred.label_names[i] for i in probs.argmax(-1)]
+    assert np.mean([p == y for p, (_, y) in zip(predicted, rows)]) >= 0.9
+
+
 @pytest.mark.slow
 def test_embedded_minilm_finetunes_for_a_few_steps(ray_cluster, sst2_small, tmp_path):
     cfg = C.load(C.FinetuneConfig, data={

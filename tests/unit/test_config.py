@@ -103,9 +103,63 @@ def test_validate_subprocess_no_traceback(tmp_path):
     assert "Traceback" not in r.stderr and "model: expected a mapping" in r.stderr
 
 
-def test_the_regroup_wait_can_be_turned_off_but_not_negative():
-    assert C.load(C.ServeConfig, data={"model": "m"}, overrides=["regroup_s_per_caller=0"]).regroup_s_per_caller == 0
-    with pytest.raises(C.ConfigError, match="regroup_s_per_caller"):
-        C.load(C.ServeConfig, data={"model": "m", "regroup_s_per_caller": -0.001})
-    with pytest.raises(C.ConfigError, match="regroup_s_per_caller: must be a number, got nan"):
-        C.load(C.ServeConfig, data={"model": "m"}, overrides=["regroup_s_per_caller=nan"])
+def test_serve_batches_have_a_size_and_no_timers():
+    """Batching waits on no timer any more (bertray.batching), so the old timer keys are unknown, not ignored."""
+    with pytest.raises(C.ConfigError, match="max_batch_size: must be > 0, got 0"):
+        C.load(C.ServeConfig, data={"model": "m", "max_batch_size": 0})
+    for key in ("batch_wait_timeout_s", "regroup_s_per_caller"):
+        with pytest.raises(C.ConfigError, match=f"{key}: unknown key"):
+            C.load(C.ServeConfig, data={"model": "m", key: 0.002})
+
+
+def test_every_float_setting_must_be_finite_and_all_are_reported_at_once(tmp_path):
+    f = tmp_path / "inf.yaml"
+    f.write_text("optim:\n  lr: .inf\ntrain:\n  epochs: .inf\nmodel:\n  dropout: .nan\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(C.FinetuneConfig, f, overrides=["optim.warmup_ratio=-inf"])
+    msg = str(e.value)
+    for key, value in (("optim.lr", "inf"), ("train.epochs", "inf"), ("model.dropout", "nan"),
+                       ("optim.warmup_ratio", "-inf")):
+        assert f"{key}: must be a finite number, got {value}" in msg, msg
+
+
+@pytest.mark.parametrize("content,words", [
+    (bytes(range(128, 256)), "not a text file (byte 0 is not UTF-8)"),
+    (b"optim: [1, 2\n", "not valid YAML at line 2 column 1"),
+    (b"optim:\n  lr: 1.0e-5\noptim:\n  lr: 2.0e-5\n", "key 'optim' given twice (first at line 1)"),
+    (b"optim:\n  lr: 1.0e-5\n  lr: 2.0e-5\n", "key 'lr' given twice (first at line 2)"),
+    (None, "is a folder; give the path of a YAML config file"),
+])
+def test_unreadable_configs_get_one_line_from_validate_and_every_stage(tmp_path, capsys, content, words):
+    from bertray import cli
+
+    path = tmp_path / "c.yaml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    for argv in (["validate", str(path)], ["validate", "--stage", "label", str(path)],
+                 ["finetune", "--config", str(path)], ["label", "--config", str(path)]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 2, (argv, err)
+
+
+def test_a_shorthand_flag_that_contradicts_a_set_is_refused(capsys):
+    from bertray import cli
+
+    assert cli.main(["finetune", "--num-workers", "2", "--set", "run.num_workers=4", "--set", "data.train=x"]) == 2
+    assert "--num-workers 2 contradicts --set run.num_workers=4; give one of them" in capsys.readouterr().err
+    cfg = cli.build_config("finetune", None, ["run.num_workers=2", "data.train=x"], {"num_workers": "2"})
+    assert cfg.run.num_workers == 2  # saying the same thing twice is fine
+
+
+def test_passthrough_takes_comma_separated_columns():
+    from bertray import cli
+
+    cfg = cli.build_config("label", None, [], {"model": "m", "input": "i", "output": "o", "passthrough": "a, b,c"})
+    assert cfg.passthrough == ["a", "b", "c"]
+
+
+def test_predict_refuses_an_empty_text_as_serve_does(capsys):
+    from bertray import cli
+
+    assert cli.main(["predict", "unused-model", "fine", "  "]) == 1
+    assert capsys.readouterr().err == "error: text 2: empty text\n"
