@@ -4,14 +4,14 @@ Keep training the base encoder's masked-LM objective on unlabeled in-domain text
 result (`bertray finetune --set model.base=<storage>/<name>/model`): the encoder carries over, the
 classification head is new.
 
-Data. Unlabeled text is read from Parquet (local or s3://, any number of files, larger than memory) by Ray Data
-and streamed to the DDP workers. Each worker cleans its shard's texts, tokenizes them and either packs them
-(documents joined with [SEP] and cut into full `max_length` sequences, so short sentences waste no compute on
-padding) or truncates each to `max_length`, then masks 15% of the non-special tokens (80% [MASK], 10% a random
-token, 10% kept; optionally whole words). On a GPU, tokenizing and packing run a few micro-batches ahead in a
-background thread (`mlm.prefetch`), so they overlap the training step instead of adding to it. A stream has no
-fixed length, so the schedule is in optimizer steps (`train.max_steps`) and a new pass over the data starts
-whenever one ends.
+Data. Unlabeled text is read from Parquet (local or s3://, any number of files, larger than memory) by a Ray Data
+pipeline and streamed to the DDP workers. Its CPU tasks, spread over the cluster's free CPUs, clean the texts,
+tokenize them and either pack them (documents joined with [SEP] and cut into full `max_length` sequences, so short
+sentences waste no compute on padding) or truncate each to `max_length`. Each worker takes its shard with
+`iter_torch_batches`, whose threads pad the sequences and mask 15% of the non-special tokens (80% [MASK], 10% a
+random token, 10% kept; optionally whole words) `mlm.prefetch` micro-batches ahead: the training process only
+trains. A stream has no fixed length, so the schedule is in optimizer steps (`train.max_steps`) and a new pass over
+the data starts whenever one ends.
 
 Evaluation. A fixed sample of `mlm.eval_rows` texts (from `data.validation`, else the first rows of the last
 training file, which training then skips) is tokenized and masked once on the driver with a constant seed, so
@@ -27,6 +27,8 @@ and their masks are drawn afresh.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
@@ -37,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -79,8 +82,12 @@ def run(cfg: PretrainConfig) -> dict:
 
     report = {"train": {"source": cfg.data.train, "files": len(files), "text_columns": list(cfg.data.text_columns)},
               "eval": eval_report}
-    objective = MaskedLMObjective(cfg, ray.put((eval_batches, holdout)), report)
-    result = trainer.build_trainer(cfg, objective, datasets={"train": read_stream(files, cfg.data)}).fit()
+    data = {"train": trainer.files_part(cfg.data.train, files)}
+    if cfg.data.validation:
+        data["validation"] = trainer.files_part(cfg.data.validation, D.data_files(cfg.data.validation))
+    cfg = trainer.start_run(cfg, "pretrain", data)
+    objective = MaskedLMObjective(cfg, ray.put(eval_batches), report)
+    result = trainer.build_trainer(cfg, objective, datasets={"train": read_stream(files, cfg, holdout)}).fit()
     summary = trainer.export_run(cfg, result, objective)
     initial = summary["initial_metrics"] = ckpt_io.read_meta(summary["model"])["initial_metrics"]
     # export_run wrote metrics.json without the step-0 evaluation, which only this stage has.
@@ -127,16 +134,47 @@ def check_text_columns(path: str, columns: list[str]) -> None:
             raise D.DataError(f"{path}: text column {c!r} has type {t}, expected strings")
 
 
-def read_stream(files: list[str], d: DataConfig):
+def read_stream(files: list[str], cfg: PretrainConfig, holdout: frozenset = frozenset()):
+    """The training stream as a Ray Data pipeline: Parquet reads, then tokenizing and packing in CPU tasks across
+    the cluster, as token sequences. The training workers only pad and mask them (SequenceCollate)."""
     import ray
 
+    d = cfg.data
     fs, _ = storage.filesystem(files[0])
     ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs).select_columns(list(d.text_columns))
     if d.max_train_rows:
         ds = ds.limit(d.max_train_rows)  # the first rows of the stream, not a sample: a stream cannot be sampled cheaply
+    ds = ds.map_batches(tokenize_batch, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
+                        fn_kwargs={"cfg": cfg, "holdout": holdout})
     # Every pass over the stream is a new Ray Data execution; its progress bars would drown the training lines.
     ds.context.enable_progress_bars = False
     return ds
+
+
+# Counted by the tokenize stage; sequences and tokens are counted where they are trained on.
+_STAGE_COUNTS = ("texts_read", "null_text", "empty_text", "held_out", "truncated")
+
+
+@functools.lru_cache(maxsize=2)
+def _stage_tokenizer(base: str):
+    # Once per Ray worker process: Ray Data runs many tasks in the same process, and a tokenizer takes a while to load.
+    return modeling.load_tokenizer(modeling.resolve(base))
+
+
+def tokenize_batch(table: pa.Table, cfg: PretrainConfig, holdout: frozenset) -> pa.Table:
+    """A Ray Data stage: a batch of texts -> token sequences, packed (or truncated) as SequenceStream does, one per
+    row. A batch's packing remainder is its last, shorter sequence. The first row carries the batch's counts of
+    texts read and dropped (the others 0), so the workers can sum them; a batch that yields no sequence is one
+    row with no tokens."""
+    stream = SequenceStream(_stage_tokenizer(cfg.model.base), cfg, holdout)
+    seqs = stream.sequences(stream.texts(table, cfg.data.train)) + stream.flush()
+    rows = max(1, len(seqs))
+    cols = {"input_ids": pa.array(seqs or [[]], pa.list_(pa.int32()))}
+    for key in _STAGE_COUNTS:
+        counts = np.zeros(rows, dtype=np.int64)
+        counts[0] = stream.counts[key]
+        cols[key] = pa.array(counts)
+    return pa.table(cols)
 
 
 def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], dict]:
@@ -237,6 +275,8 @@ class SequenceStream:
         return kept
 
     def sequences(self, texts: list[str]) -> list[list[int]]:
+        if not texts:  # the tokenizer fails on an empty batch
+            return []
         m = self.cfg.model
         if not self.cfg.mlm.packing:
             ids, cut = modeling.encode(self.tokenizer, texts, m.max_length, m.truncation)
@@ -304,55 +344,34 @@ def make_batch(seqs: list[list[int]], vocab: Vocab, mlm: MLMConfig, rng: np.rand
             "masked_labels": torch.from_numpy(labels.reshape(-1)[where])}
 
 
-def prefetched(source: Iterator, depth: int) -> Iterator:
-    """`source`, run `depth` items ahead in a background thread. The tokenizer releases the GIL, so a GPU worker
-    tokenizes and packs the next micro-batches while the current step runs. Errors reach the consumer; closing the
-    result (or abandoning it early) stops the thread and closes `source`, so Ray Data learns the pass is over."""
-    import queue
-    import threading
+class SequenceCollate:
+    """Pads and masks a batch of the stream's token sequences into a training micro-batch, in Ray Data's iterator
+    threads (`iter_torch_batches(collate_fn=...)`), so the next batches are ready while a step runs. Also returns
+    the counts the tokenize stage attached, under "counts"."""
 
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
+    def __init__(self, vocab: "Vocab", mlm: MLMConfig, seed: list[int], pad_multiple: int):
+        self.vocab, self.mlm, self.seed, self.pad_multiple = vocab, mlm, seed, pad_multiple
+        self._calls = itertools.count()  # thread-safe in CPython: each batch draws its masks from its own seed
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in source:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            put(_Failed(exc))
-        finally:
-            source.close()
-
-    thread = threading.Thread(target=produce, name="bertray-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is end:
-                return
-            if isinstance(item, _Failed):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def __call__(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        seqs = [s for s in table.column("input_ids").to_pylist() if s]
+        counts = torch.tensor([int(pc.sum(table.column(k)).as_py() or 0) for k in _STAGE_COUNTS])
+        if not seqs:
+            return {"counts": counts}
+        rng = np.random.default_rng([*self.seed, next(self._calls)])
+        return {**make_batch(seqs, self.vocab, self.mlm, rng, self.pad_multiple), "counts": counts}
 
 
-class _Failed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
+def _arrow_collate(fn):
+    """`fn` (pyarrow.Table -> tensors) as the ArrowBatchCollateFn that iter_torch_batches requires; built here, so
+    that importing this module does not import Ray Data."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class _Collate(ArrowBatchCollateFn):
+        def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+            return fn(batch)
+
+    return _Collate()
 
 
 # --------------------------------------------------------------------------------------------------- model side
@@ -463,8 +482,8 @@ class MaskedLMObjective(Objective):
         self.rank, self.world, self.device = rank, world, device
         self._tokenizer = modeling.load_tokenizer(modeling.resolve(self.cfg.model.base))
         self.vocab = Vocab(self._tokenizer)
-        self.eval_batches, holdout = ray.get(self.eval_ref)
-        self.stream = SequenceStream(self._tokenizer, self.cfg, holdout)
+        self.eval_batches = ray.get(self.eval_ref)
+        self.counts: Counter = Counter()  # what this worker's share of the stream held, since the (re)start
         self.shard = ray.train.get_dataset_shard("train")  # a barrier: every rank calls it here
         # Stream counts and the step-0 evaluation from before a restart live in the checkpoint.
         self.previous = previous = _checkpoint_meta(ray.train.get_checkpoint())
@@ -513,48 +532,40 @@ class MaskedLMObjective(Objective):
         if skip and self.rank == 0:
             _say(f"skipping the {skip} micro-batches of pass {epoch} trained on before the restart (the same count; "
                  "under streaming not necessarily the same texts)")
-        rng = np.random.default_rng([self.cfg.train.seed, self.rank, epoch, skip])
         depth = self.cfg.mlm.prefetch
         if depth is None:
-            depth = 4 if self.device.type == "cuda" else 0
-        source = prefetched(self._sequence_batches(epoch), depth) if depth else self._sequence_batches(epoch)
+            depth = 4 if self.device.type == "cuda" else 1
+        seed = self.cfg.train.seed
+        collate = SequenceCollate(self.vocab, self.cfg.mlm, [seed, self.rank, epoch, skip], self.pad_multiple)
+        batches = iter(self.shard.iter_torch_batches(
+            batch_size=self.cfg.train.batch_size, collate_fn=_arrow_collate(collate), device="cpu",
+            prefetch_batches=max(1, depth), pin_memory=self.device.type == "cuda",
+            local_shuffle_buffer_size=_SHUFFLE_ROWS, local_shuffle_seed=(seed * 1_000_003 + epoch) * 64 + self.rank))
         produced = 0
         try:
             while True:
-                seqs = next(source, None)
-                if not self._all_ranks_have(seqs is not None):
+                batch = next(batches, None)
+                if batch is not None:
+                    self.counts.update(dict(zip(_STAGE_COUNTS, batch.pop("counts").tolist())))
+                    if "input_ids" not in batch:
+                        continue  # every text of that stretch was empty or held out
+                if not self._all_ranks_have(batch is not None):
                     break
                 produced += 1
                 if produced <= skip:
                     continue
-                self.stream.counts["sequences"] += len(seqs)
-                self.stream.counts["tokens"] += sum(map(len, seqs))
-                yield make_batch(seqs, self.vocab, self.cfg.mlm, rng, self.pad_multiple)
+                real = batch["attention_mask"]
+                self.counts["sequences"] += int(real.shape[0])
+                self.counts["tokens"] += int(real.sum())
+                yield batch
         finally:
-            source.close()
+            close = getattr(batches, "close", None)
+            if close:
+                close()  # tells Ray Data this split is done with the pass, also when stopped early
         if produced == 0:
             raise D.DataError(f"{self.cfg.data.train}: no training text reached worker {self.rank} "
-                              f"({dict(self.stream.counts) or 'no rows'}); too few rows for {self.world} workers, "
+                              f"({dict(self.counts) or 'no rows'}); too few rows for {self.world} workers, "
                               "or every text was empty or held out for evaluation")
-
-    def _sequence_batches(self, epoch: int) -> Iterator[list[list[int]]]:
-        bs = self.cfg.train.batch_size
-        self.stream.flush()  # a pass cut short by another rank leaves a remainder; start clean
-        rows = iter(self.shard.iter_batches(
-            batch_size=_ROWS_PER_READ, batch_format="pyarrow", local_shuffle_buffer_size=_SHUFFLE_ROWS,
-            local_shuffle_seed=(self.cfg.train.seed * 1_000_003 + epoch) * 64 + self.rank))
-        pending: list[list[int]] = []
-        try:
-            for table in rows:
-                pending += self.stream.sequences(self.stream.texts(table, self.cfg.data.train))
-                while len(pending) >= bs:
-                    yield pending[:bs]
-                    del pending[:bs]
-        finally:
-            rows.close()  # tells Ray Data this split is done with the pass, also when stopped early
-        pending += self.stream.flush()
-        for i in range(0, len(pending), bs):
-            yield pending[i:i + bs]
 
     def _all_ranks_have(self, have: bool) -> bool:
         if self.world == 1:
@@ -582,7 +593,7 @@ class MaskedLMObjective(Objective):
         net = getattr(model, "module", model)
         net.eval()
         loss_sum, n = masked_lm_sums(net, self.eval_batches[self.rank::self.world], device, self.gather)
-        counts = [self.stream.counts[k] for k in _COUNTS]
+        counts = [self.counts[k] for k in _COUNTS]
         if self.world > 1 and dist.is_initialized():
             t = torch.tensor([loss_sum, n, *counts], dtype=torch.float64, device=device)
             dist.all_reduce(t)

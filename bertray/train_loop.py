@@ -42,10 +42,6 @@ _SCRATCH_NAME = re.compile(r"bertray-(ckpt|restore)-(\d+)-[^/]+")
 _ORPHAN_MIN_AGE_S = 3600
 
 
-# The key of the last report of a run whose loss stopped being finite; its value is the one-line message.
-DIVERGED = "diverged"
-
-
 class Objective:
     """What a training objective supplies to the loop. Subclasses are built on the driver (cheap, picklable) and
     `setup` runs once on each worker."""
@@ -153,7 +149,7 @@ class _TuneSession(_Session):
 # --------------------------------------------------------------------------------------------------- the loop
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> str | None:
     """Entry point for Ray Train (`TorchTrainer(train_loop_per_worker, train_loop_config=config)`) and Tune.
 
     config: {"cfg": stage config (dataclass), "objective": Objective, "session": "train"|"tune",
@@ -167,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
     _seed(cfg.train.seed + session.rank)
     torch.set_num_threads(max(1, int(os.environ.get("BERTRAY_TORCH_THREADS", torch.get_num_threads()))))
     objective.setup(session.rank, session.world, session.device)
-    Loop(cfg, objective, session).run()
+    return Loop(cfg, objective, session).run()
 
 
 class Loop:
@@ -203,7 +199,9 @@ class Loop:
 
     # ----------------------------------------------------------------------------------------------- driving
 
-    def run(self) -> None:
+    def run(self) -> str | None:
+        """Train to the end; returns None, or the one-line message of a run whose loss stopped being finite (Ray
+        Train hands rank 0's return value to the driver as Result.return_value)."""
         st, cfg = self.state, self.cfg
         accum = cfg.optim.grad_accum_steps
         if self.is_main:
@@ -236,8 +234,8 @@ class Loop:
                 st.step += 1
                 if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
                     self._log_progress(window)
-                    if self._diverged():
-                        return
+                    if diverged := self._diverged():
+                        return diverged
                 if st.step % self.eval_every == 0 or st.step == self.total_steps:
                     self._evaluate_and_report()
                     reported = True
@@ -253,10 +251,11 @@ class Loop:
         if not reported:
             # A re-run of a finished run: report the restored state once so the driver has a result.
             self._evaluate_and_report()
+        return None
 
-    def _diverged(self) -> bool:
-        """Whether the loss just logged is not finite on any rank; then the run ends here, saying so, and nothing is
-        exported. Checked at progress lines only, where the loss is read back anyway."""
+    def _diverged(self) -> str | None:
+        """If the loss just logged is not finite on any rank, why the run ends here, in one line (nothing is
+        exported); else None. Checked at progress lines only, where the loss is read back anyway."""
         st = self.state
         bad = torch.tensor([0.0 if math.isfinite(st.history[-1]["train_loss"]) else 1.0], device=self.device)
         if self.s.world > 1:
@@ -264,7 +263,7 @@ class Loop:
 
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must stop together, or the others hang
         if not bad.item():
-            return False
+            return None
         last = next((h for h in reversed(st.history[:-1]) if math.isfinite(h.get("train_loss", math.nan))), None)
         message = (f"training diverged: the loss was not finite by step {st.step}"
                    + (f" (last finite loss {last['train_loss']:.4f} at step {last['step']})" if last else "")
@@ -273,8 +272,7 @@ class Loop:
             self._print(message)
         if isinstance(self.s, _TuneSession):
             raise RuntimeError(message)  # the trial ends as failed, and the sweep goes on
-        self.s.report({DIVERGED: message}, None)
-        return True
+        return message
 
     def _optimizer_step(self) -> None:
         max_norm = self.cfg.optim.max_grad_norm

@@ -16,7 +16,7 @@ from bertray import checkpoint as ckpt_io
 from bertray import metrics as M
 from bertray import storage
 from bertray.config import ConfigError, to_dict
-from bertray.train_loop import DIVERGED, Objective, train_loop_per_worker
+from bertray.train_loop import Objective, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,8 @@ def export_run(cfg, result, objective: Objective, out_uri: str | None = None) ->
     """Export the best checkpoint as `<run dir>/model` and write metrics.json, curves.png and (for
     classifiers) confusion_matrix.png beside it. Returns the run summary."""
     rdir = run_dir(cfg)
-    if DIVERGED in (result.metrics or {}):
-        raise TrainingDiverged(f"{rdir}: {result.metrics[DIVERGED]}")
+    if diverged := getattr(result, "return_value", None):  # the loop's message (train_loop.Loop.run)
+        raise TrainingDiverged(f"{rdir}: {diverged}")
     out_uri = out_uri or storage.join(rdir, "model")
     best, best_metrics = best_checkpoint(result, objective.metric, objective.mode)
     with tempfile.TemporaryDirectory(prefix="bertray-export-") as tmp:

@@ -246,3 +246,18 @@ def test_cli_predict_and_evaluate(two_worker_run, sst2_small, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 100 and 0 <= m["accuracy"] <= 1 and (out / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_a_loss_that_stops_being_finite_ends_the_run_in_one_line_and_exports_nothing(ray_cluster, tiny_bert,
+                                                                                     sst2_small, tmp_path):
+    """A learning rate no model survives: the run ends at the first progress line whose loss is not finite, with no
+    retries (it would diverge again) and no export of a broken model."""
+    from bertray.trainer import TrainingDiverged
+
+    cfg = tiny_cfg(tiny_bert, sst2_small, str(tmp_path / "runs"), "diverged", **{
+        "optim.lr": 1e30, "optim.max_grad_norm": 0, "run.num_workers": 1, "train.log_every": 2,
+        "train.max_steps": 40, "train.eval_every": 40})
+    with pytest.raises(TrainingDiverged, match=r"training diverged: the loss was not finite by step \d+") as e:
+        finetune.run(cfg)
+    assert "Lower optim.lr" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "runs" / "diverged" / "model").exists()

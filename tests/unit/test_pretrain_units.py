@@ -156,26 +156,36 @@ def test_held_out_sample_from_last_file(tmp_path):
     assert report["source"].endswith("part-1.parquet") and report["held_out_from_training"]
 
 
-def test_prefetched_keeps_order_passes_errors_and_closes_its_source():
-    import threading
+def test_the_tokenize_stage_packs_a_batch_and_attaches_its_counts():
+    """What each Ray Data task of the stream does: the workers get token ids, never text."""
+    cfg = C.load(C.PretrainConfig, data={"data": {"train": "x.parquet"}, "model": {"base": "embedded", "max_length": 16}})
+    texts = ["a short one", None, "  ", "kept out", "another rather short sentence here, a little longer", "x"]
+    out = P.tokenize_batch(pa.table({"text": texts}), cfg, frozenset({"kept out"}))
+    assert out.column_names == ["input_ids", *P._STAGE_COUNTS]
+    seqs = out.column("input_ids").to_pylist()
+    tok = P._stage_tokenizer("embedded")
+    stream = P.SequenceStream(tok, cfg)
+    assert seqs == stream.sequences(["a short one", "another rather short sentence here, a little longer", "x"]) \
+        + stream.flush()
+    assert all(len(s) == 16 for s in seqs[:-1]) and len(seqs) > 1
+    counts = {k: out.column(k).to_pylist() for k in P._STAGE_COUNTS}
+    assert {k: v[0] for k, v in counts.items()} == {"texts_read": 6, "null_text": 1, "empty_text": 1, "held_out": 1,
+                                                     "truncated": 0}
+    assert all(sum(v[1:]) == 0 for v in counts.values())  # counted once, on the first row
+    nothing = P.tokenize_batch(pa.table({"text": [None, ""]}), cfg, frozenset())
+    assert nothing.column("input_ids").to_pylist() == [[]] and nothing.column("texts_read").to_pylist() == [2]
 
-    closed = []
 
-    def source(n, fail_at=None):
-        try:
-            for i in range(n):
-                if i == fail_at:
-                    raise ValueError(f"bad row {i}")
-                yield i
-        finally:
-            closed.append(threading.current_thread().name)
-
-    assert list(P.prefetched(source(50), depth=3)) == list(range(50))
-    with pytest.raises(ValueError, match="bad row 7"):
-        list(P.prefetched(source(50, fail_at=7), depth=2))
-    # Abandoned early (the run reached max_steps mid-pass): the thread stops and the source is closed.
-    it = P.prefetched(source(10_000), depth=2)
-    assert [next(it) for _ in range(3)] == [0, 1, 2]
-    it.close()
-    assert closed == ["bertray-prefetch"] * 3
-    assert not any(t.name == "bertray-prefetch" for t in threading.enumerate())
+def test_the_collate_pads_masks_and_sums_the_counts(vocab):
+    cfg = _cfg()
+    table = pa.table({"input_ids": pa.array([[101, 7592, 2088, 102], [], [101, 2023, 102]], pa.list_(pa.int32())),
+                      **{k: pa.array([3, 0, 1]) for k in P._STAGE_COUNTS}})
+    collate = P.SequenceCollate(vocab, cfg.mlm, [42, 0, 0, 0], pad_multiple=8)
+    batch = collate(table)
+    assert batch["input_ids"].shape == (2, 8)  # the empty row dropped, padded to a multiple of 8
+    assert batch["attention_mask"].sum(dim=1).tolist() == [4, 3]
+    assert batch["counts"].tolist() == [4] * len(P._STAGE_COUNTS)
+    assert (batch["masked_labels"] >= 0).all() and len(batch["masked_index"]) >= 1
+    again = P.SequenceCollate(vocab, cfg.mlm, [42, 0, 0, 0], pad_multiple=8)(table)
+    assert torch.equal(again["input_ids"], batch["input_ids"])  # masks drawn from (seed, batch number)
+    assert set(collate(table.slice(1, 1))) == {"counts"}  # nothing to train on: counts only

@@ -81,7 +81,7 @@ def s3_pretrained(ray_cluster, s3_server, tiny_bert, corpus_dir, tmp_path_factor
         storage.write_bytes(f"s3://{bucket}/corpus/{f.name}", f.read_bytes())
     data = _config_data(tiny_bert, f"s3://{bucket}/corpus", f"s3://{bucket}/runs", "mlm-s3")
     del data["run"]["num_workers"]  # given as the flag below
-    data["mlm"]["prefetch"] = 2  # the background tokenizer a GPU run uses by default, here on CPU (the kill test runs inline)
+    data["mlm"]["prefetch"] = 2  # batches padded and masked ahead, as a GPU run does by default
     path = tmp_path_factory.mktemp("mlm-config") / "pretrain.yaml"
     path.write_text(yaml.safe_dump(data))
     assert cli.main(["pretrain", "--config", str(path), "--num-workers", "2"]) == 0

@@ -37,7 +37,8 @@ def test_two_workers_stream_from_s3_and_perplexity_drops(s3_pretrained):
     stream = meta["data_report"]["train"]["stream"]
     assert meta["data_report"]["train"]["files"] == 3
     assert stream["null_text"] > 0 and stream["empty_text"] > 0 and stream["held_out"] == 0
-    assert stream["sequences"] == 30 * 2 * 16 and stream["tokens"] == stream["sequences"] * 32  # packed: all full
+    # Packed: all full but the last of each batch of texts the tokenize stage packs (its remainder).
+    assert stream["sequences"] == 30 * 2 * 16 and 0.99 * stream["sequences"] * 32 < stream["tokens"] < stream["sequences"] * 32
     saved = json.loads(storage.read_text(summary["run_dir"] + "/metrics.json"))
     assert saved["initial_metrics"]["perplexity"] == before
     assert storage.exists(summary["run_dir"] + "/curves.png")
