@@ -1,19 +1,23 @@
 """Fine-tune a BERT-family classifier with Ray Train: `run(cfg)`.
 
-Labeled data is read and checked once on the driver (every dropped row counted by reason), shipped to the
-workers through the object store, tokenized once per worker, and cut into length-grouped batches whose order
-depends only on (seed, epoch): that is what makes resume exact to the batch.
+Labeled data is read and checked once on the driver (every dropped row counted by reason), tokenized once across
+the cluster's CPUs by Ray Data tasks, and put in the object store as compact token ids (TokenIds: int32 values and
+offsets), which the workers of a node map rather than copy. Each worker cuts them into length-grouped batches whose
+order depends only on (seed, epoch): that is what makes resume exact to the batch.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from bertray import data as D
 from bertray import modeling, runtime, trainer
-from bertray.config import FinetuneConfig
+from bertray.config import FinetuneConfig, ModelConfig
 from bertray.metrics import confusion, from_confusion, mode_of
 from bertray.train_loop import Objective
 
@@ -27,8 +31,9 @@ def run(cfg: FinetuneConfig) -> dict:
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
     train, val = load_splits(cfg)
     cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
-    objective = ClassificationObjective(cfg, ray.put((train.texts, train.labels)), ray.put((val.texts, val.labels)),
-                                        train.label_names, report={"train": train.report, "validation": val.report})
+    train_ref, val_ref = (ray.put(ingest(part, cfg.model)) for part in (train, val))
+    objective = ClassificationObjective(cfg, train_ref, val_ref, train.label_names,
+                                        report={"train": train.report, "validation": val.report})
     log.info("fine-tuning %s on %d train / %d validation rows, classes %s", cfg.model.base, len(train.texts),
              len(val.texts), train.label_names)
     result = trainer.build_trainer(cfg, objective).fit()
@@ -69,6 +74,94 @@ def load_splits(cfg: FinetuneConfig) -> tuple[D.Labeled, D.Labeled]:
     return train, val
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """Token ids of many texts as one int32 array and offsets: about 4 bytes a token, against 36 in Python lists,
+    and numpy arrays in Ray's object store are shared by the workers of a node, not copied into each."""
+
+    values: np.ndarray  # int32, every text's ids one after another
+    offsets: np.ndarray  # int64, len(texts) + 1: text i is values[offsets[i]:offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]]) -> "TokenIds":
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return cls(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1])), offsets)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """A labeled split as the workers take it: token ids made with `tokenized_with` (model base, max_length,
+    truncation), or the texts, for a sweep whose trials change those."""
+
+    labels: np.ndarray
+    ids: TokenIds | None = None
+    tokenized_with: tuple | None = None
+    texts: list[str] | None = None
+
+
+def ingest(part: D.Labeled, m: ModelConfig, keep_texts: bool = False) -> Ingested:
+    """`part` tokenized once, in Ray Data tasks over the cluster's CPUs; with `keep_texts`, its texts too."""
+    return Ingested(part.labels, tokenize(part.texts, m), _tokenization(m), part.texts if keep_texts else None)
+
+
+def _tokenization(m: ModelConfig) -> tuple:
+    return (m.base, m.max_length, m.truncation)
+
+
+# Texts per Ray Data block when tokenizing: big enough that a task's start-up is small beside it, small enough that
+# a cluster's CPUs all get some.
+_TOKENIZE_BLOCK_ROWS = (2048, 65536)
+
+
+def tokenize(texts: list[str], m: ModelConfig) -> TokenIds:
+    """Token ids of `texts` (in order), computed by Ray Data tasks spread over the cluster's CPUs."""
+    import pyarrow as pa
+    import ray.data
+
+    n = len(texts)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    lo, hi = _TOKENIZE_BLOCK_ROWS
+    rows = min(hi, max(lo, math.ceil(n / (2 * cpus))))
+    table = pa.table({"row": np.arange(n, dtype=np.int64), "text": pa.array(texts, pa.string())})
+    ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)] or [table])
+    ds = ds.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation})
+    ds.context.enable_progress_bars = False
+    # Each block is a run of consecutive rows, whatever order the blocks finish in: put them back in row order.
+    blocks = sorted(((b.column("row")[0].as_py(), b.column("ids").combine_chunks())
+                     for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows),
+                    key=lambda rb: rb[0])
+    if [first for first, _ in blocks] != list(range(0, n, rows)):
+        raise RuntimeError("tokenizing lost or repeated a block of texts")  # Ray Data keeps blocks whole
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for _, c in blocks]) if blocks else np.zeros(0, np.int64)
+    values = (np.concatenate([c.values.to_numpy() for _, c in blocks]) if blocks else np.zeros(0)).astype(np.int32)
+    return TokenIds(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(base: str):
+    # Once per Ray worker process, which runs many tasks: a tokenizer takes a while to load.
+    return modeling.load_tokenizer(modeling.resolve(base))
+
+
+def _encode_block(block, base: str, max_length: int, truncation: str):
+    import pyarrow as pa
+
+    ids, _ = modeling.encode(_tokenizer(base), block.column("text").to_pylist(), max_length, truncation)
+    return pa.table({"row": block.column("row"), "ids": pa.array(ids, pa.list_(pa.int32()))})
+
+
 def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
     """Every rank's batches for one epoch (rank r takes [r::world]); a pure function of its arguments.
 
@@ -91,16 +184,16 @@ def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, gr
     return batches
 
 
-def collate(ids: list[list[int]], rows: np.ndarray, pad_id: int, multiple: int = 1, labels: np.ndarray | None = None) -> dict:
+def collate(ids: TokenIds, rows: np.ndarray, pad_id: int, multiple: int = 1, labels: np.ndarray | None = None) -> dict:
     width = max(len(ids[r]) for r in rows)
     width = int(math.ceil(width / multiple) * multiple)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for j, r in enumerate(rows):
         seq = ids[r]
-        input_ids[j, : len(seq)] = torch.as_tensor(seq)
+        input_ids[j, : len(seq)] = seq
         mask[j, : len(seq)] = 1
-    out = {"input_ids": input_ids, "attention_mask": mask}
+    out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
     if labels is not None:
         out["labels"] = torch.as_tensor(labels[rows], dtype=torch.long)
     return out
@@ -124,11 +217,9 @@ class ClassificationObjective(Objective):
         self.rank, self.world, self.device = rank, world, device
         m = self.cfg.model
         self._tokenizer = modeling.load_tokenizer(modeling.resolve(m.base))
-        texts, self.train_labels = ray.get(self.train_ref)
-        self.train_ids, _ = modeling.encode(self._tokenizer, texts, m.max_length, m.truncation)
-        texts, self.val_labels = ray.get(self.val_ref)
-        self.val_ids, _ = modeling.encode(self._tokenizer, texts, m.max_length, m.truncation)
-        self.lengths = np.array([len(x) for x in self.train_ids])
+        self.train_ids, self.train_labels = self._ids(ray.get(self.train_ref))
+        self.val_ids, self.val_labels = self._ids(ray.get(self.val_ref))
+        self.lengths = self.train_ids.lengths
         self.pad_id = self._tokenizer.pad_token_id or 0
         # Tensor cores want multiples of 8; on CPU padding further only costs.
         self.pad_multiple = 8 if device.type == "cuda" else 1
@@ -138,6 +229,14 @@ class ClassificationObjective(Objective):
             w = len(self.train_labels) / (len(self.label_names) * np.maximum(counts, 1))
             self.class_weight = torch.tensor(w, dtype=torch.float32, device=device)
         self.train_distribution = {n: float(c / counts.sum()) for n, c in zip(self.label_names, counts)}
+
+    def _ids(self, part: Ingested) -> tuple[TokenIds, np.ndarray]:
+        """The split's token ids: as ingested, or (a sweep trial that changes how texts are tokenized) its own."""
+        m = self.cfg.model
+        if part.ids is not None and part.tokenized_with == _tokenization(m):
+            return part.ids, part.labels
+        ids, _ = modeling.encode(self._tokenizer, part.texts, m.max_length, m.truncation)
+        return TokenIds.from_lists(ids), part.labels
 
     @property
     def tokenizer(self):
@@ -168,7 +267,7 @@ class ClassificationObjective(Objective):
         model.eval()
         n_cls = len(self.label_names)
         rows = np.arange(len(self.val_ids))[self.rank::self.world]
-        rows = rows[np.argsort([len(self.val_ids[r]) for r in rows], kind="stable")]
+        rows = rows[np.argsort(self.val_ids.lengths[rows], kind="stable")]
         cm = np.zeros((n_cls, n_cls), dtype=np.int64)
         loss_sum = 0.0
         bs = max(32, self.cfg.train.batch_size * 2)

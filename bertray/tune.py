@@ -65,8 +65,10 @@ def run(cfg: TuneConfig) -> dict:
     train, val = finetune.load_splits(cfg.trial_base())
     cfg = trainer.start_run(cfg, "sweep", trainer.labeled_data(train, val))
     base = cfg.trial_base()  # with the run's name, under which the trials' Ray Train runs are stored
-    data = SweepData(ray.put((train.texts, train.labels)), ray.put((val.texts, val.labels)), train.label_names,
-                     {"train": train.report, "validation": val.report})
+    # Tokenized once for every trial, unless trials change how texts are tokenized: then each trial does its own.
+    retokenize = any(k in ("model.base", "model.max_length", "model.truncation") for k in parse_space(cfg.search.space)[0])
+    train_ref, val_ref = (ray.put(finetune.ingest(part, base.model, keep_texts=retokenize)) for part in (train, val))
+    data = SweepData(train_ref, val_ref, train.label_names, {"train": train.report, "validation": val.report})
     # Built on the driver only for its metric and mode; each trial builds its own from the trial's config.
     objective = finetune.ClassificationObjective(base, data.train_ref, data.val_ref, data.label_names, data.report)
     log.info("sweep %s: %s search, scheduler %s, up to %d trial(s) at once; %d train / %d validation rows",

@@ -261,3 +261,20 @@ def test_a_loss_that_stops_being_finite_ends_the_run_in_one_line_and_exports_not
         finetune.run(cfg)
     assert "Lower optim.lr" in str(e.value) and len(str(e.value).splitlines()) == 1
     assert not (tmp_path / "runs" / "diverged" / "model").exists()
+
+
+def test_texts_are_tokenized_once_across_the_cluster_in_order(ray_cluster, sst2_small):
+    """Ray Data tasks tokenize; the blocks come back in any order and are put back in row order, equal to
+    tokenizing in one process. The workers then receive ids only."""
+    from bertray import data as D
+    from bertray import finetune, modeling
+
+    sentences = pq.read_table(sst2_small / "train.parquet").column("text").to_pylist()
+    texts = [f"{s} {i}" for i in range(15) for s in sentences]  # 6,000: several blocks of at least 2,048
+    m = C.ModelConfig(base="embedded", max_length=24, truncation="head+tail")
+    ids = finetune.tokenize(texts, m)
+    expected, _ = modeling.encode(modeling.load_tokenizer(modeling.resolve("embedded")), texts, 24, "head+tail")
+    assert len(ids) == len(texts) and all(ids[i].tolist() == expected[i] for i in range(len(texts)))
+    part = D.Labeled(texts, np.zeros(len(texts), dtype=np.int64), ["a", "b"], {"source": "mem"})
+    ingested = finetune.ingest(part, m)
+    assert ingested.texts is None and ingested.ids.values.dtype == np.int32

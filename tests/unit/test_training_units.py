@@ -144,3 +144,15 @@ def test_numpy_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     expected = np.random.random(5)
     _set_numpy_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["numpy"])
     np.testing.assert_array_equal(np.random.random(5), expected)
+
+
+def test_token_ids_are_compact_and_index_like_lists():
+    from bertray.finetune import TokenIds
+
+    lists = [[101, 7, 102], [101, 102], [101, 5, 6, 7, 102]]
+    ids = TokenIds.from_lists(lists)
+    assert ids.values.dtype == np.int32 and ids.values.nbytes == 4 * 10
+    assert len(ids) == 3 and [ids[i].tolist() for i in range(3)] == lists and ids.lengths.tolist() == [3, 2, 5]
+    b = collate(ids, np.array([2, 1]), pad_id=0, labels=np.array([0, 1, 1]))
+    assert b["input_ids"].tolist() == [[101, 5, 6, 7, 102], [101, 102, 0, 0, 0]]
+    assert b["attention_mask"].sum(1).tolist() == [5, 2] and b["labels"].tolist() == [1, 1]
