@@ -11,6 +11,10 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+# The shared datasets (SST-2, 20 Newsgroups, ...) sit beside the repository; BERTRAY_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("BERTRAY_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
 
 def machine() -> dict:
     """CPU model, cores and versions, plus the load average: other work on the machine skews every figure."""

@@ -1,11 +1,17 @@
 """Bulk labeling: `bertray label --model M --input I --output O`, Parquet in, Parquet out, on Ray Data.
 
 The driver plans before any work: it reads only the Parquet footers, checks every file's columns, and splits each
-file into *units* of at most `rows_per_file` rows along its row groups. A pool of actors (each loads the model
-once) labels one unit at a time and writes `part-<unit>.parquet` atomically, with the unit's counts in the file's
-metadata. A unit whose part file exists is done, so re-running the same command resumes where a killed run stopped
-and the output holds every input row exactly once. `_SUCCESS` (the manifest) is written last: a folder without it
-is not finished.
+file into *units* of at most `rows_per_file` rows along its row groups. Each unit then goes, as one row of one
+block, through three Ray Data stages, each scaled on the resources it needs:
+  1. read_tokenize (CPU tasks): read the unit's rows (only the needed columns), give each row without a usable
+     text its reason (null_text, empty_text, invalid_text), tokenize the rest into int32 ids + offsets;
+  2. Infer (the actor pool, on GPUs or CPUs; each actor loads the model once): token ids in, probabilities out,
+     in the Predictor's length-sorted, token-budgeted passes; the text never reaches it;
+  3. build_write (CPU tasks): the output table, written as `part-<unit>.parquet` atomically with the unit's counts
+     in the file's metadata; the unit's summary goes back to the driver.
+A unit that cannot be read flows through as an "unreadable" summary. A unit whose part file exists is done, so
+re-running the same command resumes where a killed run stopped and the output holds every input row exactly once.
+`_SUCCESS` (the manifest) is written last: a folder without it is not finished.
 
 Output folder:
     _plan.json              files, row counts, units and the settings that shape the output (a re-run must match)
@@ -16,6 +22,8 @@ Output folder:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import math
@@ -23,12 +31,15 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bertray import checkpoint, data, modeling, storage
+# No bertray.modeling here: it imports torch and transformers, which the build+write tasks never use, and a fresh
+# Ray worker spends seconds importing them; the functions that need it import it themselves.
+from bertray import checkpoint, data, storage
 from bertray.config import ConfigError, LabelConfig
 
 log = logging.getLogger(__name__)
@@ -188,6 +199,8 @@ def split_rows(row_group_rows: list[int], rows_per_file: int) -> list[tuple[int,
 
 def _model_info(uri: str) -> tuple[list[str], dict]:
     """Label names and bertray meta, checked on the driver so a wrong model fails before any actor starts."""
+    from bertray import modeling
+
     if storage.is_remote(uri):
         cfg_uri = storage.join(uri, "config.json")
         if not storage.exists(cfg_uri):
@@ -389,20 +402,40 @@ def _pool_size(cfg: LabelConfig, pending: int, resources: dict) -> int:
     return max(1, min(n, pending))  # every actor loads the model: no more of them than there is work
 
 
+def _task_resources(cfg: LabelConfig, actors: int, resources: dict) -> tuple[float, int]:
+    """(Ray CPUs each read+tokenize or build+write task reserves, tasks of each stage at once).
+
+    The tasks share the CPUs the actors leave free. CPU actors fill the cluster by default, and a task that reserves
+    a CPU would then never start; there the model is nearly all the work, so the tasks run beside the actors
+    without a reservation, one per actor per stage at a time."""
+    free = resources.get("CPU", 0) - actors * cfg.cpus_per_actor
+    if free >= cfg.cpus_per_task:
+        return cfg.cpus_per_task, max(1, int(free // cfg.cpus_per_task))
+    return 0.0, actors
+
+
 def _execute(cfg: LabelConfig, plan: Plan, pending: list[Unit], actors: int, earlier: dict) -> dict[str, dict]:
-    """Label the pending units on an actor pool; stream their summaries back and report progress."""
+    """Label the pending units through three Ray Data stages; stream their summaries back and report progress."""
+    import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # our progress lines below say units/rows/throughput; the bars only repeat it
+    task_cpus, tasks = _task_resources(cfg, actors, ray.cluster_resources())
+    cpu_stage = dict(batch_size=1, batch_format="pyarrow", num_cpus=task_cpus,
+                     compute=ray.data.TaskPoolStrategy(size=min(tasks, len(pending))))
     try:
-        # One block per unit, so the pool spreads units over actors instead of one actor taking them all.
+        # One block per unit, and batch_size=1 in every stage: a unit is never split or merged, and units spread
+        # over the tasks and actors instead of one of them taking them all.
         ds = ray.data.from_items([dataclasses.asdict(u) for u in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(read_tokenize, fn_kwargs={"cfg": cfg, "schema": plan.schema}, **cpu_stage)
         ds = ds.map_batches(
-            LabelWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor or None,
-            fn_constructor_kwargs={"cfg": cfg, "schema": plan.schema, "label_names": plan.label_names})
+            Infer, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+            fn_constructor_kwargs={"cfg": cfg, "label_names": plan.label_names})
+        ds = ds.map_batches(build_write, fn_kwargs={"cfg": cfg, "schema": plan.schema,
+                                                    "label_names": plan.label_names}, **cpu_stage)
         return _collect(cfg, ds.iter_rows(), pending, plan, earlier)
     finally:
         ctx.enable_progress_bars = bars
@@ -445,18 +478,147 @@ def _eta(seconds: float | None) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 
-class LabelWorker:
-    """One inference actor: loads the model once, then labels one unit per call."""
+def _units(batch: pa.Table) -> list[Unit]:
+    cols = batch.select(["uid", "path", "start", "stop"]).to_pylist()
+    return [Unit(r["uid"], r["path"], r["start"], r["stop"]) for r in cols]
 
-    def __init__(self, cfg: LabelConfig, schema: pa.Schema, label_names: list[str]):
+
+def _one(values: pa.Array | pa.ChunkedArray) -> pa.LargeListArray:
+    """`values` as one list: a unit's rows travel as a single row of a block, so Ray Data never splits a unit."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return pa.LargeListArray.from_arrays(pa.array([0, len(values)], pa.int64()), values)
+
+
+def _kept(cfg: LabelConfig, schema: pa.Schema) -> list[pa.Field]:
+    """The input columns copied to the output (id and passthrough), with their output types."""
+    wanted = ([cfg.id_column] if cfg.id_column else []) + list(cfg.passthrough)
+    return [f for f in schema if f.name in wanted]
+
+
+# ---- stage 1: read + tokenize (CPU tasks)
+
+
+@functools.cache
+def _encoder(model: str, max_length: int | None) -> tuple[Any, int, str]:
+    """(tokenizer, max_length, truncation) as the model's Predictor encodes, loaded once per worker process.
+
+    The Predictor settles max_length and truncation while it loads the weights, which a tokenize task has no use
+    for; this reads the same sources in the same order, and every inference actor checks that each unit was
+    tokenized with its Predictor's own settings (Infer)."""
+    from transformers import AutoConfig
+
+    from bertray import modeling
+
+    path = modeling.resolve(model) if not storage.is_remote(model) else str(storage.local_dir(model))
+    tokenizer = modeling.load_tokenizer(path)
+    model_cfg = ((checkpoint.read_meta(path) or {}) if storage.exists(path) else {}).get("config", {}).get("model", {})
+    positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    length = max_length or model_cfg.get("max_length") or min(tokenizer.model_max_length, 512, positions or 512)
+    return tokenizer, length, model_cfg.get("truncation", "head")
+
+
+def reason(text) -> str | None:
+    """Why a text gets no label (null_text, empty_text, invalid_text), or None: it is labeled."""
+    if text is None:
+        return "null_text"
+    if text is data.INVALID_TEXT or data.invalid_text(text):  # bytes not UTF-8, or a lone surrogate
+        return "invalid_text"
+    return None if text.strip() else "empty_text"
+
+
+def encode_texts(texts: list, encoder: tuple[Any, int, str]) -> tuple[list, np.ndarray, np.ndarray, int]:
+    """Each text's reason, and the token ids of the texts that have none, as one int32 array and offsets
+    (text i is ids[offsets[i]:offsets[i + 1]]): half the bytes of int64 ids, a ninth of a list of Python ints.
+    Also how many texts were cut at max_length."""
+    from bertray import modeling
+
+    tokenizer, max_length, truncation = encoder
+    reasons = [reason(t) for t in texts]
+    good = [t for t, r in zip(texts, reasons) if r is None]
+    if not good:
+        return reasons, np.zeros(0, np.int32), np.zeros(1, np.int64), 0
+    ids, cut = modeling.encode(tokenizer, good, max_length, truncation)
+    lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
+    return reasons, flat, np.concatenate([[0], np.cumsum(lengths)]), cut
+
+
+def read_tokenize(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema) -> pa.Table:
+    """Stage 1: read each unit's rows (only the needed columns) and tokenize its texts. The text goes no further:
+    the row that leaves holds the unit, its token ids, the id/passthrough values and each row's reason."""
+    return pa.concat_tables([_read_tokenize_unit(u, cfg, schema) for u in _units(batch)])
+
+
+def _read_tokenize_unit(unit: Unit, cfg: LabelConfig, schema: pa.Schema) -> pa.Table:
+    t0 = time.time()
+    encoder = _encoder(cfg.model, cfg.max_length)
+    kept = _kept(cfg, schema)
+    columns: dict[str, list] = {f.name: [] for f in kept}
+    reasons: list[str | None] = []
+    flats, offsets, truncated, at, tokens = [], [np.zeros(1, np.int64)], 0, 0, 0
+    try:
+        for batch in _read_unit(unit, list(dict.fromkeys([cfg.text_column, *columns]))):
+            for f in kept:
+                columns[f.name].append(batch.column(f.name).cast(f.type))
+            r, flat, off, cut = encode_texts(data.strings(batch.column(cfg.text_column)), encoder)
+            reasons += r
+            flats.append(flat)
+            offsets.append(off[1:] + tokens)
+            tokens += len(flat)
+            truncated += cut
+            at += batch.num_rows
+        if at != unit.stop - unit.start:
+            raise OSError(f"expected {unit.stop - unit.start} rows in {unit.start}-{unit.stop}, read {at}")
+    except (pa.ArrowInvalid, OSError) as exc:  # corrupt pages behind a good footer, vanished file, ...
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _tokens_row(unit, cfg, kept, {f.name: [] for f in kept}, [], [np.zeros(0, np.int32)],
+                           [np.zeros(1, np.int64)], encoder, 0, t0, error)
+    return _tokens_row(unit, cfg, kept, columns, reasons, flats, offsets, encoder, truncated, t0, None)
+
+
+def _read_unit(unit: Unit, columns: list[str]):
+    """The unit's rows as record batches of at most CHUNK_ROWS rows."""
+    fs, p = storage.filesystem(unit.path)
+    with fs.open_input_file(p) as f:
+        pf = pq.ParquetFile(f)
+        groups, pos = _row_groups(pf.metadata, unit.start, unit.stop)
+        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=groups, columns=columns):
+            lo, hi = max(unit.start - pos, 0), min(unit.stop - pos, batch.num_rows)
+            pos += batch.num_rows
+            if hi > lo:
+                yield batch.slice(lo, hi - lo)
+
+
+def _tokens_row(unit: Unit, cfg: LabelConfig, kept: list[pa.Field], columns: dict, reasons: list, flats: list,
+                offsets: list, encoder: tuple, truncated: int, t0: float, error: str | None) -> pa.Table:
+    flat = np.concatenate(flats)
+    row = {"uid": [unit.uid], "path": [unit.path], "start": [unit.start], "stop": [unit.stop], "error": [error],
+           "ids": _one(pa.array(flat, pa.int32())), "offsets": _one(pa.array(np.concatenate(offsets), pa.int64())),
+           "reasons": _one(pa.array(reasons, pa.string())), "tokens": [len(flat)], "truncated": [truncated],
+           "max_length": [encoder[1]], "truncation": [encoder[2]], "seconds_tokenize": [time.time() - t0]}
+    for f in kept:  # "keep:" keeps them apart from the columns above, whatever the input names them
+        values = pa.concat_arrays(columns[f.name]) if columns[f.name] else pa.array([], f.type)
+        row[f"keep:{f.name}"] = _one(values)
+    return pa.table(row)
+
+
+# ---- stage 2: inference (the actor pool)
+
+
+class Infer:
+    """Stage 2, one inference actor: loads the model once, then turns each unit's token ids into class
+    probabilities. It never sees the texts and never tokenizes."""
+
+    def __init__(self, cfg: LabelConfig, label_names: list[str]):
         import torch
 
+        from bertray import modeling
         from bertray.predictor import Predictor
 
         # Ray gives the actor `cpus_per_actor` CPUs; match torch's threads so actors don't oversubscribe cores.
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
-        self.schema = schema
         self.predictor = Predictor(cfg.model, device="cuda" if cfg.gpus_per_actor else "cpu",
                                    quantize=cfg.quantize,
                                    max_length=cfg.max_length, token_budget=cfg.token_budget)
@@ -464,120 +626,116 @@ class LabelWorker:
             raise modeling.ModelError(f"{cfg.model}: labels changed since planning: {self.predictor.label_names} "
                                       f"vs {label_names}")
 
-    def __call__(self, batch: dict) -> dict:
-        summaries = []
-        for i in range(len(batch["uid"])):
-            unit = Unit(str(batch["uid"][i]), str(batch["path"][i]), int(batch["start"][i]), int(batch["stop"][i]))
-            summaries.append(json.dumps(self.label_unit(unit)))
-        return {"summary": np.array(summaries, dtype=object)}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        probs, seconds = [], []
+        pred = self.predictor
+        for i in range(batch.num_rows):
+            t0 = time.time()
+            settings = (batch.column("max_length")[i].as_py(), batch.column("truncation")[i].as_py())
+            if settings != (pred.max_length, pred.truncation):
+                from bertray.modeling import ModelError
 
-    def label_unit(self, unit: Unit) -> dict:
+                raise ModelError(f"{self.cfg.model}: unit tokenized with max_length, truncation {settings}, "
+                                          f"but the model runs with {(pred.max_length, pred.truncation)}")
+            flat = batch.column("ids")[i].values.to_numpy(zero_copy_only=False)
+            offsets = batch.column("offsets")[i].values.to_numpy(zero_copy_only=False)
+            probs.append(_one(pa.array(self.predict(flat, offsets).ravel(), pa.float32())))
+            seconds.append(time.time() - t0)
+        # The ids are spent: only the probabilities travel on to the writer.
+        return (batch.drop_columns(["ids", "offsets"]).append_column("probs", pa.chunked_array(probs))
+                .append_column("seconds_predict", pa.array(seconds, pa.float64())))
+
+    def predict(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """(texts, classes) probabilities, CHUNK_ROWS texts at a time: predict_ids takes Python lists of ids."""
+        n = len(offsets) - 1
+        out = np.zeros((n, len(self.predictor.label_names)), np.float32)
+        for lo in range(0, n, CHUNK_ROWS):
+            hi = min(lo + CHUNK_ROWS, n)
+            ids = flat[offsets[lo]:offsets[hi]].tolist()
+            bounds = (offsets[lo:hi + 1] - offsets[lo]).tolist()
+            out[lo:hi] = self.predictor.predict_ids([ids[a:b] for a, b in zip(bounds, bounds[1:])])
+        return out
+
+
+# ---- stage 3: build + write (CPU tasks)
+
+
+def build_write(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema, label_names: list[str]) -> pa.Table:
+    """Stage 3: build each unit's output table and write `part-<unit>.parquet` atomically, the unit summary in its
+    metadata; returns the summaries (JSON) the driver collects."""
+    summaries = []
+    for i, unit in enumerate(_units(batch)):
         t0 = time.time()
-        try:
-            kept, texts_done, stats = self._predict(unit)
-        except (pa.ArrowInvalid, OSError) as exc:  # corrupt pages behind a good footer, vanished file, ...
-            return self._unreadable(unit, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        table, counts = self._table(unit, kept, *texts_done)
-        stats.update(counts, uid=unit.uid, path=unit.path, start=unit.start, stop=unit.stop,
-                     seconds=round(time.time() - t0, 3))
+        error = batch.column("error")[i].as_py()
+        if error:
+            summaries.append(json.dumps(_unreadable(cfg, unit, error)))
+            continue
+        reasons = batch.column("reasons")[i].values.to_pylist()
+        kept = {f.name: batch.column(f"keep:{f.name}")[i].values for f in _kept(cfg, schema)}
+        good = np.array([r is None for r in reasons], dtype=bool)
+        probs = np.full((len(reasons), len(label_names)), np.nan, dtype=np.float32)
+        probs[good] = batch.column("probs")[i].values.to_numpy(zero_copy_only=False).reshape(-1, len(label_names))
+        table, counts = _table(cfg, schema, label_names, unit, kept, probs, reasons)
+        stats = {"rows_read": len(reasons), "tokens": batch.column("tokens")[i].as_py(),
+                 "truncated": batch.column("truncated")[i].as_py(), **counts, "uid": unit.uid, "path": unit.path,
+                 "start": unit.start, "stop": unit.stop,
+                 # seconds: the inference actor's time on the unit; the CPU stages' times beside it
+                 "seconds": round(batch.column("seconds_predict")[i].as_py(), 3),
+                 "seconds_tokenize": round(batch.column("seconds_tokenize")[i].as_py(), 3)}
         assert stats["rows_read"] == stats["rows_written"] + stats["rows_skipped"] == unit.stop - unit.start, stats
         buf = pa.BufferOutputStream()
+        stats["seconds_write"] = round(time.time() - t0, 3)
         pq.write_table(table.replace_schema_metadata({UNIT_META: json.dumps(stats).encode()}), buf)
         # storage.write_bytes renames a temp file locally and PUTs once on S3, so a part file is whole or absent.
-        storage.write_bytes(storage.join(self.cfg.output, part_name(unit.uid)), buf.getvalue().to_pybytes())
-        return stats
+        storage.write_bytes(storage.join(cfg.output, part_name(unit.uid)), buf.getvalue().to_pybytes())
+        summaries.append(json.dumps(stats))
+    return pa.table({"summary": pa.array(summaries, pa.string())})
 
-    def _unreadable(self, unit: Unit, reason: str) -> dict:
-        stats = {"uid": unit.uid, "path": unit.path, "start": unit.start, "stop": unit.stop, "error": reason,
-                 "rows_read": 0, "rows_written": 0, "rows_skipped": 0, "rows_unreadable": unit.stop - unit.start,
-                 "tokens": 0, "truncated": 0, "label_counts": {}, "reasons": {}, "score_sum": 0.0,
-                 "low_confidence": 0, "seconds": 0.0}
-        if self.cfg.on_bad_file == "skip":
-            storage.write_text(storage.join(self.cfg.output, f"_skipped-{unit.uid}.json"), json.dumps(stats))
-        return stats
 
-    def _predict(self, unit: Unit) -> tuple[dict[str, list], tuple[np.ndarray, list], dict]:
-        """Read the unit's rows chunk by chunk (only the needed columns), predict the non-empty texts."""
-        cfg = self.cfg
-        keep = [f.name for f in self.schema if f.name in self._input_columns()]
-        fs, p = storage.filesystem(unit.path)
-        n = unit.stop - unit.start
-        probs = np.full((n, len(self.predictor.label_names)), np.nan, dtype=np.float32)
-        reasons: list[str | None] = [None] * n
-        kept: dict[str, list] = {c: [] for c in keep}
-        tokens = truncated = 0
-        with fs.open_input_file(p) as f:
-            pf = pq.ParquetFile(f)
-            groups, pos = _row_groups(pf.metadata, unit.start, unit.stop)
-            at = 0  # rows of this unit seen so far
-            for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=groups, columns=[cfg.text_column, *keep]):
-                lo, hi = max(unit.start - pos, 0), min(unit.stop - pos, batch.num_rows)
-                pos += batch.num_rows
-                if hi <= lo:
-                    continue
-                batch = batch.slice(lo, hi - lo)
-                for c in keep:
-                    kept[c].append(batch.column(c))
-                texts = batch.column(cfg.text_column).to_pylist()
-                todo = []
-                for j, t in enumerate(texts):
-                    if t is None:
-                        reasons[at + j] = "null_text"
-                    elif not t.strip():
-                        reasons[at + j] = "empty_text"
-                    else:
-                        todo.append(j)
-                if todo:
-                    ids, cut = self.predictor.encode([texts[j] for j in todo])
-                    probs[at + np.asarray(todo)] = self.predictor.predict_ids(ids)
-                    tokens += sum(len(x) for x in ids)
-                    truncated += cut
-                at += batch.num_rows
-        if at != n:
-            raise OSError(f"expected {n} rows in {unit.start}-{unit.stop}, read {at}")
-        return kept, (probs, reasons), {"rows_read": n, "tokens": tokens, "truncated": truncated}
+def _unreadable(cfg: LabelConfig, unit: Unit, reason: str) -> dict:
+    stats = {"uid": unit.uid, "path": unit.path, "start": unit.start, "stop": unit.stop, "error": reason,
+             "rows_read": 0, "rows_written": 0, "rows_skipped": 0, "rows_unreadable": unit.stop - unit.start,
+             "tokens": 0, "truncated": 0, "label_counts": {}, "reasons": {}, "score_sum": 0.0,
+             "low_confidence": 0, "seconds": 0.0}
+    if cfg.on_bad_file == "skip":
+        storage.write_text(storage.join(cfg.output, f"_skipped-{unit.uid}.json"), json.dumps(stats))
+    return stats
 
-    def _input_columns(self) -> list[str]:
-        return ([self.cfg.id_column] if self.cfg.id_column else []) + list(self.cfg.passthrough)
 
-    def _table(self, unit: Unit, kept: dict, probs: np.ndarray, reasons: list) -> tuple[pa.Table, dict]:
-        names = self.predictor.label_names
-        n = len(reasons)
-        has = np.array([r is None for r in reasons], dtype=bool)
-        top = np.where(has, np.nan_to_num(probs, nan=0.0).argmax(axis=1), 0)
-        score = np.where(has, np.nan_to_num(probs, nan=0.0).max(axis=1), 0.0).astype(np.float32)
-        cols: dict[str, pa.Array] = {}
-        for f in self.schema:
-            if f.name in kept:
-                cols[f.name] = pa.concat_arrays([c.cast(f.type) for c in kept[f.name]]) if kept[f.name] \
-                    else pa.array([], f.type)
-        if not self.cfg.id_column:
-            cols["source_file"] = pa.array([unit.path] * n, pa.string())
-            cols["source_row"] = pa.array(np.arange(unit.start, unit.stop, dtype=np.int64))
-        mask = ~has  # pyarrow masks mark nulls
-        cols["label"] = pa.array([names[k] if h else None for k, h in zip(top, has)], pa.string())
-        cols["label_id"] = pa.array(top.astype(np.int32), mask=mask)
-        cols["score"] = pa.array(score, mask=mask)
-        if self.cfg.probabilities:
-            for k, name in enumerate(names):
-                cols[f"prob_{name}"] = pa.array(probs[:, k], mask=mask)
-        if self.cfg.on_empty == "null":
-            cols["reason"] = pa.array(reasons, pa.string())
-        table = pa.table([cols[f.name] for f in self.schema], schema=self.schema)
-        reason_counts = Counter(r for r in reasons if r)
-        skipped = 0
-        if self.cfg.on_empty == "skip":
-            table = table.filter(pa.array(has))
-            skipped = int(mask.sum())
-        counts = {
-            "rows_written": table.num_rows,
-            "rows_skipped": skipped,
-            "reasons": dict(reason_counts),
-            "label_counts": {names[k]: int(c) for k, c in zip(*np.unique(top[has], return_counts=True))},
-            "score_sum": float(score[has].sum()),
-            "low_confidence": int((score[has] < self.cfg.confidence_threshold).sum()),
-        }
-        return table, counts
+def _table(cfg: LabelConfig, schema: pa.Schema, names: list[str], unit: Unit, kept: dict[str, pa.Array],
+           probs: np.ndarray, reasons: list) -> tuple[pa.Table, dict]:
+    n = len(reasons)
+    has = np.array([r is None for r in reasons], dtype=bool)
+    top = np.where(has, np.nan_to_num(probs, nan=0.0).argmax(axis=1), 0)
+    score = np.where(has, np.nan_to_num(probs, nan=0.0).max(axis=1), 0.0).astype(np.float32)
+    cols: dict[str, pa.Array] = dict(kept)
+    if not cfg.id_column:
+        cols["source_file"] = pa.array([unit.path] * n, pa.string())
+        cols["source_row"] = pa.array(np.arange(unit.start, unit.stop, dtype=np.int64))
+    mask = ~has  # pyarrow masks mark nulls
+    cols["label"] = pa.array([names[k] if h else None for k, h in zip(top, has)], pa.string())
+    cols["label_id"] = pa.array(top.astype(np.int32), mask=mask)
+    cols["score"] = pa.array(score, mask=mask)
+    if cfg.probabilities:
+        for k, name in enumerate(names):
+            cols[f"prob_{name}"] = pa.array(probs[:, k], mask=mask)
+    if cfg.on_empty == "null":
+        cols["reason"] = pa.array(reasons, pa.string())
+    table = pa.table([cols[f.name] for f in schema], schema=schema)
+    reason_counts = Counter(r for r in reasons if r)
+    skipped = 0
+    if cfg.on_empty == "skip":
+        table = table.filter(pa.array(has))
+        skipped = int(mask.sum())
+    counts = {
+        "rows_written": table.num_rows,
+        "rows_skipped": skipped,
+        "reasons": dict(reason_counts),
+        "label_counts": {names[k]: int(c) for k, c in zip(*np.unique(top[has], return_counts=True))},
+        "score_sum": float(score[has].sum()),
+        "low_confidence": int((score[has] < cfg.confidence_threshold).sum()),
+    }
+    return table, counts
 
 
 def _row_groups(md: pq.FileMetaData, start: int, stop: int) -> tuple[list[int], int]:
@@ -590,7 +748,6 @@ def _row_groups(md: pq.FileMetaData, start: int, stop: int) -> tuple[list[int], 
             first = pos if first is None else first
         pos += n
     return groups, first or 0
-
 
 # --------------------------------------------------------------------------------------------------- finish
 

@@ -1,10 +1,12 @@
 """The label stage's driver-side logic without Ray: unit splitting, input checks, output-folder rules, drift."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -183,3 +185,94 @@ def test_a_small_corpus_is_cut_so_every_actor_gets_work():
     assert len(split_rows([7_284], unit_rows(7_284, 100_000))) == 29
     assert unit_rows(10_000_000, 100_000) == 100_000  # big corpora: rows_per_file still bounds the files
     assert unit_rows(500, 50) == 50  # an explicit small rows_per_file is kept
+
+
+def test_cpu_stage_tasks_fill_what_the_actors_leave():
+    cfg = LabelConfig(model="m", input="i", output="o")
+    assert label._task_resources(cfg, 1, {"CPU": 16.0, "GPU": 1.0}) == (0.5, 30)  # one GPU actor: 15 CPUs free
+    assert label._task_resources(cfg, 1, {"CPU": 2.0}) == (0.5, 2)
+    # CPU actors on every CPU: a task that reserved one would never start, so the tasks run unreserved.
+    assert label._task_resources(cfg, 2, {"CPU": 2.0}) == (0.0, 2)
+
+
+# ------------------------------------------------------------------------------------------ the three stages
+
+
+def run_stages(cfg: LabelConfig, plan: label.Plan, unit: label.Unit, infer: label.Infer) -> dict:
+    """One unit through read+tokenize, inference and build+write in this process, as Ray Data runs them."""
+    tokens = label.read_tokenize(pa.table({k: [v] for k, v in dataclasses.asdict(unit).items()}), cfg, plan.schema)
+    probs = infer(tokens)
+    out = label.build_write(probs, cfg, plan.schema, plan.label_names)
+    return json.loads(out.column("summary")[0].as_py())
+
+
+def test_the_inference_stage_receives_token_ids_not_text(tmp_path, tiny_classifier_dir):
+    from bertray.predictor import Predictor
+
+    texts = ["a fine film", None, "  ", "dull and far too long " * 30, "moving"]
+    write(tmp_path / "in" / "a.parquet", id=list(range(5)), text=texts)
+    cfg = cfg_for(tiny_classifier_dir, tmp_path, probabilities=True)
+    plan = label.make_plan(cfg)
+    label._prepare_output(cfg, plan)
+    unit = plan.units[0]
+    tokens = label.read_tokenize(pa.table({k: [v] for k, v in dataclasses.asdict(unit).items()}), cfg, plan.schema)
+    assert "text" not in tokens.column_names and tokens.num_rows == 1  # one row per unit: Ray never splits it
+    assert tokens.schema.field("ids").type == pa.large_list(pa.int32())
+    assert not [t for t in texts if t and t.strip() and t.strip() in json.dumps(tokens.to_pylist(), default=str)]
+
+    infer = label.Infer(cfg, plan.label_names)
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("the inference actor tokenized")
+
+    infer.predictor.encode = no_tokenizing
+    infer.predictor.tokenizer = no_tokenizing
+    out = infer(tokens)
+    assert "ids" not in out.column_names
+    good = [t for t in texts if t and t.strip()]
+    want = Predictor(tiny_classifier_dir).predict(good).probs
+    np.testing.assert_allclose(out.column("probs")[0].values.to_numpy().reshape(-1, 2), want, atol=1e-5)
+
+    summary = json.loads(label.build_write(out, cfg, plan.schema, plan.label_names).column("summary")[0].as_py())
+    assert summary["rows_read"] == summary["rows_written"] == 5 and summary["truncated"] == 1
+    part = pq.read_table(tmp_path / "out" / label.part_name(unit.uid))
+    assert part.column("id").to_pylist() == list(range(5))
+    assert part.column("reason").to_pylist() == [None, "null_text", "empty_text", None, None]
+    np.testing.assert_allclose(np.array([[r["prob_negative"], r["prob_positive"]] for r in part.to_pylist() if not r["reason"]]),
+                               want, atol=1e-5)
+
+
+def test_invalid_text_is_a_reason_not_a_failure(tmp_path, tiny_classifier_dir):
+    # Bytes that are not UTF-8 (a UTF-16 surrogate encoded as if it were a character), which Arrow reads unchecked.
+    bad = pa.array([b"ok", b"\xed\xa0\xbd oops", None, b"fine too"], pa.binary()).view(pa.string())
+    write(tmp_path / "in" / "a.parquet", id=[1, 2, 3, 4], text=bad)
+    cfg = cfg_for(tiny_classifier_dir, tmp_path)
+    plan = label.make_plan(cfg)
+    label._prepare_output(cfg, plan)
+    summary = run_stages(cfg, plan, plan.units[0], label.Infer(cfg, plan.label_names))
+    assert summary["reasons"] == {"invalid_text": 1, "null_text": 1}
+    assert summary["rows_read"] == summary["rows_written"] == 4 and sum(summary["label_counts"].values()) == 2
+    part = pq.read_table(tmp_path / "out" / label.part_name(plan.units[0].uid))
+    assert part.column("reason").to_pylist() == [None, "invalid_text", "null_text", None]
+    assert part.column("label").null_count == 2
+
+    # A lone surrogate in a Python string (what JSON's "\ud83d" decodes to) fails the tokenizer's whole batch.
+    encoder = label._encoder(tiny_classifier_dir, None)
+    reasons, flat, offsets, _ = label.encode_texts(["fine", "\ud83d oops", None, " ", "also fine"], encoder)
+    assert reasons == [None, "invalid_text", "null_text", "empty_text", None]
+    assert len(offsets) == 3 and offsets[-1] == len(flat) > 0
+
+
+def test_a_unit_read_in_several_chunks_keeps_each_text_with_its_ids(tmp_path, tiny_classifier_dir, monkeypatch):
+    monkeypatch.setattr(label, "CHUNK_ROWS", 2)  # chunks: [a, None], [None, " "], [b, c]: one without any text
+    texts = ["a fine film", None, None, " ", "dull", "moving and long"]
+    write(tmp_path / "in" / "a.parquet", id=list(range(6)), text=texts)
+    cfg = cfg_for(tiny_classifier_dir, tmp_path)
+    plan = label.make_plan(cfg)
+    tokens = label.read_tokenize(pa.table({k: [v] for k, v in dataclasses.asdict(plan.units[0]).items()}), cfg,
+                                 plan.schema)
+    flat = tokens.column("ids")[0].values.to_numpy()
+    offsets = tokens.column("offsets")[0].values.to_numpy()
+    encoder = label._encoder(tiny_classifier_dir, None)
+    want = [label.encode_texts([t], encoder)[1].tolist() for t in ["a fine film", "dull", "moving and long"]]
+    assert [flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])] == want

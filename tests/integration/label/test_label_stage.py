@@ -182,6 +182,26 @@ def test_corrupt_files_error_by_name_or_are_skipped_and_reported(ray_cluster, ti
     check_labels(read_parts(cfg.output), table)
 
 
+def test_invalid_utf8_text_is_counted_and_every_other_row_labeled(ray_cluster, tiny_classifier, tmp_path):
+    """A text whose bytes are not UTF-8 gets reason invalid_text; it must not fail its unit, nor the job."""
+    texts = [t.encode() for t in ["a fine film", "dull", "moving", "flat"]] * 10
+    texts[7] = b"\xed\xa0\xbd oops"  # a UTF-16 surrogate encoded as if it were a character: not UTF-8
+    texts[8] = None
+    pq.write_table(pa.table({"id": pa.array(range(40), pa.int64()),
+                             "text": pa.array(texts, pa.binary()).view(pa.string())}),
+                   tmp_path / "bad.parquet", row_group_size=10)
+    cfg = LabelConfig(model=tiny_classifier, input=str(tmp_path / "bad.parquet"), output=str(tmp_path / "out"),
+                      rows_per_file=20, actors=1)
+    summary = label.run(cfg)
+    assert summary["rows_read"] == summary["rows_written"] == 40 and summary["rows_unreadable"] == 0
+    assert summary["rows_without_label"] == {"invalid_text": 1, "null_text": 1}
+    assert summary["rows_labeled"] == 38
+    out = read_parts(cfg.output)
+    assert out.column("id").to_pylist() == list(range(40))
+    assert [r["reason"] for r in out.to_pylist() if r["label"] is None] == ["invalid_text", "null_text"]
+    assert out.to_pylist()[7]["reason"] == "invalid_text" and out.to_pylist()[8]["reason"] == "null_text"
+
+
 # ------------------------------------------------------------------------------------------ through the CLI
 
 
@@ -214,7 +234,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tiny_classifier, tmp_pat
     table = corpus_maker(tmp_path / "in", files=4, rows=500, row_group_size=20)
     out = tmp_path / "out"
     args = ["--model", tiny_classifier, "--input", str(tmp_path / "in"), "--output", str(out), "--rows-per-file", "20",
-            "--actors", "1", "--passthrough", "[group, weight]",
+            "--actors", "1", "--passthrough", "group,weight",
             "--address", ray_cluster.get_runtime_context().gcs_address]
     first = cli(*args, start_new_session=True)
     deadline = time.time() + 180
