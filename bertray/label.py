@@ -501,21 +501,12 @@ def _kept(cfg: LabelConfig, schema: pa.Schema) -> list[pa.Field]:
 
 @functools.cache
 def _encoder(model: str, max_length: int | None) -> tuple[Any, int, str]:
-    """(tokenizer, max_length, truncation) as the model's Predictor encodes, loaded once per worker process.
+    """(tokenizer, max_length, truncation) as the model's Predictor encodes, loaded once per worker process and
+    without the weights, which a tokenize task has no use for."""
+    from bertray.predictor import encoding
 
-    The Predictor settles max_length and truncation while it loads the weights, which a tokenize task has no use
-    for; this reads the same sources in the same order, and every inference actor checks that each unit was
-    tokenized with its Predictor's own settings (Infer)."""
-    from transformers import AutoConfig
-
-    from bertray import modeling
-
-    path = modeling.resolve(model) if not storage.is_remote(model) else str(storage.local_dir(model))
-    tokenizer = modeling.load_tokenizer(path)
-    model_cfg = ((checkpoint.read_meta(path) or {}) if storage.exists(path) else {}).get("config", {}).get("model", {})
-    positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-    length = max_length or model_cfg.get("max_length") or min(tokenizer.model_max_length, 512, positions or 512)
-    return tokenizer, length, model_cfg.get("truncation", "head")
+    enc = encoding(model, max_length)
+    return enc.tokenizer, enc.max_length, enc.truncation
 
 
 def reason(text) -> str | None:

@@ -41,26 +41,44 @@ class Prediction:
     truncated: int  # texts longer than max_length
 
 
+@dataclass
+class Encoding:
+    """How a classifier's texts become token ids, read without loading its weights: what a tokenize-only worker
+    (labeling's read+tokenize stage) needs, and the Predictor too, so both cut texts alike."""
+
+    path: str  # a local folder (a remote checkpoint is downloaded and cached) or a hub id
+    meta: dict  # bertray.json ({} for a plain HF folder)
+    config: object  # the transformers config
+    tokenizer: object
+    max_length: int
+    truncation: str
+
+
+def encoding(model_uri: str, max_length: int | None = None) -> Encoding:
+    path = modeling.resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
+    meta = check_classifier(model_uri, path)
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = modeling.load_tokenizer(path)
+    model_cfg = meta.get("config", {}).get("model", {})
+    # A plain HF folder says nothing of max_length: take the tokenizer's, within what the model has positions for.
+    positions = getattr(config, "max_position_embeddings", None)
+    max_length = max_length or model_cfg.get("max_length") or min(tokenizer.model_max_length, 512, positions or 512)
+    if positions and max_length > positions:
+        raise modeling.ModelError(f"{model_uri}: max_length {max_length} exceeds the {positions} positions "
+                                  f"the model has; set max_length to {positions} or less")
+    return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", "head"))
+
+
 class Predictor:
     """Load once (per process, actor or replica), call `predict` per batch."""
 
     def __init__(self, model_uri: str, device: str = "cpu", quantize: str | None = None,
                  max_length: int | None = None, token_budget: int | None = None, max_batch: int | None = None):
         self.model_uri = model_uri
-        path = modeling.resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
-        self.meta = check_classifier(model_uri, path)
-        config = AutoConfig.from_pretrained(path)
-        self.label_names = checkpoint.label_names(config)
-        self.tokenizer = modeling.load_tokenizer(path)
-        model_cfg = self.meta.get("config", {}).get("model", {})
-        # A plain HF folder says nothing of max_length: take the tokenizer's, within what the model has positions for.
-        positions = getattr(config, "max_position_embeddings", None)
-        self.max_length = max_length or model_cfg.get("max_length") or min(self.tokenizer.model_max_length, 512,
-                                                                           positions or 512)
-        if positions and self.max_length > positions:
-            raise modeling.ModelError(f"{model_uri}: max_length {self.max_length} exceeds the {positions} positions "
-                                      f"the model has; set max_length to {positions} or less")
-        self.truncation = model_cfg.get("truncation", "head")
+        enc = encoding(model_uri, max_length)
+        path, self.meta, self.tokenizer = enc.path, enc.meta, enc.tokenizer
+        self.max_length, self.truncation = enc.max_length, enc.truncation
+        self.label_names = checkpoint.label_names(enc.config)
         self.device = torch.device(device)
         model = AutoModelForSequenceClassification.from_pretrained(path)
         model.eval()
