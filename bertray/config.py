@@ -449,7 +449,7 @@ class LabelConfig:
     input: str = ""  # Parquet file, folder or glob; local or s3://
     output: str = ""  # output folder; local or s3://
     text_column: str = "text"
-    id_column: Optional[str] = "id"  # passed through and checked unique; None: none (row position is kept instead)
+    id_column: Optional[str] = "id"  # passed through as it is (not checked unique); None: none (file and row are kept instead)
     passthrough: list[str] = field(default_factory=list)  # more input columns copied to the output
     probabilities: bool = False  # add one prob_<label> column per class
     rows_per_file: int = 100_000  # upper bound on rows per output file (also the resume unit); a corpus under

@@ -29,6 +29,7 @@ def run(cfg: FinetuneConfig) -> dict:
     import ray
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
+    modeling.resolve(cfg.model.base)  # a missing or damaged base fails here in one line, not in every worker
     train, val = load_splits(cfg)
     cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
     train_ref, val_ref = (ray.put(ingest(part, cfg.model)) for part in (train, val))

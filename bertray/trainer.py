@@ -56,6 +56,7 @@ def start_run(cfg, stage: str, data: dict):
     run.name it is named `<stage>-<first 8 hex digits of that fingerprint>`: the same command finds its folder
     again, other settings or data get another. A folder holding the same run resumes it; one holding another run,
     or files but no RUN_FILE, is refused in one line, unless run.overwrite empties it first."""
+    _check_gpus(cfg)
     fp = fingerprint(cfg, stage, data)
     if cfg.run.name is None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{stage}-{fp['fingerprint'][:8]}"))
@@ -78,6 +79,18 @@ def start_run(cfg, stage: str, data: dict):
     storage.write_text(path, json.dumps(fp, indent=2, default=str))
     log.info("run %s: new", rdir)
     return cfg
+
+
+def _check_gpus(cfg) -> None:
+    """Ray Train would wait, and time out again and again, for GPUs the cluster does not have: refuse first."""
+    if not cfg.run.use_gpu:
+        return
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.run.num_workers:
+        raise ConfigError([f"run.use_gpu: {cfg.run.num_workers} worker(s) need a GPU each, and the Ray cluster has "
+                           f"{gpus:g}; drop --use-gpu, or lower run.num_workers"], "cluster")
 
 
 def fingerprint(cfg, stage: str, data: dict) -> dict:

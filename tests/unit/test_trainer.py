@@ -167,3 +167,14 @@ def test_cli_refuses_a_rerun_with_other_data_in_one_line_exit_2(tmp_path, monkey
     assert err.startswith(f"error: {tmp_path / 'runs' / 'rerun'} already holds a run with other training data (train: ")
     assert "36 rows then" in err and "18 rows" in err  # 10% of each train file went to validation
     assert sorted(os.listdir(tmp_path / "runs" / "rerun")) == [trainer.RUN_FILE]
+
+
+def test_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_folder_is_claimed(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(C.ConfigError, match=r"run.use_gpu: 2 worker\(s\) need a GPU each, and the Ray cluster has 0"):
+        trainer.start_run(_cfg(tmp_path, **{"run.use_gpu": "true", "run.num_workers": 2}), "finetune", _data())
+    assert not (tmp_path / "runs").exists()  # nothing claimed: the same command without --use-gpu starts cleanly
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
+    trainer.start_run(_cfg(tmp_path, **{"run.use_gpu": "true", "run.num_workers": 2}), "finetune", _data())
