@@ -503,7 +503,7 @@ def _kept(cfg: LabelConfig, schema: pa.Schema) -> list[pa.Field]:
 def _encoder(model: str, max_length: int | None) -> tuple[Any, int, str]:
     """(tokenizer, max_length, truncation) as the model's Predictor encodes, loaded once per worker process and
     without the weights, which a tokenize task has no use for."""
-    from bertray.predictor import encoding
+    from bertray.modeling import encoding  # not bertray.predictor, whose model code a tokenize task has no use for
 
     enc = encoding(model, max_length)
     return enc.tokenizer, enc.max_length, enc.truncation

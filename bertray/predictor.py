@@ -7,9 +7,7 @@ padding; results come back in the caller's order. On CPU a BERT classifier runs 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-from bertray import checkpoint, modeling, storage
+from bertray import checkpoint, modeling
+from bertray.modeling import encoding
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +38,6 @@ BF16_WIDTH_STEP = 8
 class Prediction:
     probs: np.ndarray  # (n, classes) float32
     truncated: int  # texts longer than max_length
-
-
-@dataclass
-class Encoding:
-    """How a classifier's texts become token ids, read without loading its weights: what a tokenize-only worker
-    (labeling's read+tokenize stage) needs, and the Predictor too, so both cut texts alike."""
-
-    path: str  # a local folder (a remote checkpoint is downloaded and cached) or a hub id
-    meta: dict  # bertray.json ({} for a plain HF folder)
-    config: object  # the transformers config
-    tokenizer: object
-    max_length: int
-    truncation: str
-
-
-def encoding(model_uri: str, max_length: int | None = None) -> Encoding:
-    path = modeling.resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
-    meta = check_classifier(model_uri, path)
-    config = AutoConfig.from_pretrained(path)
-    tokenizer = modeling.load_tokenizer(path)
-    model_cfg = meta.get("config", {}).get("model", {})
-    # A plain HF folder says nothing of max_length: take the tokenizer's, within what the model has positions for.
-    positions = getattr(config, "max_position_embeddings", None)
-    max_length = max_length or model_cfg.get("max_length") or min(tokenizer.model_max_length, 512, positions or 512)
-    if positions and max_length > positions:
-        raise modeling.ModelError(f"{model_uri}: max_length {max_length} exceeds the {positions} positions "
-                                  f"the model has; set max_length to {positions} or less")
-    return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", "head"))
 
 
 class Predictor:
@@ -177,41 +148,6 @@ class Predictor:
             "max_length": self.max_length,
             "truncation": self.truncation,
         }
-
-
-def check_classifier(model_uri: str, folder: str) -> dict:
-    """A ModelError unless `folder` (local or remote; `model_uri` names it in the message) holds a sequence
-    classifier; returns its bertray.json ({} for a plain HF folder). Reads only the two small JSON files, so a
-    server can check a model before it starts replicas that would each fail on it. A `folder` that is neither
-    remote nor a local folder is a Hugging Face Hub id (modeling.resolve): only its config is fetched."""
-    if not storage.is_remote(folder) and not os.path.isdir(folder):
-        _require_classifier(model_uri, _hub_config(model_uri).architectures or [])
-        return {}
-    meta = checkpoint.read_meta(folder) or {}
-    if meta.get("kind", "classifier") != "classifier":
-        raise modeling.ModelError(f"{model_uri}: is a {meta['kind']!r} checkpoint, not a classifier; "
-                                  "fine-tune it first (bertray finetune with model.base pointing at it)")
-    config_file = storage.join(folder, "config.json")
-    if not storage.exists(config_file):
-        raise modeling.ModelError(f"{model_uri}: no config.json there; expected a classifier checkpoint folder")
-    _require_classifier(model_uri, json.loads(storage.read_text(config_file)).get("architectures") or [])
-    return meta
-
-
-def _hub_config(model_id: str):
-    try:
-        return AutoConfig.from_pretrained(model_id)
-    except (OSError, ValueError) as exc:
-        # A mistyped local path ("runs/nope") reads as a hub id too, so say both.
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise modeling.ModelError(f"{model_id}: no such local folder, and no Hugging Face Hub model by that name "
-                                  f"could be fetched ({reason})") from None
-
-
-def _require_classifier(model_uri: str, architectures: list[str]) -> None:
-    if not any("ForSequenceClassification" in a for a in architectures):
-        raise modeling.ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
-                                  f"{architectures})")
 
 
 def plan_passes(lengths: list[int], max_batch: int, token_budget: int,

@@ -297,10 +297,8 @@ def app_builder(args: dict) -> Application:
 
 
 def _check_model(uri: str) -> None:
-    from bertray.predictor import check_classifier
-
     # modeling.resolve: a ModelError for a missing folder given as a path; a hub id passes through as is.
-    check_classifier(uri, uri if storage.is_remote(uri) else modeling.resolve(uri))
+    modeling.check_classifier(uri, uri if storage.is_remote(uri) else modeling.resolve(uri))
 
 
 # Serve puts HAProxy's sockets at FOLDER/<node id: 56 hex digits>/admin.sock; Linux allows 107 bytes in the path.
