@@ -58,9 +58,11 @@ TARGET_UNITS = 64
 MIN_UNIT_ROWS = 256
 PROGRESS_EVERY_S = 5.0
 FOOTER_THREADS = 16  # footers are latency-bound on S3; read many at once
-# Settings that change what the output holds; a re-run with any of them changed is a different job.
+# Settings that change what the output holds; a re-run with any of them changed is a different job. Not
+# on_bad_file: a run stopped by a corrupt page resumes with --skip-bad-files, as its error message suggests (a file
+# unreadable at planning changes the plan's files and units anyway).
 _PLAN_KEYS = ("model", "text_column", "id_column", "passthrough", "probabilities", "rows_per_file", "max_length",
-              "quantize", "on_empty", "on_bad_file")
+              "quantize", "on_empty")
 
 
 @dataclass(frozen=True)
@@ -226,11 +228,22 @@ def _model_info(uri: str) -> tuple[list[str], dict]:
 
 
 def _check_output_location(cfg: LabelConfig, files: list[str]) -> None:
-    out = storage.filesystem(cfg.output)[1].rstrip("/") + "/"
+    import pyarrow.fs as pafs
+
+    fs, out_path = storage.filesystem(cfg.output)
+    if fs.get_file_info(out_path).type == pafs.FileType.File:
+        raise ConfigError([f"output: {cfg.output!r} is a file; give a folder (new, or one an earlier label run "
+                           "wrote)"], "label")
+    out = out_path.rstrip("/") + "/"
     inside = [f for f in files if storage.filesystem(f)[1].startswith(out)]
     if inside:
         raise ConfigError([f"output: {cfg.output!r} holds input files (e.g. {inside[0]}); a re-run would label "
                            "its own output. Choose an output folder outside the input"], "label")
+    # The other way round: part files written inside the input folder would be read as input by the next run.
+    in_path = storage.filesystem(cfg.input)[1].rstrip("/")
+    if storage.is_dir(cfg.input) and out.startswith(in_path + "/"):
+        raise ConfigError([f"output: {cfg.output!r} is inside the input folder {cfg.input!r}; its part files would "
+                           "be read as input by the next run. Choose an output folder outside the input"], "label")
 
 
 def _read_footer(path: str) -> tuple[pa.Schema, list[int], int] | str:

@@ -276,3 +276,23 @@ def test_a_unit_read_in_several_chunks_keeps_each_text_with_its_ids(tmp_path, ti
     encoder = label._encoder(tiny_classifier_dir, None)
     want = [label.encode_texts([t], encoder)[1].tolist() for t in ["a fine film", "dull", "moving and long"]]
     assert [flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])] == want
+
+
+def test_an_output_that_is_a_file_or_inside_the_input_folder_is_refused(tmp_path):
+    from bertray.config import ConfigError, LabelConfig
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.parquet").write_bytes(b"")
+    (tmp_path / "taken.txt").write_text("x")
+    files = [str(tmp_path / "corpus" / "a.parquet")]
+
+    def check(output):
+        label._check_output_location(LabelConfig(model="m", input=str(tmp_path / "corpus"), output=output), files)
+
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        check(str(tmp_path / "taken.txt"))
+    with pytest.raises(ConfigError, match="is inside the input folder"):
+        check(str(tmp_path / "corpus" / "labeled"))
+    with pytest.raises(ConfigError, match="holds input files"):
+        check(str(tmp_path))
+    check(str(tmp_path / "labeled"))  # beside the input: fine

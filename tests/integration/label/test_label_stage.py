@@ -255,3 +255,19 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tiny_classifier, tmp_pat
     check_labels(read_parts(str(out)), table)
     assert (out / "_SUCCESS").exists()
     assert "label: 100/100 units" in stderr
+
+
+def test_a_run_stopped_by_a_corrupt_page_resumes_with_skip_bad_files(ray_cluster, tiny_classifier, corpus, tmp_path):
+    """The error says to pass --skip-bad-files; doing so on the same output resumes it (units done are kept)."""
+    folder, table = corpus
+    pages = bytearray((folder / "part0.parquet").read_bytes())
+    pages[4:200] = bytes((x * 37 + 11) % 256 for x in range(196))  # footer fine, first pages garbage
+    (folder / "zz-pages.parquet").write_bytes(bytes(pages))
+    cfg = LabelConfig(model=tiny_classifier, input=str(folder), output=str(tmp_path / "out"), rows_per_file=200,
+                      actors=1, passthrough=["group", "weight"])
+    with pytest.raises(DataError, match=r"zz-pages\.parquet: cannot read rows .*--skip-bad-files"):
+        label.run(cfg)
+    summary = label.run(LabelConfig(**{**cfg.__dict__, "on_bad_file": "skip"}))
+    assert [u["path"] for u in summary["units_unreadable"]] == [str(folder / "zz-pages.parquet")]
+    assert summary["rows_read"] == summary["rows_written"] == table.num_rows
+    check_labels(read_parts(cfg.output), table)
