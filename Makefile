@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench browser clean
 
 install: $(STAMP)
 
@@ -30,6 +30,15 @@ test: install browser
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The CPU benchmarks that fit in about 20 minutes on 2 cores; each writes its Markdown table to outputs/bench/.
+# The rest (quality, sweeps, pretraining studies, bench/gpu.sh) take longer or need a GPU: see BENCHMARKS.md.
+BENCH_OUT := outputs/bench
+bench: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) bench/feed.py --cpus 2 --json $(BENCH_OUT)/feed.json | tee $(BENCH_OUT)/feed.md
+	$(PY) bench/serve_load.py --out $(BENCH_OUT)/serve_load.json | tee $(BENCH_OUT)/serve_load.md
+	$(PY) bench/finetune_memory.py --rows 20000 100000 --json $(BENCH_OUT)/finetune_memory.json | tee $(BENCH_OUT)/finetune_memory.md
 
 clean:
 	rm -rf runs outputs test-artifacts .pytest_cache

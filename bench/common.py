@@ -11,9 +11,13 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-# The shared datasets (SST-2, 20 Newsgroups, ...) sit beside the repository; BERTRAY_SHARED_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("BERTRAY_SHARED_DATA",
-                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    """The shared datasets (SST-2, 20 Newsgroups, ...): beside the repository, or where BERTRAY_SHARED_DATA points.
+    Read when called, so that a script may point it at data of its own first (bench/gpu.py does)."""
+    return Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def machine() -> dict:

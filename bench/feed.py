@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED_DATA, machine
+from common import machine, shared_data
 
 LABELS = ["a", "b"]
 MAX_LENGTH = 512
@@ -66,10 +66,10 @@ def corpora(long_n: int, short_n: int) -> dict[str, list[str]]:
     from bertray import modeling
 
     tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    posts = pq.read_table(SHARED_DATA / "20newsgroups" / "train.parquet", columns=["text"]).column("text").to_pylist()
+    posts = pq.read_table(shared_data() / "20newsgroups" / "train.parquet", columns=["text"]).column("text").to_pylist()
     sizes = [len(x) for x in tok(posts, truncation=True, max_length=MAX_LENGTH + 1)["input_ids"]]
     long = [p for p, n in zip(posts, sizes) if 200 <= n <= 500][:long_n]
-    short = pq.read_table(SHARED_DATA / "sst2" / "train.parquet", columns=["text"]).column("text").to_pylist()[:short_n]
+    short = pq.read_table(shared_data() / "sst2" / "train.parquet", columns=["text"]).column("text").to_pylist()[:short_n]
     return {"long": long, "short": short}
 
 

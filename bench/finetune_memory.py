@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED_DATA, machine
+from common import machine, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def corpus(path: Path, rows: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    words = " ".join(pq.read_table(SHARED_DATA / "sst2" / "train.parquet").column("text").to_pylist()[:20000]).split()
+    words = " ".join(pq.read_table(shared_data() / "sst2" / "train.parquet").column("text").to_pylist()[:20000]).split()
     rng = np.random.default_rng(seed)
     vocab = np.array(words)
     lengths = rng.integers(8, 61, size=rows)

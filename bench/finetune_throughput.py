@@ -37,10 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, matmul_peak
+from common import machine, matmul_peak, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path("/work/shared/data/sst2")
+SST2 = shared_data() / "sst2"
 BATCH = 32
 MAX_LENGTH = 128
 EPOCHS = 2  # epoch 1 warms up, epoch 2 is measured

@@ -39,10 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import gpu_matmul_peak, machine, matmul_peak, minilm_classifier
+from common import gpu_matmul_peak, machine, matmul_peak, minilm_classifier, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+SST2 = shared_data() / "sst2"
 LABELS = ["negative", "positive"]
 
 

@@ -15,17 +15,16 @@ The threads are torch's default (every core) unless --threads says otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import machine, run_on_trained_model
+from common import machine, run_on_trained_model, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+SST2 = shared_data() / "sst2"
 VARIANTS = ("fp32", "int8", "bf16", "fp32 + bf16 autocast")
 
 

@@ -29,10 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, matmul_peak
+from common import machine, matmul_peak, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+SST2 = shared_data() / "sst2"
 
 
 def others_running() -> list[str]:

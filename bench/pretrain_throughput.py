@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import gpu_matmul_peak, machine, matmul_peak
+from common import gpu_matmul_peak, machine, matmul_peak, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+SST2 = shared_data() / "sst2"
 
 
 def bert_base(folder: Path) -> str:

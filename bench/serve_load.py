@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, minilm_classifier
+from common import machine, minilm_classifier, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+SST2 = shared_data() / "sst2"
 LABELS = ["negative", "positive"]
 WARMUP_S = 2.0  # per configuration, before the first measured step: first batches pay for lazy init
 IDLE_S = 3.0  # per configuration: the Serve processes' CPU use with no requests, subtracted from each step's

@@ -36,8 +36,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import shared_data
+
 REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO.parent / "shared" / "data" / "sst2"
+SST2 = shared_data() / "sst2"
 
 
 def sweep_config(args, name: str, freeze: bool, scheduler: str) -> dict:
