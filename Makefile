@@ -1,5 +1,6 @@
 # `make install` sets up .venv; `make demo` runs the main job on embedded defaults; `make test` runs the suite.
 PYTHON ?= python3
+SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -36,9 +37,9 @@ test-fast: install
 BENCH_OUT := outputs/bench
 bench: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) bench/feed.py --cpus 2 --json $(BENCH_OUT)/feed.json | tee $(BENCH_OUT)/feed.md
-	$(PY) bench/serve_load.py --out $(BENCH_OUT)/serve_load.json | tee $(BENCH_OUT)/serve_load.md
-	$(PY) bench/finetune_memory.py --rows 20000 100000 --json $(BENCH_OUT)/finetune_memory.json | tee $(BENCH_OUT)/finetune_memory.md
+	set -o pipefail; $(PY) bench/feed.py --cpus 2 --json $(BENCH_OUT)/feed.json | tee $(BENCH_OUT)/feed.md
+	set -o pipefail; $(PY) bench/serve_load.py --out $(BENCH_OUT)/serve_load.json | tee $(BENCH_OUT)/serve_load.md
+	set -o pipefail; $(PY) bench/finetune_memory.py --rows 20000 100000 --json $(BENCH_OUT)/finetune_memory.json | tee $(BENCH_OUT)/finetune_memory.md
 
 clean:
 	rm -rf runs outputs test-artifacts .pytest_cache
