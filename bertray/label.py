@@ -220,9 +220,7 @@ def _model_info(uri: str) -> tuple[list[str], dict]:
             raise modeling.ModelError(f"{uri}: cannot read the model config: {exc}") from None
     if meta.get("kind", "classifier") != "classifier":
         raise modeling.ModelError(f"{uri}: is a {meta['kind']!r} checkpoint, not a classifier; fine-tune it first")
-    arch = hf.get("architectures") or []
-    if not hf.get("id2label") or not any("ForSequenceClassification" in a for a in arch):
-        raise modeling.ModelError(f"{uri}: not a sequence-classification model (config.json architectures: {arch})")
+    modeling.require_classifier(uri, hf)
     id2label = {int(k): v for k, v in hf["id2label"].items()}
     return [id2label[i] for i in range(len(id2label))], meta
 

@@ -209,7 +209,7 @@ def check_classifier(model_uri: str, folder: str) -> dict:
     server can check a model before it starts replicas that would each fail on it. A `folder` that is neither
     remote nor a local folder is a Hugging Face Hub id (resolve): only its config is fetched."""
     if not storage.is_remote(folder) and not os.path.isdir(folder):
-        _require_classifier(model_uri, _hub_config(model_uri).architectures or [])
+        require_classifier(model_uri, _hub_config(model_uri).to_dict())
         return {}
     meta = checkpoint.read_meta(folder) or {}
     if meta.get("kind", "classifier") != "classifier":
@@ -218,7 +218,7 @@ def check_classifier(model_uri: str, folder: str) -> dict:
     config_file = storage.join(folder, "config.json")
     if not storage.exists(config_file):
         raise ModelError(f"{model_uri}: no config.json there; expected a classifier checkpoint folder")
-    _require_classifier(model_uri, json.loads(storage.read_text(config_file)).get("architectures") or [])
+    require_classifier(model_uri, json.loads(storage.read_text(config_file)))
     return meta
 
 
@@ -232,7 +232,17 @@ def _hub_config(model_id: str):
                                   f"could be fetched ({reason})") from None
 
 
-def _require_classifier(model_uri: str, architectures: list[str]) -> None:
+def require_classifier(model_uri: str, config: dict) -> None:
+    """A ModelError unless `config` (a config.json) is a classifier whose scores are a softmax over its labels: the
+    one kind bertray scores. Any other head, scored that way, would give wrong answers without a word."""
+    architectures = config.get("architectures") or []
     if not any("ForSequenceClassification" in a for a in architectures):
         raise ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
-                                  f"{architectures})")
+                         f"{architectures})")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+    problem = config.get("problem_type") or ("regression" if labels == 1 else "single_label_classification")
+    if problem != "single_label_classification":
+        what = {"regression": "a regression head (one output, no labels to choose from)",
+                "multi_label_classification": "a multi-label head (independent labels, scored with a sigmoid each)"}
+        raise ModelError(f"{model_uri}: config.json problem_type {problem!r}: {what.get(problem, 'a head')} that "
+                         "bertray does not score; it scores single-label classifiers (a softmax over the labels)")

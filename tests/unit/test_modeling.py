@@ -37,3 +37,25 @@ def test_whole_weights_and_folders_without_safetensors_pass(tmp_path):
     save_file({"w": torch.zeros(4)}, tmp_path / "model.safetensors")
     assert modeling.resolve(_folder(tmp_path, None)) == str(tmp_path.resolve())
     modeling.check_weights(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"problem_type": "regression", "id2label": {"0": "LABEL_0"}}, "problem_type 'regression': a regression head"),
+    ({"id2label": {"0": "score"}}, "problem_type 'regression'"),  # HF reads one output as regression
+    ({"problem_type": "multi_label_classification", "id2label": {"0": "a", "1": "b", "2": "c"}},
+     "problem_type 'multi_label_classification': a multi-label head"),
+])
+def test_heads_that_a_softmax_would_score_wrongly_are_refused_by_name(tmp_path, config, words):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForSequenceClassification"], **config}))
+    with pytest.raises(modeling.ModelError, match=words):
+        modeling.check_classifier(str(tmp_path), str(tmp_path))
+    from bertray import label
+
+    with pytest.raises(modeling.ModelError, match=words):
+        label._model_info(str(tmp_path))
+
+
+def test_a_single_label_classifier_passes(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
+                                                      "id2label": {"0": "neg", "1": "pos"}}))
+    assert modeling.check_classifier(str(tmp_path), str(tmp_path)) == {}
