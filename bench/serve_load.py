@@ -95,8 +95,8 @@ def _server_timing_ms(headers) -> float:
 
 async def _interleaved_lone(url: str, pred, sample: list[str], seconds: float, gap_s: float) -> dict:
     """One caller over HTTP and the model alone (`pred`, in this process), taking turns of SLICE_S, each going
-    through the same texts in the same order: the VM's speed drifted by a fifth within one four-minute run
-    (session 12), and taking turns puts the drift on both sides of the 1-client ratio. The model alone then also
+    through the same texts in the same order: a VM's speed can drift within one run (BENCHMARKS.md, "Serving"),
+    and taking turns puts the drift on both sides of the 1-client ratio. The model alone then also
     runs beside Ray and Serve's idle processes, as the replica does.
 
     A third turn runs the model alone with `gap_s` of idle before each call, the gap a lone caller's round trip

@@ -15,8 +15,8 @@
         --lrs 1e-3 3e-4 1e-4 3e-5 1e-5 --batches 16 24 32 48 64 --eval-every 10 --skip frozen \
         --scheduler-metric loss --grace 0.5
 
-ASHA's rungs are in epochs trained (search.grace_period x reduction_factor^k); before session 6 they were in
-evaluations, and the first three commands above ran with a grace period of one evaluation.
+ASHA's rungs are in epochs trained (search.grace_period x reduction_factor^k); in the earlier runs BENCHMARKS.md
+lists they were in evaluations, and the first three commands above ran with a grace period of one evaluation.
 
 The study swept lr in {1e-2, 5e-3, 2e-3, 1e-3, 5e-4} x batch in {16, 24, 32, 48, 64} per dataset, with a frozen
 encoder. Here: lr {1e-2, 2e-3, 5e-4} x batch {16, 32} (by default) on a small SST-2 subset with the embedded MiniLM on CPU, once
