@@ -173,10 +173,10 @@ def label_cli(model_dir: str, corpus: Path, out: Path, rows_per_file: int, extra
         wall = time.perf_counter() - t
         fout.seek(0)
         ferr.seek(0)
-        stdout, stderr = fout.read(), ferr.read()
+        stderr = ferr.read()
     if proc.returncode != 0:
         raise SystemExit(f"bertray label failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"wall": wall, "summary": json.loads(stdout[stdout.index("{"):]), "memory": mem,
+    return {"wall": wall, "summary": json.loads((out / "_summary.json").read_text()), "memory": mem,
             "command": " ".join(cmd[1:]).replace(str(REPO) + "/", "")}
 
 

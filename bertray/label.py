@@ -116,7 +116,6 @@ def run(cfg: LabelConfig) -> dict:
                  cfg.output, SUCCESS)
         summary = json.loads(storage.read_text(storage.join(cfg.output, SUCCESS)))
         summary.pop("output_files", None)
-        print(json.dumps(summary, indent=2))
         return summary
     earlier: dict[str, dict] = done["units"]
     pending = [u for u in plan.units if u.uid not in earlier]
@@ -134,7 +133,10 @@ def run(cfg: LabelConfig) -> dict:
     this_run = [summaries[u.uid] for u in pending]
     summary = _finish(cfg, plan, summaries, this_run, actors, {"plan": t_plan, "label": t_label,
                                                                "total": time.time() - t0})
-    print(json.dumps(summary, indent=2))
+    # The whole summary is in _summary.json (and _SUCCESS); the terminal gets the lines a person reads.
+    print(f"labeled {summary['rows_written']:,} of {summary['rows_read']:,} rows into {cfg.output} in "
+          f"{summary['seconds']['total']:.0f} s; label counts {summary.get('label_counts', {})}; "
+          f"summary: {storage.join(cfg.output, SUMMARY)}")
     return summary
 
 

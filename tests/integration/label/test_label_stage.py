@@ -249,7 +249,8 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tiny_classifier, tmp_pat
     second = cli(*args)
     stdout, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr[-3000:]
-    summary = json.loads(stdout[stdout.index("{"):])
+    assert f"labeled 2,000 of 2,000 rows into {out}" in stdout  # a line for people; the summary is in its file
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["units"] == 100 and summary["units_done_earlier"] >= done_before
     assert summary["rows_read"] == summary["rows_written"] == 2000
     check_labels(read_parts(str(out)), table)
