@@ -3,10 +3,10 @@
     bertray serve --model runs/sst2/model --port 8000       # then open http://127.0.0.1:8000/ (API docs at /docs)
     serve deploy cluster/serve_config.yaml                   # the same app on a running cluster or a KubeRay RayService
 
-One FastAPI ingress deployment holds the model, loaded once per replica. Each request is checked and tokenized on
-its own, so a bad text fails only its request, with a 4xx naming it. The token ids of concurrent requests go to one
-continuous batcher (bertray.batching): a pass takes everything queued, and `Predictor` orders it by length so little
-compute goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload into a fast 503
+One FastAPI ingress deployment holds the model, loaded once per replica. Each request is checked on its own, so a
+bad text fails only its request, with a 4xx naming it. The texts of concurrent requests go to one continuous
+batcher (bertray.batching): a pass takes everything queued, and `Predictor` orders it by length so little compute
+goes to padding. Bounded `max_ongoing_requests` / `max_queued_requests` turn overload into a fast 503
 instead of an ever longer queue.
 
 Requests enter through Serve's HAProxy ingress by default (ServeConfig.ingress): HAProxy forwards them to an HTTP
@@ -15,7 +15,6 @@ calls back for each body, which on a small machine took the CPU that batching sa
 """
 # No `from __future__ import annotations`: FastAPI must see real types (Request, ...) on the route methods after
 # serve.ingress has rebuilt them, not strings.
-import asyncio
 import hmac
 import ipaddress
 import json
@@ -25,7 +24,6 @@ import signal
 import stat
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
@@ -188,8 +186,8 @@ app = FastAPI(title="bertray", description="Text classification with a fine-tune
 class Classifier:
     """The model plus the HTTP API; `build_app` sets replicas, limits and resources from the ServeConfig.
 
-    Routes check, authorize and tokenize each request on their own; the model sees token ids only, through one
-    continuous batcher (bertray.batching) that runs the queued requests' texts in one pass while new ones queue."""
+    Routes check and authorize each request on their own; one continuous batcher (bertray.batching) runs the
+    queued requests' texts in one pass, tokenized together, while new ones queue."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -199,10 +197,10 @@ class Classifier:
                                                              "max_text_chars": cfg.max_text_chars}}
         self.page = _page(auth=self.api_key is not None)
         self.max_body_bytes = cfg.max_texts * cfg.max_text_chars * _MAX_JSON_BYTES_PER_CHAR + _BODY_SLACK_BYTES
-        self.batcher = Batcher(self.predictor.predict_ids, cfg.max_batch_size)
-        # Tokenizing beside the model's pass rather than in it; one thread, since a fast tokenizer's truncation
-        # settings are shared state that concurrent calls would fight over.
-        self._tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertray-tokenize")
+        # A pass tokenizes its texts in one call and runs them: per request, the tokenizer's own overhead cost more
+        # CPU than the model saved by batching (BENCHMARKS.md, "Serving"). A text the tokenizer refuses was turned
+        # away by _check_limits already, and a pass that raises anyway is re-run a request at a time.
+        self.batcher = Batcher(lambda texts: self.predictor.predict(texts).probs, cfg.max_batch_size)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -229,13 +227,11 @@ class Classifier:
             raise HTTPException(415, "send the body as JSON, with the header 'Content-Type: application/json'")
         req = _parse(await self._read_body(request))
         _check_limits(req.texts, self.cfg)
-        ids, _ = await asyncio.get_running_loop().run_in_executor(self._tokenize_thread, self.predictor.encode,
-                                                                  req.texts)
-        answer = await self.batcher.submit(ids)
+        answer = await self.batcher.submit(req.texts)
         # How many texts the forward pass behind this answer held, its own and other callers': batching at work.
         response.headers["X-Batch-Size"] = str(answer.batch_items)
         # And how long that pass took in the model thread (the standard header a browser's dev tools show): the
-        # rest of a request's latency is the HTTP path, tokenizing, and the wait for the model.
+        # rest of a request's latency is the HTTP path and the wait for the model.
         response.headers["Server-Timing"] = f'model;dur={answer.pass_ms:.2f};desc="forward pass"'
         names = self.predictor.label_names
         out = []
