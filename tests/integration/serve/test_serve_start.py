@@ -60,23 +60,26 @@ def test_a_taken_haproxy_stats_port_is_named(ray_cluster, unused_port, monkeypat
 
 def test_replicas_that_cannot_load_the_model_end_in_one_clear_error(ray_cluster, tiny_classifier_dir, tmp_path,
                                                                     unused_port):
-    """A classifier folder whose weights are damaged passes the pre-flight check (config and bertray.json are
-    fine), so every replica fails on it; after Serve's retries the caller gets one line, not Serve's traceback."""
+    """Replicas that fail to load their model: after Serve's retries the caller of deploy gets one line, not Serve's
+    traceback. (`bertray serve` refuses these damaged weights before Serve starts: the pre-flight check below.)"""
     from ray import serve
 
     from bertray.config import ServeConfig
-    from bertray.serve import ServeStartError, deploy
+    from bertray.modeling import ModelError
+    from bertray.serve import ServeStartError, _check_model, deploy
 
     model = shutil.copytree(tiny_classifier_dir, tmp_path / "damaged")
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="model.safetensors: the weights file is damaged or incomplete"):
+        _check_model(str(model))
     try:
         with pytest.raises(ServeStartError) as e:
             deploy(ServeConfig(model=str(model), port=unused_port, cpus_per_replica=0.5), name="damaged")
     finally:
         serve.shutdown()
     assert "Deploying application damaged failed" in str(e.value)
-    # The replica's own exception, from Serve's status, ends the line: here safetensors refusing the file.
-    assert "The replicas could not start: " in str(e.value) and "SafetensorError" in str(e.value), str(e.value)
+    # The replica's own exception, from Serve's status, ends the line: here the weights check naming the file.
+    assert "The replicas could not start: " in str(e.value) and "damaged or incomplete" in str(e.value), str(e.value)
 
 
 def test_rays_python_proxy_still_serves_when_chosen(ray_cluster, tiny_classifier_dir, unused_port, port_owners):
