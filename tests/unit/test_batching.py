@@ -41,6 +41,15 @@ async def started(model: Model, passes: int) -> None:
     raise AssertionError(f"{len(model.passes)} passes began, expected {passes}")
 
 
+async def first_pass_held(max_items: int):
+    """A batcher whose first pass (of the item 0) is running, held until the test sets model.hold."""
+    model = Model(held=True)
+    b = Batcher(model, max_items=max_items)
+    first = asyncio.create_task(b.submit([0]))
+    await started(model, 1)
+    return model, b, first
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
@@ -80,10 +89,7 @@ def test_a_lone_caller_with_an_idle_model_starts_at_once():
 
 def test_a_pass_takes_at_most_max_items_and_keeps_each_request_whole():
     async def main():
-        model = Model(held=True)
-        b = Batcher(model, max_items=4)
-        first = asyncio.create_task(b.submit([0]))
-        await started(model, 1)
+        model, b, first = await first_pass_held(4)
         queued = [asyncio.create_task(b.submit(items)) for items in ([1, 2, 3], [4, 5], [6], [7, 8, 9, 10, 11])]
         await asyncio.sleep(0.02)
         model.hold.set()
@@ -97,10 +103,7 @@ def test_a_pass_takes_at_most_max_items_and_keeps_each_request_whole():
 
 def test_a_request_that_breaks_the_model_fails_alone():
     async def main():
-        model = Model(held=True)
-        b = Batcher(model, max_items=32)
-        first = asyncio.create_task(b.submit([0]))
-        await started(model, 1)
+        model, b, first = await first_pass_held(32)
         good = [asyncio.create_task(b.submit([i])) for i in range(1, 6)]
         bad = asyncio.create_task(b.submit([3, "BAD"]))
         good += [asyncio.create_task(b.submit([i])) for i in range(6, 9)]
@@ -121,10 +124,7 @@ def test_a_request_that_breaks_the_model_fails_alone():
 
 def test_a_caller_cancelled_while_queued_is_not_run():
     async def main():
-        model = Model(held=True)
-        b = Batcher(model, max_items=32)
-        first = asyncio.create_task(b.submit([0]))
-        await started(model, 1)
+        model, b, first = await first_pass_held(32)
         gone = asyncio.create_task(b.submit([1]))
         stays = asyncio.create_task(b.submit([2]))
         await asyncio.sleep(0.02)
@@ -140,10 +140,7 @@ def test_a_caller_cancelled_while_queued_is_not_run():
 
 def test_a_caller_cancelled_during_its_pass_leaves_the_others_answered():
     async def main():
-        model = Model(held=True)
-        b = Batcher(model, max_items=32)
-        first = asyncio.create_task(b.submit([0]))
-        await started(model, 1)
+        model, b, first = await first_pass_held(32)
         a, c = asyncio.create_task(b.submit([1])), asyncio.create_task(b.submit([2]))
         model.hold.set()
         await first

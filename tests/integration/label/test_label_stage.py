@@ -162,15 +162,20 @@ def test_missing_or_non_string_text_column_fails_before_any_work(ray_cluster, tm
     assert not (tmp_path / "out").exists(), "nothing may be written before the input is checked"
 
 
+def _with_corrupt_pages(folder, model: str, tmp_path) -> LabelConfig:
+    """Adds zz-pages.parquet to the corpus (footer fine, first pages garbage); the label config for the folder."""
+    pages = bytearray((folder / "part0.parquet").read_bytes())
+    pages[4:200] = bytes((x * 37 + 11) % 256 for x in range(196))
+    (folder / "zz-pages.parquet").write_bytes(bytes(pages))
+    return LabelConfig(model=model, input=str(folder), output=str(tmp_path / "out"), rows_per_file=200,
+                       actors=1, passthrough=["group", "weight"])
+
+
 def test_corrupt_files_error_by_name_or_are_skipped_and_reported(ray_cluster, tiny_classifier, corpus, tmp_path):
     folder, table = corpus
     good = (folder / "part0.parquet").read_bytes()
     (folder / "zz-truncated.parquet").write_bytes(good[: len(good) // 2])  # footer gone
-    pages = bytearray(good)
-    pages[4:200] = bytes((x * 37 + 11) % 256 for x in range(196))  # footer fine, first pages garbage
-    (folder / "zz-pages.parquet").write_bytes(bytes(pages))
-    cfg = LabelConfig(model=tiny_classifier, input=str(folder), output=str(tmp_path / "out"), rows_per_file=200,
-                      actors=1, passthrough=["group", "weight"])
+    cfg = _with_corrupt_pages(folder, tiny_classifier, tmp_path)
     with pytest.raises(DataError, match=r"zz-truncated\.parquet: cannot read as Parquet .*--skip-bad-files"):
         label.run(cfg)
     assert not (tmp_path / "out").exists()
@@ -261,11 +266,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tiny_classifier, tmp_pat
 def test_a_run_stopped_by_a_corrupt_page_resumes_with_skip_bad_files(ray_cluster, tiny_classifier, corpus, tmp_path):
     """The error says to pass --skip-bad-files; doing so on the same output resumes it (units done are kept)."""
     folder, table = corpus
-    pages = bytearray((folder / "part0.parquet").read_bytes())
-    pages[4:200] = bytes((x * 37 + 11) % 256 for x in range(196))  # footer fine, first pages garbage
-    (folder / "zz-pages.parquet").write_bytes(bytes(pages))
-    cfg = LabelConfig(model=tiny_classifier, input=str(folder), output=str(tmp_path / "out"), rows_per_file=200,
-                      actors=1, passthrough=["group", "weight"])
+    cfg = _with_corrupt_pages(folder, tiny_classifier, tmp_path)
     with pytest.raises(DataError, match=r"zz-pages\.parquet: cannot read rows .*--skip-bad-files"):
         label.run(cfg)
     summary = label.run(LabelConfig(**{**cfg.__dict__, "on_bad_file": "skip"}))
