@@ -40,11 +40,17 @@ first_step = []
 stop = threading.Event()
 
 def store_mib():
-    out = subprocess.run(["ray", "memory", "--stats-only"], capture_output=True, text=True).stdout
-    m = re.search(r"Plasma memory usage (\d+) MiB", out)
+    from ray._private.internal_api import memory_summary
+    m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
     return int(m.group(1)) if m else 0
 
 def sample():
+    try:
+        _sample()
+    except Exception as exc:  # a dead sampler would report peaks of nothing: say so instead
+        peak["error"] = repr(exc)
+
+def _sample():
     me = psutil.Process()
     n = 0
     while not stop.is_set():
@@ -119,6 +125,8 @@ def run_size(rows: int, work: Path, model: str, src: str, cpus: int, steps: int)
     if out.returncode != 0:
         raise SystemExit(f"run of {rows:,} rows failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    if "error" in result["peak"]:
+        raise SystemExit(f"run of {rows:,} rows: the memory sampler failed: {result['peak']['error']}")
     result["rows"] = rows
     result["process_wall_s"] = time.time() - t0
     return result
