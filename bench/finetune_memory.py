@@ -57,7 +57,9 @@ def _sample():
         for p in psutil.process_iter(["name", "cmdline"]):
             try:
                 title = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-                if "RayTrainWorker" in title:
+                # Ray titles its worker processes "ray::RayTrainWorker..."; this script's own command line holds
+                # the name too, so the driver is left out by pid.
+                if "ray::RayTrainWorker" in title and p.pid != me.pid:
                     peak["worker"] = max(peak["worker"], p.memory_info().rss)
             except psutil.Error:
                 pass
