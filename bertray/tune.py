@@ -127,8 +127,10 @@ def _distributed_trial(cfg: FinetuneConfig, objective) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer.build_trainer(cfg, objective, callbacks=(TuneReportCallback(),), name=trial_id,
-                          storage_uri=storage.join(trainer.run_dir(cfg), "train-runs")).fit()
+    result = trainer.build_trainer(cfg, objective, callbacks=(TuneReportCallback(),), name=trial_id,
+                                   storage_uri=storage.join(trainer.run_dir(cfg), "train-runs")).fit()
+    if diverged := getattr(result, "return_value", None):  # the loop's message: the trial fails, the sweep goes on
+        raise RuntimeError(diverged)
 
 
 class _TrialEnd:

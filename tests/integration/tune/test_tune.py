@@ -154,6 +154,20 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(ray_cluster, sweep_confi
     assert summary["best"]["config"]["model.base"] == cfg["model"]["base"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_diverged_trial_fails_and_the_sweep_goes_on(ray_cluster, sweep_config, workers):
+    """A learning rate no model survives: that trial ends as failed with the loop's one-line reason, in a trial of
+    its own process and in a data-parallel one (a Ray Train run inside the trial); the other trial finishes."""
+    cfg = sweep_config({"algorithm": "grid", "workers_per_trial": workers,
+                        "space": {"optim.lr": {"grid": [1.0e-3, 1.0e30]}}},
+                       optim={"max_grad_norm": 0}, train={"max_steps": 4, "eval_every": 4, "log_every": 2},
+                       run={"name": f"diverged-{workers}"})
+    summary = _run(cfg)
+    rows = {float(r["optim.lr"]): r for r in _table(summary["run_dir"])}
+    assert rows[1.0e30]["status"] == "failed" and "training diverged" in rows[1.0e30]["error"], rows[1.0e30]
+    assert rows[1.0e-3]["status"] == "finished"
+
+
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "bertray.cli", "tune", *args], cwd=REPO, env=env,
