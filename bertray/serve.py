@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import stat
 import tempfile
 import time
 from importlib import resources
@@ -311,14 +310,10 @@ def _private_dir() -> str:
     path = os.path.join(tempfile.gettempdir(), name)
     if len(path) > _SOCKET_PATH_MAX:  # a long TMPDIR would make the sockets fail to bind, deep inside Serve
         path = os.path.join("/tmp", name)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ServeStartError(f"{path} is not a folder of this user's (another user's, or a link); remove it, or "
-                              "set TMPDIR to a folder of your own")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
+    try:
+        return str(storage.private_dir(path, "set TMPDIR to a folder of your own"))
+    except storage.StorageError as exc:
+        raise ServeStartError(str(exc)) from None
 
 
 def _haproxy_binary() -> str | None:

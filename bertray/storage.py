@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -165,8 +166,9 @@ def local_dir(uri: str) -> Path:
     """A local folder holding `uri`'s content: the folder itself if local, else a cached download."""
     if not is_remote(uri):
         return Path(uri.removeprefix("file://")).resolve()
-    cache_root = _private_dir(Path(os.environ.get("BERTRAY_CACHE",
-                                                  Path(tempfile.gettempdir()) / f"bertray-cache-{os.getuid()}")))
+    # A model loaded from a cache that another user could write to would run whatever they put there.
+    cache_root = private_dir(os.environ.get("BERTRAY_CACHE", Path(tempfile.gettempdir()) / f"bertray-cache-{os.getuid()}"),
+                             "set BERTRAY_CACHE to a folder of your own")
     # Keyed by the URI and the remote folder's config.json/bertray.json times, so a model re-exported to the
     # same URI is downloaded again rather than served stale.
     fs, path = filesystem(uri)
@@ -185,14 +187,14 @@ def local_dir(uri: str) -> Path:
     return target
 
 
-def _private_dir(path: Path) -> Path:
-    """`path` as a folder that only this user can enter, made if missing. A model loaded from a cache that another
-    user could write to would run whatever they put there (a tokenizer's code, pickled weights)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def private_dir(path: str | Path, remedy: str) -> Path:
+    """`path` as a folder that only this user can enter, made if missing; a StorageError ending with `remedy` if it
+    is a link or another user's. A folder others can write to would let them plant what this process then runs."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
-        raise StorageError(f"{path}: the model cache is not a folder of this user's (another user's, or a link); "
-                           "remove it, or set BERTRAY_CACHE to a folder of your own")
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():  # lstat: a link is not a folder
+        raise StorageError(f"{path} is not a folder of this user's (another user's, or a link); remove it, or "
+                           f"{remedy}")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
-    return path
+    return Path(path)

@@ -26,24 +26,26 @@ def test_the_model_cache_is_private(tmp_path):
     open_dir = tmp_path / "cache"
     open_dir.mkdir(mode=0o777)
     os.chmod(open_dir, 0o777)
-    assert storage._private_dir(open_dir) == open_dir
+    assert storage.private_dir(open_dir, "unused") == open_dir
     assert stat.S_IMODE(os.stat(open_dir).st_mode) == 0o700
-    made = storage._private_dir(tmp_path / "new" / "cache")
+    made = storage.private_dir(tmp_path / "new" / "cache", "unused")
     assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
 
 
-def test_a_cache_that_is_a_link_or_anothers_is_refused(tmp_path):
+def test_a_cache_that_is_a_link_or_anothers_is_refused(tmp_path, monkeypatch, s3_bucket):
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    monkeypatch.setenv("BERTRAY_CACHE", str(tmp_path / "link"))
     with pytest.raises(storage.StorageError, match="not a folder of this user's"):
-        storage._private_dir(tmp_path / "link")
+        storage.local_dir(f"{s3_bucket}/model")
     if os.getuid() != 0:
         pytest.skip("only root can give a folder to another user")
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv("BERTRAY_CACHE", str(theirs))
     with pytest.raises(storage.StorageError, match="BERTRAY_CACHE"):
-        storage._private_dir(theirs)
+        storage.local_dir(f"{s3_bucket}/model")
 
 
 def test_the_default_cache_is_per_user(tmp_path, monkeypatch, s3_bucket):
