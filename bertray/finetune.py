@@ -7,7 +7,6 @@ order depends only on (seed, epoch): that is what makes resume exact to the batc
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from bertray import data as D
 from bertray import modeling, runtime, trainer
 from bertray.config import FinetuneConfig, ModelConfig
+from bertray.modeling import TokenIds
 from bertray.metrics import confusion, from_confusion, mode_of
 from bertray.train_loop import Objective
 
@@ -76,31 +76,6 @@ def load_splits(cfg: FinetuneConfig) -> tuple[D.Labeled, D.Labeled]:
 
 
 @dataclass(frozen=True)
-class TokenIds:
-    """Token ids of many texts as one int32 array and offsets: about 4 bytes a token, against 36 in Python lists,
-    and numpy arrays in Ray's object store are shared by the workers of a node, not copied into each."""
-
-    values: np.ndarray  # int32, every text's ids one after another
-    offsets: np.ndarray  # int64, len(texts) + 1: text i is values[offsets[i]:offsets[i + 1]]
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @classmethod
-    def from_lists(cls, ids: list[list[int]]) -> "TokenIds":
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return cls(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1])), offsets)
-
-
-@dataclass(frozen=True)
 class Ingested:
     """A labeled split as the workers take it: token ids made with `tokenized_with` (model base, max_length,
     truncation), or the texts, for a sweep whose trials change those."""
@@ -150,16 +125,10 @@ def tokenize(texts: list[str], m: ModelConfig) -> TokenIds:
     return TokenIds(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(base: str):
-    # Once per Ray worker process, which runs many tasks: a tokenizer takes a while to load.
-    return modeling.load_tokenizer(modeling.resolve(base))
-
-
 def _encode_block(block, base: str, max_length: int, truncation: str):
     import pyarrow as pa
 
-    ids, _ = modeling.encode(_tokenizer(base), block.column("text").to_pylist(), max_length, truncation)
+    ids, _ = modeling.encode(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length, truncation)
     return pa.table({"row": block.column("row"), "ids": pa.array(ids, pa.list_(pa.int32()))})
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import math
@@ -543,9 +542,8 @@ def encode_texts(texts: list, encoder: tuple[Any, int, str]) -> tuple[list, np.n
     if not good:
         return reasons, np.zeros(0, np.int32), np.zeros(1, np.int64), 0
     ids, cut = modeling.encode(tokenizer, good, max_length, truncation)
-    lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
-    return reasons, flat, np.concatenate([[0], np.cumsum(lengths)]), cut
+    packed = modeling.TokenIds.from_lists(ids)
+    return reasons, packed.values, packed.offsets, cut
 
 
 def read_tokenize(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema) -> pa.Table:
@@ -651,13 +649,13 @@ class Infer:
 
     def predict(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """(texts, classes) probabilities, CHUNK_ROWS texts at a time: predict_ids takes Python lists of ids."""
-        n = len(offsets) - 1
-        out = np.zeros((n, len(self.predictor.label_names)), np.float32)
-        for lo in range(0, n, CHUNK_ROWS):
-            hi = min(lo + CHUNK_ROWS, n)
-            ids = flat[offsets[lo]:offsets[hi]].tolist()
-            bounds = (offsets[lo:hi + 1] - offsets[lo]).tolist()
-            out[lo:hi] = self.predictor.predict_ids([ids[a:b] for a, b in zip(bounds, bounds[1:])])
+        from bertray.modeling import TokenIds
+
+        ids = TokenIds(flat, offsets)
+        out = np.zeros((len(ids), len(self.predictor.label_names)), np.float32)
+        for lo in range(0, len(ids), CHUNK_ROWS):
+            hi = min(lo + CHUNK_ROWS, len(ids))
+            out[lo:hi] = self.predictor.predict_ids([ids[i].tolist() for i in range(lo, hi)])
         return out
 
 

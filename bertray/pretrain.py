@@ -27,7 +27,6 @@ and their masks are drawn afresh.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -155,18 +154,12 @@ def read_stream(files: list[str], cfg: PretrainConfig, holdout: frozenset = froz
 _STAGE_COUNTS = ("texts_read", "null_text", "empty_text", "held_out", "truncated")
 
 
-@functools.lru_cache(maxsize=2)
-def _stage_tokenizer(base: str):
-    # Once per Ray worker process: Ray Data runs many tasks in the same process, and a tokenizer takes a while to load.
-    return modeling.load_tokenizer(modeling.resolve(base))
-
-
 def tokenize_batch(table: pa.Table, cfg: PretrainConfig, holdout: frozenset) -> pa.Table:
     """A Ray Data stage: a batch of texts -> token sequences, packed (or truncated) as SequenceStream does, one per
     row. A batch's packing remainder is its last, shorter sequence. The first row carries the batch's counts of
     texts read and dropped (the others 0), so the workers can sum them; a batch that yields no sequence is one
     row with no tokens."""
-    stream = SequenceStream(_stage_tokenizer(cfg.model.base), cfg, holdout)
+    stream = SequenceStream(modeling.cached_tokenizer(cfg.model.base), cfg, holdout)
     seqs = stream.sequences(stream.texts(table, cfg.data.train)) + stream.flush()
     rows = max(1, len(seqs))
     cols = {"input_ids": pa.array(seqs or [[]], pa.list_(pa.int32()))}

@@ -163,7 +163,7 @@ def test_the_tokenize_stage_packs_a_batch_and_attaches_its_counts():
     out = P.tokenize_batch(pa.table({"text": texts}), cfg, frozenset({"kept out"}))
     assert out.column_names == ["input_ids", *P._STAGE_COUNTS]
     seqs = out.column("input_ids").to_pylist()
-    tok = P._stage_tokenizer("embedded")
+    tok = modeling.cached_tokenizer("embedded")
     stream = P.SequenceStream(tok, cfg)
     assert seqs == stream.sequences(["a short one", "another rather short sentence here, a little longer", "x"]) \
         + stream.flush()
