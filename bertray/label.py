@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 # No bertray.modeling here: it imports torch and transformers, which the build+write tasks never use, and a fresh
 # Ray worker spends seconds importing them; the functions that need it import it themselves.
-from bertray import checkpoint, data, storage
+from bertray import data, storage
 from bertray.config import ConfigError, LabelConfig
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,10 @@ def run(cfg: LabelConfig) -> dict:
 
 def make_plan(cfg: LabelConfig) -> Plan:
     """List and check every input file from its footer (no data read); split files into units."""
-    label_names, meta = _model_info(cfg.model)
+    from bertray import modeling
+
+    # Checked on the driver, from the config files alone, so a wrong model fails before any actor starts.
+    label_names, meta = modeling.classifier_labels(cfg.model)
     files = data.data_files(cfg.input)
     not_parquet = [f for f in files if not f.lower().endswith((".parquet", ".pq"))]
     if not_parquet:
@@ -198,32 +201,6 @@ def split_rows(row_group_rows: list[int], rows_per_file: int) -> list[tuple[int,
     if pos > start:
         ranges.append((start, pos))
     return ranges
-
-
-def _model_info(uri: str) -> tuple[list[str], dict]:
-    """Label names and bertray meta, checked on the driver so a wrong model fails before any actor starts."""
-    from bertray import modeling
-
-    if storage.is_remote(uri):
-        cfg_uri = storage.join(uri, "config.json")
-        if not storage.exists(cfg_uri):
-            raise modeling.ModelError(f"{uri}: no config.json there; expected a classifier checkpoint folder")
-        hf = json.loads(storage.read_text(cfg_uri))
-        meta = checkpoint.read_meta(uri) or {}
-    else:
-        from transformers import AutoConfig
-
-        path = modeling.resolve(uri)  # a local folder, or a hub id (no bertray.json then)
-        meta = (checkpoint.read_meta(path) or {}) if storage.exists(path) else {}
-        try:
-            hf = AutoConfig.from_pretrained(path).to_dict()
-        except OSError as exc:
-            raise modeling.ModelError(f"{uri}: cannot read the model config: {exc}") from None
-    if meta.get("kind", "classifier") != "classifier":
-        raise modeling.ModelError(f"{uri}: is a {meta['kind']!r} checkpoint, not a classifier; fine-tune it first")
-    modeling.require_classifier(uri, hf)
-    id2label = {int(k): v for k, v in hf["id2label"].items()}
-    return [id2label[i] for i in range(len(id2label))], meta
 
 
 def _check_output_location(cfg: LabelConfig, files: list[str]) -> None:

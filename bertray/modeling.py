@@ -233,7 +233,7 @@ def encoding(model_uri: str, max_length: int | None = None) -> Encoding:
     max_length = max_length or model_cfg.get("max_length") or min(tokenizer.model_max_length, 512, positions or 512)
     if positions and max_length > positions:
         raise ModelError(f"{model_uri}: max_length {max_length} exceeds the {positions} positions "
-                                  f"the model has; set max_length to {positions} or less")
+                         f"the model has; set max_length to {positions} or less")
     return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", "head"))
 
 
@@ -242,18 +242,39 @@ def check_classifier(model_uri: str, folder: str) -> dict:
     classifier; returns its bertray.json ({} for a plain HF folder). Reads only the two small JSON files, so a
     server can check a model before it starts replicas that would each fail on it. A `folder` that is neither
     remote nor a local folder is a Hugging Face Hub id (resolve): only its config is fetched."""
+    return _classifier(model_uri, folder)[0]
+
+
+def classifier_labels(model_uri: str) -> tuple[list[str], dict]:
+    """(label names in id order, bertray.json) of a classifier, checked as check_classifier does, without its
+    weights or tokenizer: what a driver needs before it starts the workers that load them."""
+    folder = model_uri if storage.is_remote(model_uri) else resolve(model_uri)
+    meta, config = _classifier(model_uri, folder)
+    if not config.get("id2label"):
+        raise ModelError(f"{model_uri}: config.json names no labels (id2label); expected a classifier checkpoint")
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    return [id2label[i] for i in range(len(id2label))], meta
+
+
+def _classifier(model_uri: str, folder: str) -> tuple[dict, dict]:
+    """(bertray.json or {}, config.json as a dict) of a checked classifier; see check_classifier."""
     if not storage.is_remote(folder) and not os.path.isdir(folder):
-        require_classifier(model_uri, _hub_config(model_uri).to_dict())
-        return {}
+        config = _hub_config(model_uri).to_dict()
+        require_classifier(model_uri, config)
+        return {}, config
     meta = checkpoint.read_meta(folder) or {}
     if meta.get("kind", "classifier") != "classifier":
         raise ModelError(f"{model_uri}: is a {meta['kind']!r} checkpoint, not a classifier; "
-                                  "fine-tune it first (bertray finetune with model.base pointing at it)")
+                         "fine-tune it first (bertray finetune with model.base pointing at it)")
     config_file = storage.join(folder, "config.json")
     if not storage.exists(config_file):
         raise ModelError(f"{model_uri}: no config.json there; expected a classifier checkpoint folder")
-    require_classifier(model_uri, json.loads(storage.read_text(config_file)))
-    return meta
+    try:
+        config = json.loads(storage.read_text(config_file))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ModelError(f"{config_file}: cannot read the model config ({exc})") from None
+    require_classifier(model_uri, config)
+    return meta, config
 
 
 def _hub_config(model_id: str):
@@ -263,7 +284,7 @@ def _hub_config(model_id: str):
         # A mistyped local path ("runs/nope") reads as a hub id too, so say both.
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{model_id}: no such local folder, and no Hugging Face Hub model by that name "
-                                  f"could be fetched ({reason})") from None
+                         f"could be fetched ({reason})") from None
 
 
 def require_classifier(model_uri: str, config: dict) -> None:

@@ -49,10 +49,8 @@ def test_heads_that_a_softmax_would_score_wrongly_are_refused_by_name(tmp_path, 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForSequenceClassification"], **config}))
     with pytest.raises(modeling.ModelError, match=words):
         modeling.check_classifier(str(tmp_path), str(tmp_path))
-    from bertray import label
-
-    with pytest.raises(modeling.ModelError, match=words):
-        label._model_info(str(tmp_path))
+    with pytest.raises(modeling.ModelError, match=words):  # what labeling checks on its driver
+        modeling.classifier_labels(str(tmp_path))
 
 
 def test_a_single_label_classifier_passes(tmp_path):
