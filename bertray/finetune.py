@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bertray import data as D
-from bertray import modeling, runtime, trainer
+from bertray import modeling, runtime, storage, trainer
 from bertray.config import FinetuneConfig, ModelConfig
 from bertray.modeling import TokenIds
 from bertray.metrics import confusion, from_confusion, mode_of
@@ -29,7 +29,8 @@ def run(cfg: FinetuneConfig) -> dict:
     import ray
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
-    modeling.resolve(cfg.model.base)  # a missing or damaged base fails here in one line, not in every worker
+    if not storage.is_remote(cfg.model.base):  # a remote base is read by the workers; the driver need not fetch it
+        modeling.resolve(cfg.model.base)  # a missing or damaged local base fails here in one line, not in every worker
     train, val = load_splits(cfg)
     cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
     train_ref, val_ref = (ray.put(ingest(part, cfg.model)) for part in (train, val))
