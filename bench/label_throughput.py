@@ -7,10 +7,12 @@ Speed mode: one model (the embedded MiniLM-L6 with a random 2-class head: speed 
 two corpora: SST-2 sentences, and documents of 200-500 tokens built by joining consecutive SST-2 sentences. On each:
   - `transformers.pipeline("text-classification", batch_size=32)` over the list (truncation at 512 tokens),
   - our Predictor in a plain loop without Ray (chunks of label.CHUNK_ROWS texts, as each label actor does), fp32,
-    int8 and bf16 (bf16 is emulated, and slow, on CPUs without AVX512-BF16 or AMX),
+    int8 and bf16 (bf16 is emulated, and slow, on CPUs without AVX512-BF16 or AMX), and with the onnxruntime
+    backend on the model's fp32 and int8 ONNX exports (`bertray export`, made before any timing),
   - `bertray label` through the real CLI on a fresh local Ray (wall time of the whole command: Ray start, actor
     start, model load, planning, labeling, writing), on the corpus and on the corpus repeated --cli-repeat times
-    (a bulk-sized job, reported per copy), and `label.run` on an already-running cluster, fp32, int8 and bf16.
+    (a bulk-sized job, reported per copy), and `label.run` on an already-running cluster, fp32, int8 and bf16,
+    and onnxruntime fp32 and int8 on the exports.
     The label figures include every fixed cost; "marginal" subtracts the time of the same call on a 16-doc corpus;
     "actor compute" is the time the actors spent on the units (summed from the part files, divided by the actors),
     i.e. the steady-state rate with Ray's startup and scheduling left out.
@@ -117,11 +119,12 @@ def time_pipeline(model_dir: str, texts: list[str], device: str = "cpu") -> floa
     return elapsed
 
 
-def time_predictor(model_dir: str, texts: list[str], quantize: str | None, device: str = "cpu") -> float:
+def time_predictor(model_dir: str, texts: list[str], quantize: str | None, device: str = "cpu",
+                   backend: str = "torch") -> float:
     from bertray.label import CHUNK_ROWS
     from bertray.predictor import Predictor
 
-    pred = Predictor(model_dir, device=device, quantize=quantize)
+    pred = Predictor(model_dir, device=device, quantize=quantize, backend=backend)
     pred.predict(texts[:32])  # warm-up
     t = time.perf_counter()
     for i in range(0, len(texts), CHUNK_ROWS):
@@ -130,14 +133,14 @@ def time_predictor(model_dir: str, texts: list[str], quantize: str | None, devic
 
 
 def time_label_run(model_dir: str, corpus: Path, out: Path, quantize: str, rows_per_file: int,
-                   gpus_per_actor: float = 0.0) -> tuple[float, dict]:
+                   gpus_per_actor: float = 0.0, backend: str = "torch") -> tuple[float, dict]:
     """label.run on the running cluster: actor start and model load included."""
     from bertray import label
     from bertray.config import LabelConfig
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = LabelConfig(model=model_dir, input=str(corpus), output=str(out), id_column=None, quantize=quantize,
-                      rows_per_file=rows_per_file, gpus_per_actor=gpus_per_actor)
+                      rows_per_file=rows_per_file, gpus_per_actor=gpus_per_actor, backend=backend)
     t = time.perf_counter()
     summary = label.run(cfg)
     return time.perf_counter() - t, summary
@@ -218,7 +221,7 @@ def speed(args) -> dict:
     import ray
     import torch
 
-    from bertray import modeling, runtime
+    from bertray import export, modeling, runtime
     from bertray.predictor import Predictor
 
     threads = os.cpu_count() or 1
@@ -227,6 +230,11 @@ def speed(args) -> dict:
     work = Path(args.work)
     model_dir = minilm_classifier(work / "minilm-cls", LABELS, max_length=512)
     pred = Predictor(model_dir)
+    # The onnxruntime rows run exports made here, so that no timing includes exporting (a checkpoint given to the
+    # onnxruntime backend is exported on first use).
+    onnx_dirs = {} if args.gpu else {q: str(work / f"minilm-onnx-{q}") for q in ("none", "int8")}
+    for q, folder in onnx_dirs.items():
+        export.run(model_dir, folder, quantize=q)
     sentences = sst2_sentences()
     corpora = {"short (SST-2 sentences)": sentences[: args.short],
                "long (200-500 tokens)": long_docs(sentences, pred.tokenizer, args.long)}
@@ -247,6 +255,10 @@ def speed(args) -> dict:
         if not args.gpu:
             plain[name]["predictor int8"] = time_predictor(model_dir, texts, "int8")
             plain[name]["predictor bf16"] = time_predictor(model_dir, texts, "bf16")
+            plain[name]["predictor onnxruntime fp32"] = time_predictor(onnx_dirs["none"], texts, None,
+                                                                       backend="onnxruntime")
+            plain[name]["predictor onnxruntime int8"] = time_predictor(onnx_dirs["int8"], texts, "int8",
+                                                                       backend="onnxruntime")
         time_peak()
     runtime.init_ray(None)
     gpu_flags = ["--gpus-per-actor", "1"] if args.gpu else []
@@ -262,11 +274,15 @@ def speed(args) -> dict:
         tiny = write_corpus(work / f"corpus-{len(texts)}-16", texts[:16])
         rpf = rows_per_unit(len(texts))
         m = dict(plain[name])
-        for q in ("none",) if args.gpu else ("none", "int8", "bf16"):
-            fixed, _ = time_label_run(model_dir, tiny, work / "out-tiny", q, rpf, gpus)
-            full, summary = time_label_run(model_dir, corpus, work / "out", q, rpf, gpus)
+        runs = [("torch", q) for q in (("none",) if args.gpu else ("none", "int8", "bf16"))]
+        runs += [("onnxruntime", q) for q in onnx_dirs]
+        for backend, q in runs:
+            model = model_dir if backend == "torch" else onnx_dirs[q]
+            fixed, _ = time_label_run(model, tiny, work / "out-tiny", q, rpf, gpus, backend)
+            full, summary = time_label_run(model, corpus, work / "out", q, rpf, gpus, backend)
             assert summary["rows_written"] == len(texts)
-            tag = "fp32" if q == "none" else q
+            precision = "fp32" if q == "none" else q
+            tag = precision if backend == "torch" else f"onnxruntime {precision}"
             m[f"label {tag} (warm cluster)"] = full
             m[f"label {tag} marginal"] = full - fixed
             m[f"label {tag} actor compute"] = actor_seconds(work / "out") / summary["actors"]

@@ -1,4 +1,5 @@
-"""`bertray pretrain|finetune|tune|label|serve|evaluate|predict|validate`: a thin layer over each stage's `run(cfg)`.
+"""`bertray pretrain|finetune|tune|label|serve|evaluate|predict|export|validate`: a thin layer over each stage's
+`run(cfg)`.
 
 Every stage takes `--config FILE.yaml` and `--set key=value` overrides; the convenience flags below are only
 shorthands for config keys. The config is validated before Ray starts: problems exit with code 2.
@@ -38,6 +39,8 @@ STAGES = {
         "--input": ("input", "value"),
         "--output": ("output", "value"),
         "--text-column": ("text_column", "value"),
+        "--text-pair-column": ("text_pair_column", "value"),
+        "--long-text": ("long_text", "value"),
         "--id-column": ("id_column", "value"),
         "--passthrough": ("passthrough", "list"),
         "--probabilities": ("probabilities", "flag"),
@@ -45,6 +48,7 @@ STAGES = {
         "--actors": ("actors", "value"),
         "--gpus-per-actor": ("gpus_per_actor", "value"),
         "--quantize": ("quantize", "value"),
+        "--backend": ("backend", "value"),
         "--skip-empty": ("on_empty", "skip"),
         "--skip-bad-files": ("on_bad_file", "skip"),
         "--overwrite": ("overwrite", "flag"),
@@ -58,6 +62,8 @@ STAGES = {
         "--autoscaling": ("autoscaling", "flag"),
         "--api-key-env": ("api_key_env", "value"),
         "--quantize": ("quantize", "value"),
+        "--backend": ("backend", "value"),
+        "--long-text": ("long_text", "value"),
         "--ingress": ("ingress", "value"),
         "--address": ("ray_address", "value"),
     }),
@@ -148,16 +154,35 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output folder (default: outputs/evaluate-<model name>)")
     e.add_argument("--text-column", action="append", dest="text_columns", default=None)
     e.add_argument("--label-column", default="label")
+    e.add_argument("--text-pair-column", default=None, help="the second text of each pair (a pair model)")
+    e.add_argument("--label-delimiter", default=None, help="multi-label: labels in one string, split at this")
+    e.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the checkpoint's)")
+    e.add_argument("--long-text", choices=["truncate", "chunk"], default=None,
+                   help="texts over max_length: truncate, or score overlapping windows pooled per text "
+                        "(default: as the checkpoint says)")
     e.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none")
+    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: MODEL as an ONNX export, or exported on the fly (CPU)")
     e.add_argument("--max-rows", type=int, default=None)
     pr = sub.add_parser("predict", help="label a few texts")
     pr.add_argument("model", help="a classifier checkpoint (local or s3://) or a Hugging Face classifier")
     pr.add_argument("texts", nargs="+", help="one or more texts to label")
+    pr.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    x = sub.add_parser("export", help="MODEL as an ONNX model folder, checked against PyTorch on a sample")
+    x.add_argument("model", help="a classifier checkpoint (local or s3://) or a Hugging Face classifier")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: ONNX Runtime's dynamic quantization; reports how many fp32 labels it keeps")
+    x.add_argument("--output", required=True, help="a new or empty folder, local or s3://")
+    x.add_argument("--sample", default=None,
+                   help="texts to check the export on: Parquet, CSV or JSON Lines (default: random token ids)")
+    x.add_argument("--text-column", default="text", help="the --sample column holding the texts")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -170,8 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             from bertray import evaluate
 
+            if args.backend == "onnxruntime" and args.quantize == "bf16":
+                parser.error("--quantize bf16 is a torch option; with --backend onnxruntime use int8 or none")
+
             result = evaluate.run_cli(args)
             print(json.dumps(result["summary"], indent=2))
+            return 0
+        if args.command == "export":
+            from bertray import export
+
+            meta = export.run(args.model, args.output, args.quantize, args.sample, args.text_column)
+            print(json.dumps({"output": args.output, "quantize": meta["quantize"], "parity": meta["parity"]},
+                             indent=2))
             return 0
         if args.command == "predict":
             from bertray.data import DataError, invalid_text
@@ -182,9 +217,16 @@ def main(argv: list[str] | None = None) -> int:
                     raise DataError(f"text {i}: empty text")
                 if reason := invalid_text(text):  # undecodable bytes on the command line arrive as lone surrogates
                     raise DataError(f"text {i}: {reason} (its bytes are not UTF-8)")
-            pred = Predictor(args.model)
+            pred = Predictor(args.model, backend=args.backend)
             probs = pred.predict(args.texts).probs
+            import numpy as np
+
             for text, p in zip(args.texts, probs):
+                if pred.multi_label:  # every label at or over its threshold, most probable first
+                    on = [k for k in np.argsort(-p) if p[k] >= pred.thresholds[k]]
+                    print(f"{','.join(pred.label_names[k] for k in on) or '-'}\t"
+                          f"{' '.join(f'{p[k]:.3f}' for k in on) or '-'}\t{text}")
+                    continue
                 i = int(p.argmax())
                 print(f"{pred.label_names[i]}\t{p[i]:.3f}\t{text}")
             return 0

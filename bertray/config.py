@@ -29,22 +29,49 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class AdapterConfig:
+    # lora: PEFT LoRA adapters on the encoder's `target` linears; the base's own weights stay frozen, and the new
+    # classification head (with any weight the base lacks, such as a pooler) trains in full. Checkpoints hold the
+    # adapter and head only; the run exports the merged model (model/) and the adapter alone (adapter/).
+    kind: Literal["none", "lora"] = "none"
+    r: int = 8  # rank of each low-rank update
+    alpha: int = 16  # the update is scaled by alpha / r
+    dropout: float = 0.1  # dropout on the adapter's input
+    target: list[str] = field(default_factory=lambda: ["query", "value"])  # module names, or dotted name endings (BERT: query, key, value, dense)
+
+
+@dataclass
 class ModelConfig:
     base: str = "embedded"  # 'embedded' (bundled all-MiniLM-L6-v2), a HF hub id, a local dir, or a bertray checkpoint (local or s3://)
     max_length: int = 128  # tokens per text including [CLS]/[SEP]
     truncation: Literal["head", "tail", "head+tail"] = "head"  # which tokens of a long text to keep
+    # Texts longer than max_length when scoring (evaluate, label, serve): truncate (by `truncation`), or chunk: cut
+    # into windows of max_length that share chunk_overlap tokens, score every window, and pool the windows' logits
+    # per text (mean; or max: "any window says so"). Training keeps truncating.
+    long_text: Literal["truncate", "chunk"] = "truncate"
+    chunk_overlap: int = 32
+    chunk_pool: Literal["mean", "max"] = "mean"
     freeze_encoder: bool = False  # train only the classification head
     freeze_layers: int = 0  # freeze the embeddings and the bottom N encoder layers
     dropout: Optional[float] = None  # classifier dropout; None keeps the model's own
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # fine-tuning only; implies a frozen base
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # file, folder or glob of .parquet/.csv/.jsonl; local or s3://
+    train: str = ""  # file, folder or glob of .parquet/.csv/.jsonl; local or s3://; or a Hugging Face dataset (hf_data)
     validation: Optional[str] = None  # same forms; None carves a seeded stratified split out of train
     validation_fraction: float = 0.1  # used only when validation is None
     text_columns: list[str] = field(default_factory=lambda: ["text"])  # joined with a space, e.g. [title, description]
-    label_column: str = "label"  # integer ids or string names
+    label_column: str = "label"  # integer ids or string names; for multi_label, lists of them (or a delimited string)
+    # single_label: one class per text (softmax). multi_label: any number of labels per text (sigmoid per label,
+    # per-label thresholds tuned on validation). auto: multi_label when the label column holds lists or
+    # label_delimiter is set.
+    task: Literal["auto", "single_label", "multi_label"] = "auto"
+    label_delimiter: Optional[str] = None  # multi_label from a string column such as "anger,joy"
+    # Sentence pairs: the second text of each pair (the first is text_columns); the tokenizer encodes them as a pair,
+    # with segment ids, cutting the longer side first.
+    text_pair_column: Optional[str] = None
     labels: Optional[list[str]] = None  # class names in id order; None: from labels.json beside the data, else inferred
     clean_html: bool = False  # strip tags such as <br /> and unescape entities
     normalize_whitespace: bool = True  # collapse runs of whitespace
@@ -71,7 +98,9 @@ class TrainConfig:
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs
     group_by_length: bool = True  # batches of similar length, so dynamic padding wastes little
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None = once per epoch
-    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"  # chooses the best checkpoint and drives early stopping
+    # Chooses the best checkpoint and drives early stopping. Multi-label: accuracy is subset accuracy (every label
+    # right), and the F1s use the per-label thresholds tuned at that evaluation; macro_f1 or micro_f1 suit it best.
+    metric: Literal["accuracy", "macro_f1", "micro_f1", "loss"] = "accuracy"
     patience: Optional[int] = None  # evaluations without improvement before stopping; None = never stop early
     class_weights: Literal["none", "balanced"] = "none"  # 'balanced' weights the loss by inverse class frequency
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, off on CPU
@@ -93,6 +122,11 @@ class RunConfig:
     keep_checkpoints: int = 2  # best ones kept (by train.metric); the latest is always kept too
     ray_address: Optional[str] = None  # None: RAY_ADDRESS or a new local cluster
     overwrite: bool = False  # delete what the run folder holds and start afresh, instead of resuming or refusing
+    # 'mlflow': the run is an MLflow run (config as params, every progress and evaluation metric at its step,
+    # artifacts and the exported model) on the server MLFLOW_TRACKING_URI names (unset: MLflow's local default).
+    tracking: Literal["none", "mlflow"] = "none"
+    experiment: str = "bertray"  # MLflow experiment the run goes into (created if missing)
+    register_as: Optional[str] = None  # register the exported model under this name: a new version per run
 
 
 @dataclass
@@ -125,6 +159,14 @@ def _quantize_on_cpu(errors: list[str], quantize: str, gpus_key: str, gpus: floa
         errors.append(f"quantize: {quantize} is a CPU option; drop it or set {gpus_key}=0")
 
 
+def _backend_on_cpu(errors: list[str], backend: str, quantize: str, gpus_key: str, gpus: float) -> None:
+    # bertray runs ONNX Runtime's CPU provider only; bf16 weights are a PyTorch path with no ONNX counterpart here.
+    if backend == "onnxruntime" and gpus:
+        errors.append(f"backend: onnxruntime runs on CPU; set {gpus_key}=0 or backend=torch")
+    if backend == "onnxruntime" and quantize == "bf16":
+        errors.append("quantize: bf16 is a torch option; with backend onnxruntime use int8 or none")
+
+
 @dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -152,6 +194,9 @@ class PretrainConfig:
             errors.append("train.max_steps: pretraining is scheduled in steps; set train.max_steps")
         if self.train.metric != "loss":
             errors.append(f"train.metric: masked-LM reports only 'loss' (perplexity), got {self.train.metric!r}")
+        if self.model.adapter.kind != "none":
+            errors.append("model.adapter: adapters are for fine-tuning; pretraining trains the whole encoder "
+                          "(fine-tune from its model/ with an adapter instead)")
         if not 0 < self.mlm.probability < 1:
             errors.append(f"mlm.probability: must be between 0 and 1, got {self.mlm.probability}")
         _positive(errors, "mlm.eval_rows", self.mlm.eval_rows)
@@ -170,11 +215,15 @@ def _check_common(cfg: FinetuneConfig | PretrainConfig) -> list[str]:
         e.append(f"model.max_length: must be between 8 and 8192, got {m.max_length}")
     if m.truncation == "head+tail" and m.max_length < 16:
         e.append("model.truncation: 'head+tail' needs model.max_length >= 16")
+    if m.long_text == "chunk" and not 0 <= m.chunk_overlap <= m.max_length // 2:
+        e.append(f"model.chunk_overlap: must be between 0 and half of model.max_length ({m.max_length // 2}), "
+                 f"got {m.chunk_overlap}")
     _positive(e, "model.freeze_layers", m.freeze_layers, allow_zero=True)
     if m.freeze_encoder and m.freeze_layers:
         e.append("model.freeze_layers: contradicts model.freeze_encoder=true (the whole encoder is already frozen)")
     if m.dropout is not None and not 0 <= m.dropout < 1:
         e.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _check_adapter(e, m)
     if not 0 < d.validation_fraction < 1:
         e.append(f"data.validation_fraction: must be between 0 and 1, got {d.validation_fraction}")
     _positive(e, "data.max_train_rows", d.max_train_rows)
@@ -202,15 +251,50 @@ def _check_common(cfg: FinetuneConfig | PretrainConfig) -> list[str]:
     _positive(e, "run.cpus_per_worker", r.cpus_per_worker)
     _positive(e, "run.max_failures", r.max_failures, allow_zero=True)
     _positive(e, "run.keep_checkpoints", r.keep_checkpoints)
+    if r.tracking == "mlflow" and not r.experiment.strip():
+        e.append("run.experiment: needs a name with run.tracking=mlflow")
+    if r.register_as is not None:
+        if r.tracking != "mlflow":
+            e.append("run.register_as: registering needs run.tracking=mlflow")
+        # models:/NAME/VERSION and models:/NAME@ALIAS are how a registered model is named back.
+        if not r.register_as.strip() or any(ch in r.register_as for ch in "/@'"):
+            e.append(f"run.register_as: must be a model name without '/', '@' or quotes, got {r.register_as!r}")
     return e
+
+
+def _check_adapter(e: list[str], m: ModelConfig) -> None:
+    a = m.adapter
+    if a.kind == "none":
+        return
+    _positive(e, "model.adapter.r", a.r)
+    _positive(e, "model.adapter.alpha", a.alpha)
+    if not 0 <= a.dropout < 1:
+        e.append(f"model.adapter.dropout: must be in [0, 1), got {a.dropout}")
+    if not a.target or any(not t.strip() for t in a.target):
+        e.append(f"model.adapter.target: needs module names such as [query, value], got {a.target!r}")
+    # An adapter already freezes every weight of the base: freezing more of it would change nothing, and reads
+    # as if part of the base were meant to train.
+    if m.freeze_encoder:
+        e.append(f"model.freeze_encoder: contradicts model.adapter.kind={a.kind} (the base is frozen and the "
+                 "adapter trains); drop one")
+    if m.freeze_layers:
+        e.append(f"model.freeze_layers: contradicts model.adapter.kind={a.kind} (the whole base is frozen "
+                 "already); drop it")
 
 
 def _check_labeled(cfg: FinetuneConfig) -> list[str]:
     e: list[str] = []
     if cfg.data.label_column in cfg.data.text_columns:
         e.append(f"data.label_column: {cfg.data.label_column!r} is also listed in data.text_columns")
-    if cfg.data.labels is not None and len(set(cfg.data.labels)) < 2:
+    d = cfg.data
+    if d.labels is not None and len(set(d.labels)) < 2 and d.task != "multi_label":
         e.append("data.labels: needs at least two distinct class names")
+    if d.label_delimiter is not None and (not d.label_delimiter or d.task == "single_label"):
+        e.append("data.label_delimiter: needs a non-empty delimiter and data.task multi_label or auto"
+                 if not d.label_delimiter else "data.label_delimiter: splits labels for data.task=multi_label, "
+                 "but data.task is single_label")
+    if d.text_pair_column is not None and d.text_pair_column in (*d.text_columns, d.label_column):
+        e.append(f"data.text_pair_column: {d.text_pair_column!r} is also a text or label column")
     return e
 
 
@@ -449,9 +533,15 @@ class LabelConfig:
     input: str = ""  # Parquet file, folder or glob; local or s3://
     output: str = ""  # output folder; local or s3://
     text_column: str = "text"
+    text_pair_column: Optional[str] = None  # sentence pairs: the second text (a pair model needs it)
+    # Texts longer than max_length: truncate, or chunk into overlapping windows whose logits are pooled per row
+    # (model.long_text); None: as the checkpoint says.
+    long_text: Optional[Literal["truncate", "chunk"]] = None
     id_column: Optional[str] = "id"  # passed through as it is (not checked unique); None: none (file and row are kept instead)
     passthrough: list[str] = field(default_factory=list)  # more input columns copied to the output
-    probabilities: bool = False  # add one prob_<label> column per class
+    # Add one prob_<label> column per class. Multi-label models write `labels` (every label at or over its
+    # threshold) and `scores` (their probabilities) instead of label/label_id/score.
+    probabilities: bool = False
     rows_per_file: int = 100_000  # upper bound on rows per output file (also the resume unit); a corpus under
     # ~64 x this is cut into ~64 smaller units (>= 256 rows) so every actor gets work
     token_budget: Optional[int] = None  # padded tokens per inference micro-batch; None: Predictor's default for the device
@@ -464,10 +554,12 @@ class LabelConfig:
     # default) the tasks run beside them unreserved, one per actor per stage.
     cpus_per_task: float = 0.5
     # CPU only. int8: dynamic, encoder linears only, weights per channel. bf16: the whole model in bf16, for CPUs
-    # with AVX512-BF16 or AMX (emulated, and slower than fp32, elsewhere). With the demo model on an AVX512-BF16
-    # CPU, int8 ran SST-2 at 2.1-2.3x fp32's rate and changed 15 of 872 validation labels and 25 of 1,821 test
-    # labels; bf16 1.8-1.9x, and 0 and 1 (bench/precision.py; BENCHMARKS "bf16 on a CPU with AVX512-BF16").
+    # with AVX512-BF16 or AMX (emulated, and slower than fp32, elsewhere). Speed and labels changed against fp32:
+    # BENCHMARKS.md, "bf16 on a CPU with AVX512-BF16" (bench/precision.py).
     quantize: Literal["none", "int8", "bf16"] = "none"
+    # torch, or onnxruntime (CPU): an ONNX export (bertray export), or this model exported on the fly into the
+    # model cache; int8 then means ONNX Runtime's int8 graph. The same passes either way.
+    backend: Literal["torch", "onnxruntime"] = "torch"
     on_empty: Literal["null", "skip"] = "null"  # null/empty text: keep the row with a null label, or drop it (counted)
     on_bad_file: Literal["error", "skip"] = "error"  # unreadable input file: stop, or skip it (reported)
     confidence_threshold: float = 0.6  # rows whose top probability is below this are counted in the summary
@@ -489,6 +581,7 @@ class LabelConfig:
         _positive(e, "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
         _positive(e, "cpus_per_task", self.cpus_per_task)
         _quantize_on_cpu(e, self.quantize, "gpus_per_actor", self.gpus_per_actor)
+        _backend_on_cpu(e, self.backend, self.quantize, "gpus_per_actor", self.gpus_per_actor)
         if not 0 <= self.confidence_threshold <= 1:
             e.append(f"confidence_threshold: must be in [0, 1], got {self.confidence_threshold}")
         if self.id_column and self.id_column in self.passthrough:
@@ -500,10 +593,9 @@ class LabelConfig:
 
 
 # A serve batch is at most a few dozen texts of mixed lengths, unsorted until they arrive; in one pass they all pad
-# to the longest. Smaller passes pad less: on one CPU thread, 32 random SST-2 sentences took 9.7 ms a text at 512
-# tokens against 13.2 at the labeler's 2,048 (whose chunks are sorted across thousands of texts, so pad little).
-# That was with padded passes. Packed ones (fp32 and int8 BERT, predictor.packed_logits) pad only inside attention;
-# at this budget they ran such draws 1.11-1.19x faster than padded ones (bench/packing.py).
+# to the longest. Smaller passes pad less, and on CPU ran faster per text than the labeler's budget (whose chunks
+# are sorted across thousands of texts, so pad little); packed passes (fp32 and int8 BERT) gain again at this budget
+# (BENCHMARKS.md, "Serving"; bench/packing.py).
 SERVE_CPU_TOKEN_BUDGET = 512
 
 
@@ -530,6 +622,8 @@ class ServeConfig:
     token_budget: Optional[int] = None
     # As LabelConfig.quantize. On CPU, int8 also gains more from batching than fp32 (BENCHMARKS.md, "Serving").
     quantize: Literal["none", "int8", "bf16"] = "none"
+    backend: Literal["torch", "onnxruntime"] = "torch"  # as LabelConfig.backend
+    long_text: Optional[Literal["truncate", "chunk"]] = None  # as LabelConfig.long_text
     # Who takes HTTP requests on host:port. haproxy: Ray Serve's HAProxy ingress (Ray's "high throughput" mode)
     # forwards each request straight to an HTTP server inside a replica. proxy: Ray's Python proxy actor, which
     # hands each request to a replica by actor call and is called back for its body, which costs CPU that batching
@@ -549,6 +643,7 @@ class ServeConfig:
                      "max_ongoing_requests", "max_queued_requests", "token_budget", "cpus_per_replica"):
             _positive(e, name, getattr(self, name))
         _quantize_on_cpu(e, self.quantize, "gpus_per_replica", self.gpus_per_replica)
+        _backend_on_cpu(e, self.backend, self.quantize, "gpus_per_replica", self.gpus_per_replica)
         if self.autoscaling and self.min_replicas > self.max_replicas:
             e.append(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
         return e
@@ -622,6 +717,9 @@ class TuneConfig(FinetuneConfig):
         space, space_errors = parse_space(s.space)
         e += space_errors
         e += _check_trial_values(base, space, set(e))
+        if self.model.adapter.kind == "none" and "model.adapter.kind" not in space:
+            e += [f"search.space.{k}: has no effect without an adapter; set model.adapter.kind: lora"
+                  for k in space if k.startswith("model.adapter.")]
         _positive(e, "search.num_samples", s.num_samples)
         _positive(e, "search.grace_period", s.grace_period)
         if (s.scheduler == "asha" and self.train.max_steps is None and s.grace_period and self.train.epochs

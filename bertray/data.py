@@ -5,6 +5,7 @@ run's report and checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -29,6 +30,10 @@ class DataError(ValueError):
 
 
 def data_files(uri: str) -> list[str]:
+    from bertray import hf_data  # imported here: it imports this module
+
+    if hf_data.is_hf(uri):
+        return hf_data.data_files(uri)
     files = [f for f in storage.list_files(uri) if _format(f)]
     if not files:
         raise DataError(f"{uri}: no data files found (looked for {', '.join(sorted(set(FORMATS)))})")
@@ -71,6 +76,10 @@ def _require_columns(path: str, have: list[str], want: list[str] | None) -> None
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    from bertray import hf_data
+
+    if hf_data.is_hf(uri):  # a Hugging Face dataset (hub id or save_to_disk folder), read into one table
+        return hf_data.read_table(uri, columns)
     tables = [read_file(f, columns) for f in data_files(uri)]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
@@ -158,21 +167,64 @@ def clean(text: str, cfg: DataConfig) -> str:
 @dataclass
 class Labeled:
     texts: list[str]
-    labels: np.ndarray  # int64 class ids
+    labels: np.ndarray  # int64 class ids (n,); multi-label: 0/1 per label (n, labels)
     label_names: list[str]
     report: dict = field(default_factory=dict)  # rows read / used / dropped by reason
+    pairs: list[str] | None = None  # the second text of each pair (data.text_pair_column)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def is_multi_label(cfg: DataConfig, table: pa.Table) -> bool:
+    """data.task, or for 'auto' what the label column holds: lists (or delimited strings) make it multi-label."""
+    if cfg.task != "auto":
+        return cfg.task == "multi_label"
+    return cfg.label_delimiter is not None or (cfg.label_column in table.column_names
+                                                 and _is_list(table.column(cfg.label_column).type))
+
+
+def _label_lists(col: pa.ChunkedArray, cfg: DataConfig, source: str) -> list:
+    """Each row's labels as a list (None for a null row): list columns as they are, strings split at
+    data.label_delimiter, a single id or name as a one-label list."""
+    t = col.type
+    if _is_list(t):
+        inner = t.value_type
+        if not (pa.types.is_integer(inner) or pa.types.is_string(inner) or pa.types.is_large_string(inner)
+                or pa.types.is_null(inner)):
+            raise DataError(f"{source}: label column {cfg.label_column!r} holds lists of {inner}, expected lists of "
+                            "integer ids or string names")
+        return col.to_pylist()
+    values = col.to_pylist()
+    if cfg.label_delimiter is not None and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return [None if v is None else [x.strip() for x in v.split(cfg.label_delimiter) if x.strip()] for v in values]
+    return [None if v is None else [v] for v in values]
 
 
 def label_names_for(uri: str, cfg: DataConfig, table: pa.Table) -> list[str]:
-    """Class names in id order: the config, else labels.json beside the data, else inferred from the column."""
+    """Class names in id order: the config, else a Hugging Face ClassLabel feature, else labels.json beside the
+    data, else inferred from the column."""
+    from bertray import hf_data
+
     if cfg.labels:
         return list(cfg.labels)
-    beside = storage.join(uri.rsplit("/", 1)[0] if not storage.is_dir(uri) else uri, "labels.json")
+    if (declared := hf_data.class_names(table, cfg.label_column)) is not None:
+        return declared
+    beside = "*" if hf_data.is_named(uri) else storage.join(
+        uri.rsplit("/", 1)[0] if not storage.is_dir(uri) else uri, "labels.json")
     if "*" not in beside and storage.exists(beside):
         names = json.loads(storage.read_text(beside))
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             return names
     col = table.column(cfg.label_column)
+    if is_multi_label(cfg, table):  # every label any row has
+        lists = _label_lists(col, cfg, uri)
+        col = pa.chunked_array([pa.array([v for row in lists if row for v in row])])
     values = [v for v in pc.unique(col.drop_null()).to_pylist()]
     if pa.types.is_integer(col.type):
         if not values:
@@ -203,10 +255,14 @@ def _ranges(ids: list[int], shown: int = 4) -> str:
 
 
 def check_classes(train: Labeled) -> list[str]:
-    """A DataError if the training rows hold fewer than two classes; returns the declared classes with no
-    training rows (a warning: the model can never learn to answer them)."""
-    counts = np.bincount(train.labels, minlength=len(train.label_names))
+    """A DataError if the training rows hold fewer than two classes (multi-label: no label at all); returns the
+    declared classes with no training rows (a warning: the model can never learn to answer them)."""
+    counts = label_counts(train)
     present = [n for n, c in zip(train.label_names, counts) if c]
+    if train.multi_label:
+        if not present:
+            raise DataError(f"{train.report.get('source', 'training data')}: no usable training row has any label")
+        return [n for n, c in zip(train.label_names, counts) if not c]
     if len(present) < 2:
         raise DataError(f"{train.report.get('source', 'training data')}: every usable training row has the label "
                         f"{present[0]!r}: a classifier needs at least two classes" if present else
@@ -214,32 +270,56 @@ def check_classes(train: Labeled) -> list[str]:
     return [n for n, c in zip(train.label_names, counts) if not c]
 
 
+def label_counts(d: Labeled) -> np.ndarray:
+    """Rows per class (multi-label: rows carrying each label)."""
+    if d.multi_label:
+        return d.labels.sum(axis=0).astype(np.int64)
+    return np.bincount(d.labels, minlength=len(d.label_names))
+
+
+def _text_problem(t) -> str | None:
+    if t is INVALID_TEXT:
+        return "invalid_text"
+    if t is None:
+        return "null_text"
+    return None if t else "empty_text"
+
+
 def load_labeled(uri: str, cfg: DataConfig, label_names: list[str] | None = None) -> Labeled:
-    """Read texts and labels; rows with null/empty text or a missing/unknown label are dropped and counted."""
-    table = read_table(uri, list(dict.fromkeys([*cfg.text_columns, cfg.label_column])))
+    """Read texts (and pairs) and labels; rows with null/empty text or a missing/unknown label are dropped and
+    counted. Multi-label rows may carry no label at all (none applies); they are kept."""
+    wanted = [*cfg.text_columns, *([cfg.text_pair_column] if cfg.text_pair_column else []), cfg.label_column]
+    table = read_table(uri, list(dict.fromkeys(wanted)))
     names = label_names if label_names is not None else label_names_for(uri, cfg, table)
     texts = texts_from(table, cfg, uri)
+    pairs = (texts_from(table, dataclasses.replace(cfg, text_columns=[cfg.text_pair_column]), uri)
+             if cfg.text_pair_column else None)
     col = table.column(cfg.label_column)
-    raw = col.to_pylist()
+    multi = is_multi_label(cfg, table)
+    raw = _label_lists(col, cfg, uri) if multi else col.to_pylist()
     index = {n: i for i, n in enumerate(names)}
-    is_int = pa.types.is_integer(col.type)
-    if not (is_int or pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-        raise DataError(f"{uri}: label column {cfg.label_column!r} has type {col.type}, expected integer ids or string names")
+    kind = col.type.value_type if multi and _is_list(col.type) else col.type
+    is_int = pa.types.is_integer(kind)
+    if not (is_int or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise DataError(f"{uri}: label column {cfg.label_column!r} has type {col.type}, expected integer ids or "
+                        "string names" + (" (or lists of them)" if cfg.task != "single_label" else ""))
+
+    def label_id(y):
+        return (int(y) if 0 <= int(y) < len(names) else None) if is_int else index.get(str(y))
+
     dropped: Counter = Counter()
     first_bad: dict[str, int] = {}
-    keep_t, keep_y = [], []
+    keep_t, keep_p, keep_y = [], [], []
     for row, (t, y) in enumerate(zip(texts, raw)):
-        reason = None
-        if t is INVALID_TEXT:
-            reason = "invalid_text"
-        elif t is None:
-            reason = "null_text"
-        elif not t:
-            reason = "empty_text"
-        elif y is None:
+        reason = _text_problem(t) or (_text_problem(pairs[row]) if pairs is not None else None)
+        if reason is None and y is None:
             reason = "null_label"
-        else:
-            yid = (int(y) if 0 <= int(y) < len(names) else None) if is_int else index.get(str(y))
+        elif reason is None and multi:
+            yid = [label_id(v) for v in y if v is not None]
+            if None in yid:
+                reason = "unknown_label"
+        elif reason is None:
+            yid = label_id(y)
             if yid is None:
                 reason = "unknown_label"
         if reason:
@@ -248,6 +328,8 @@ def load_labeled(uri: str, cfg: DataConfig, label_names: list[str] | None = None
             continue
         keep_t.append(t)
         keep_y.append(yid)
+        if pairs is not None:
+            keep_p.append(pairs[row])
     report = {
         "source": uri,
         "rows_read": table.num_rows,
@@ -257,11 +339,20 @@ def load_labeled(uri: str, cfg: DataConfig, label_names: list[str] | None = None
     }
     if not keep_t:
         raise DataError(f"{uri}: no usable rows ({table.num_rows} read; dropped: {dict(dropped) or 'none'})")
-    return Labeled(keep_t, np.asarray(keep_y, dtype=np.int64), names, report)
+    if multi:
+        labels = np.zeros((len(keep_y), len(names)), dtype=np.int8)
+        for i, ids in enumerate(keep_y):
+            labels[i, ids] = 1
+    else:
+        labels = np.asarray(keep_y, dtype=np.int64)
+    return Labeled(keep_t, labels, names, report, keep_p if pairs is not None else None)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices): `fraction` of each class, at least one row, seeded."""
+    """(train indices, validation indices): `fraction` of each class, at least one row, seeded. Multi-label:
+    iterative stratification, which keeps each label's share close to the whole's."""
+    if labels.ndim == 2:
+        return _iterative_split(labels.astype(bool), fraction, seed)
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(labels):
@@ -274,8 +365,41 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return train_idx, val_idx
 
 
+def _iterative_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative stratification (Sechidis, Tsoumakas and Vlahavas, 2011) into train and validation: the rarest
+    label still unplaced goes first, each of its rows to the side that most lacks that label. Written here because
+    the package that implements it (iterative-stratification) installs a top-level `tests` package into
+    site-packages, which shadows the tests of whatever project installs it."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    rows_wanted = np.array([1 - fraction, fraction]) * n
+    label_wanted = np.outer([1 - fraction, fraction], labels.sum(axis=0))
+    side = np.full(n, -1)
+    left = np.ones(n, dtype=bool)
+    while True:
+        counts = labels[left].sum(axis=0)
+        if not counts.any():
+            break
+        rarest = int(np.argmin(np.where(counts > 0, counts, n + 1)))
+        for r in rng.permutation(np.flatnonzero(left & labels[:, rarest])):
+            want = label_wanted[:, rarest]
+            best = np.flatnonzero(want == want.max())
+            if len(best) > 1:  # tie: the side that wants more rows, then a coin
+                best = best[rows_wanted[best] == rows_wanted[best].max()]
+            s = int(rng.choice(best))
+            side[r], left[r] = s, False
+            label_wanted[s] -= labels[r]
+            rows_wanted[s] -= 1
+    for r in rng.permutation(np.flatnonzero(left)):  # rows with no label: where rows are still wanted
+        s = int(np.argmax(rows_wanted))
+        side[r] = s
+        rows_wanted[s] -= 1
+    return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+
+
 def subset(d: Labeled, idx: np.ndarray) -> Labeled:
-    return Labeled([d.texts[i] for i in idx], d.labels[idx], d.label_names, dict(d.report))
+    return Labeled([d.texts[i] for i in idx], d.labels[idx], d.label_names, dict(d.report),
+                   [d.pairs[i] for i in idx] if d.pairs is not None else None)
 
 
 def sample(d: Labeled, n: int | None, seed: int) -> Labeled:

@@ -18,7 +18,7 @@ from bertray import data as D
 from bertray import modeling, runtime, storage, trainer
 from bertray.config import FinetuneConfig, ModelConfig
 from bertray.modeling import TokenIds
-from bertray.metrics import confusion, from_confusion, mode_of
+from bertray.metrics import confusion, from_confusion, mode_of, multilabel, tune_thresholds
 from bertray.train_loop import Objective
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ def run(cfg: FinetuneConfig) -> dict:
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
     if not storage.is_remote(cfg.model.base):  # a remote base is read by the workers; the driver need not fetch it
         modeling.resolve(cfg.model.base)  # a missing or damaged local base fails here in one line, not in every worker
+    modeling.check_adapter(cfg.model)  # likewise an adapter PEFT cannot put on the base
     train, val = load_splits(cfg)
     cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
     train_ref, val_ref = (ray.put(ingest(part, cfg.model)) for part in (train, val))
@@ -85,11 +86,13 @@ class Ingested:
     ids: TokenIds | None = None
     tokenized_with: tuple | None = None
     texts: list[str] | None = None
+    pairs: list[str] | None = None
 
 
 def ingest(part: D.Labeled, m: ModelConfig, keep_texts: bool = False) -> Ingested:
     """`part` tokenized once, in Ray Data tasks over the cluster's CPUs; with `keep_texts`, its texts too."""
-    return Ingested(part.labels, tokenize(part.texts, m), _tokenization(m), part.texts if keep_texts else None)
+    return Ingested(part.labels, tokenize(part.texts, m, part.pairs), _tokenization(m),
+                    part.texts if keep_texts else None, part.pairs if keep_texts else None)
 
 
 def _tokenization(m: ModelConfig) -> tuple:
@@ -101,8 +104,9 @@ def _tokenization(m: ModelConfig) -> tuple:
 _TOKENIZE_BLOCK_ROWS = (2048, 65536)
 
 
-def tokenize(texts: list[str], m: ModelConfig) -> TokenIds:
-    """Token ids of `texts` (in order), computed by Ray Data tasks spread over the cluster's CPUs."""
+def tokenize(texts: list[str], m: ModelConfig, pairs: list[str] | None = None) -> TokenIds:
+    """Token ids of `texts` (or of the pairs (texts[i], pairs[i])), in order, computed by Ray Data tasks spread over
+    the cluster's CPUs."""
     import pyarrow as pa
     import ray.data
 
@@ -110,7 +114,8 @@ def tokenize(texts: list[str], m: ModelConfig) -> TokenIds:
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     lo, hi = _TOKENIZE_BLOCK_ROWS
     rows = min(hi, max(lo, math.ceil(n / (2 * cpus))))
-    table = pa.table({"row": np.arange(n, dtype=np.int64), "text": pa.array(texts, pa.string())})
+    table = pa.table({"row": np.arange(n, dtype=np.int64), "text": pa.array(texts, pa.string()),
+                      **({"pair": pa.array(pairs, pa.string())} if pairs is not None else {})})
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)] or [table])
     ds = ds.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation})
@@ -129,7 +134,9 @@ def tokenize(texts: list[str], m: ModelConfig) -> TokenIds:
 def _encode_block(block, base: str, max_length: int, truncation: str):
     import pyarrow as pa
 
-    ids, _ = modeling.encode(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length, truncation)
+    pairs = block.column("pair").to_pylist() if "pair" in block.column_names else None
+    ids, _ = modeling.encode(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length,
+                             truncation, pairs)
     return pa.table({"row": block.column("row"), "ids": pa.array(ids, pa.list_(pa.int32()))})
 
 
@@ -155,7 +162,10 @@ def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, gr
     return batches
 
 
-def collate(ids: TokenIds, rows: np.ndarray, pad_id: int, multiple: int = 1, labels: np.ndarray | None = None) -> dict:
+def collate(ids: TokenIds, rows: np.ndarray, pad_id: int, multiple: int = 1, labels: np.ndarray | None = None,
+            sep_id: int | None = None) -> dict:
+    """A padded batch of `rows`; with `sep_id` (pairs, for a model that reads segment ids) their token_type_ids;
+    multi-label labels (2-D) as floats for the binary cross-entropy."""
     width = max(len(ids[r]) for r in rows)
     width = int(math.ceil(width / multiple) * multiple)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -165,8 +175,10 @@ def collate(ids: TokenIds, rows: np.ndarray, pad_id: int, multiple: int = 1, lab
         input_ids[j, : len(seq)] = seq
         mask[j, : len(seq)] = 1
     out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if sep_id is not None:
+        out["token_type_ids"] = modeling.pair_segments(out["input_ids"], out["attention_mask"], sep_id)
     if labels is not None:
-        out["labels"] = torch.as_tensor(labels[rows], dtype=torch.long)
+        out["labels"] = torch.as_tensor(labels[rows], dtype=torch.float32 if labels.ndim == 2 else torch.long)
     return out
 
 
@@ -190,23 +202,34 @@ class ClassificationObjective(Objective):
         self._tokenizer = modeling.load_tokenizer(modeling.resolve(m.base))
         self.train_ids, self.train_labels = self._ids(ray.get(self.train_ref))
         self.val_ids, self.val_labels = self._ids(ray.get(self.val_ref))
+        self.multi_label = self.train_labels.ndim == 2
+        self.pairs = self.cfg.data.text_pair_column is not None
         self.lengths = self.train_ids.lengths
         self.pad_id = self._tokenizer.pad_token_id or 0
         # Tensor cores want multiples of 8; on CPU padding further only costs.
         self.pad_multiple = 8 if device.type == "cuda" else 1
-        counts = np.bincount(self.train_labels, minlength=len(self.label_names))
-        self.class_weight = None
+        self.thresholds = None  # multi-label: per-label decision thresholds, tuned at each evaluation
+        counts = (self.train_labels.sum(axis=0) if self.multi_label
+                  else np.bincount(self.train_labels, minlength=len(self.label_names)))
+        self.class_weight = self.pos_weight = None
         if self.cfg.train.class_weights == "balanced":
-            w = len(self.train_labels) / (len(self.label_names) * np.maximum(counts, 1))
-            self.class_weight = torch.tensor(w, dtype=torch.float32, device=device)
-        self.train_distribution = {n: float(c / counts.sum()) for n, c in zip(self.label_names, counts)}
+            n = len(self.train_labels)
+            if self.multi_label:  # each label's negatives per positive, as BCEWithLogitsLoss's pos_weight means
+                w = (n - counts) / np.maximum(counts, 1)
+                self.pos_weight = torch.tensor(w, dtype=torch.float32, device=device)
+            else:
+                w = n / (len(self.label_names) * np.maximum(counts, 1))
+                self.class_weight = torch.tensor(w, dtype=torch.float32, device=device)
+        # Multi-label: each label's share of rows (what the drift check compares), not a distribution.
+        total = len(self.train_labels) if self.multi_label else counts.sum()
+        self.train_distribution = {n: float(c / total) for n, c in zip(self.label_names, counts)}
 
     def _ids(self, part: Ingested) -> tuple[TokenIds, np.ndarray]:
         """The split's token ids: as ingested, or (a sweep trial that changes how texts are tokenized) its own."""
         m = self.cfg.model
         if part.ids is not None and part.tokenized_with == _tokenization(m):
             return part.ids, part.labels
-        ids, _ = modeling.encode(self._tokenizer, part.texts, m.max_length, m.truncation)
+        ids, _ = modeling.encode(self._tokenizer, part.texts, m.max_length, m.truncation, part.pairs)
         return TokenIds.from_lists(ids), part.labels
 
     @property
@@ -214,7 +237,10 @@ class ClassificationObjective(Objective):
         return self._tokenizer
 
     def build_model(self):
-        return modeling.build_classifier(self.cfg.model, self.label_names)
+        model = modeling.build_classifier(self.cfg.model, self.label_names, self.multi_label)
+        # Pairs need the segment ids only where the model reads them (BERT, not RoBERTa).
+        self.sep_id = self._tokenizer.sep_token_id if self.pairs and modeling.uses_segments(model.config) else None
+        return model
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
         t = self.cfg.train
@@ -225,11 +251,21 @@ class ClassificationObjective(Objective):
 
     def train_batches(self, epoch: int, skip: int):
         for rows in self._batches(epoch)[skip:]:
-            yield collate(self.train_ids, rows, self.pad_id, self.pad_multiple, self.train_labels)
+            yield collate(self.train_ids, rows, self.pad_id, self.pad_multiple, self.train_labels, self.sep_id)
+
+    def _logits(self, model, batch) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return model(**inputs).logits.float()
+
+    def _loss(self, logits, labels, reduction: str = "mean", weighted: bool = True) -> torch.Tensor:
+        if self.multi_label:
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, pos_weight=self.pos_weight if weighted else None, reduction=reduction)
+        return torch.nn.functional.cross_entropy(logits, labels, weight=self.class_weight if weighted else None,
+                                                 reduction=reduction)
 
     def loss(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weight)
+        return self._loss(self._logits(model, batch), batch["labels"])
 
     @torch.inference_mode()
     def evaluate(self, model, device) -> dict:
@@ -240,14 +276,20 @@ class ClassificationObjective(Objective):
         rows = np.arange(len(self.val_ids))[self.rank::self.world]
         rows = rows[np.argsort(self.val_ids.lengths[rows], kind="stable")]
         cm = np.zeros((n_cls, n_cls), dtype=np.int64)
-        loss_sum = 0.0
+        probs, loss_sum = [], 0.0
         bs = max(32, self.cfg.train.batch_size * 2)
         for i in range(0, len(rows), bs):
-            batch = collate(self.val_ids, rows[i:i + bs], self.pad_id, self.pad_multiple, self.val_labels)
+            batch = collate(self.val_ids, rows[i:i + bs], self.pad_id, self.pad_multiple, self.val_labels, self.sep_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            cm += confusion(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), n_cls)
+            logits = self._logits(model, batch)
+            # Unweighted: a validation loss comparable across class_weights settings.
+            loss_sum += float(self._loss(logits, batch["labels"], reduction="sum", weighted=False))
+            if self.multi_label:
+                probs.append(torch.sigmoid(logits).cpu().numpy())
+            else:
+                cm += confusion(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), n_cls)
+        if self.multi_label:
+            return self._multilabel_metrics(rows, probs, loss_sum)
         if self.world > 1 and dist.is_initialized():
             # Every rank scored a disjoint share; summing confusion matrices gives the exact global metrics.
             t = torch.tensor(np.append(cm.ravel(), loss_sum), dtype=torch.float64)
@@ -258,6 +300,27 @@ class ClassificationObjective(Objective):
         out["loss"] = loss_sum / max(1, int(cm.sum()))
         return out
 
+    def _multilabel_metrics(self, rows: np.ndarray, probs: list, loss_sum: float) -> dict:
+        """Thresholds are tuned on the whole validation set, so every rank gathers every rank's probabilities (a
+        validation set's worth of floats per label) and all compute the same thresholds and metrics."""
+        import torch.distributed as dist
+
+        n_cls = len(self.label_names)
+        probs = np.concatenate(probs) if probs else np.zeros((0, n_cls), np.float32)
+        shares = [(rows, probs, loss_sum)]
+        if self.world > 1 and dist.is_initialized():
+            shares = [None] * self.world
+            dist.all_gather_object(shares, (rows, probs, loss_sum))
+        rows = np.concatenate([r for r, _, _ in shares])
+        probs = np.concatenate([p for _, p, _ in shares])
+        labels = self.val_labels[rows]
+        self.thresholds = tune_thresholds(labels, probs)
+        out = multilabel(labels, probs, self.thresholds, self.label_names)
+        at_half = multilabel(labels, probs, np.full(n_cls, 0.5), self.label_names)
+        out["micro_f1_at_0_5"], out["macro_f1_at_0_5"] = at_half["micro_f1"], at_half["macro_f1"]
+        out["loss"] = sum(l for _, _, l in shares) / max(1, labels.size)
+        return out
+
     def checkpoint_meta(self) -> dict:
         return {
             "kind": self.kind,
@@ -265,4 +328,9 @@ class ClassificationObjective(Objective):
             "label_names": self.label_names,
             "train_label_distribution": self.train_distribution,
             "data_report": self.report,
+            "task": "multi_label" if self.multi_label else "single_label",
+            "text_pair": self.pairs,
+            # The decision thresholds of the checkpoint's own evaluation: label, evaluate and serve apply them.
+            **({"thresholds": dict(zip(self.label_names, map(float, self.thresholds)))}
+               if self.multi_label and self.thresholds is not None else {}),
         }

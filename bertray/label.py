@@ -60,8 +60,9 @@ FOOTER_THREADS = 16  # footers are latency-bound on S3; read many at once
 # Settings that change what the output holds; a re-run with any of them changed is a different job. Not
 # on_bad_file: a run stopped by a corrupt page resumes with --skip-bad-files, as its error message suggests (a file
 # unreadable at planning changes the plan's files and units anyway).
-_PLAN_KEYS = ("model", "text_column", "id_column", "passthrough", "probabilities", "rows_per_file", "max_length",
-              "quantize", "on_empty")
+_PLAN_KEYS = ("model", "text_column", "text_pair_column", "long_text", "id_column", "passthrough", "probabilities", "rows_per_file",
+              "max_length",
+              "quantize", "backend", "on_empty")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Plan:
     schema: pa.Schema  # output schema, identical for every part file
     label_names: list[str]
     meta: dict  # the checkpoint's bertray.json ({} for a plain HF folder)
+    multi_label: bool = False  # a multi-label model: a list of labels per row
 
     def to_json(self, cfg: LabelConfig) -> dict:
         return {
@@ -147,7 +149,10 @@ def make_plan(cfg: LabelConfig) -> Plan:
     from bertray import modeling
 
     # Checked on the driver, from the config files alone, so a wrong model fails before any actor starts.
-    label_names, meta = modeling.classifier_labels(cfg.model)
+    label_names, meta, multi_label = modeling.classifier_labels(cfg.model)
+    if meta.get("text_pair") and not cfg.text_pair_column:
+        raise ConfigError([f"text_pair_column: {cfg.model} was trained on sentence pairs; name the column of each "
+                           "pair's second text (--text-pair-column)"], "label")
     files = data.data_files(cfg.input)
     not_parquet = [f for f in files if not f.lower().endswith((".parquet", ".pq"))]
     if not_parquet:
@@ -170,14 +175,14 @@ def make_plan(cfg: LabelConfig) -> Plan:
     if problems:
         raise data.DataError(f"{cfg.input}: {len(problems)} problem(s) before labeling started:\n"
                              + "\n".join(f"  - {p}" for p in problems))
-    schema = _output_schema(cfg, label_names, good)
+    schema = _output_schema(cfg, label_names, good, multi_label)
     plan_files, units = [], []
     cap = unit_rows(sum(sum(f[1]) for _, f in good), cfg.rows_per_file)
     for index, (path, (file_schema, rg_rows, size)) in enumerate(good):
         plan_files.append({"path": path, "size": size, "rows": sum(rg_rows), "row_groups": len(rg_rows)})
         units.extend(Unit(f"{index:05d}-{start:012d}", path, start, stop)
                      for start, stop in split_rows(rg_rows, cap))
-    return Plan(plan_files, skipped, units, schema, label_names, meta)
+    return Plan(plan_files, skipped, units, schema, label_names, meta, multi_label)
 
 
 def unit_rows(total_rows: int, rows_per_file: int) -> int:
@@ -247,12 +252,14 @@ def _describe(schema: pa.Schema) -> str:
 def _column_problems(cfg: LabelConfig, path: str, schema: pa.Schema) -> list[str]:
     problems = []
     names = schema.names
-    if cfg.text_column not in names:
-        problems.append(f"{path}: no text column {cfg.text_column!r}; the file has: {_describe(schema)}. "
-                        "Set --text-column")
-    elif not _is_text(schema.field(cfg.text_column).type):
-        problems.append(f"{path}: text column {cfg.text_column!r} has type {schema.field(cfg.text_column).type}, "
-                        f"expected strings; the file has: {_describe(schema)}")
+    for column, flag in ((cfg.text_column, "--text-column"), (cfg.text_pair_column, "--text-pair-column")):
+        if column is None:
+            continue
+        if column not in names:
+            problems.append(f"{path}: no text column {column!r}; the file has: {_describe(schema)}. Set {flag}")
+        elif not _is_text(schema.field(column).type):
+            problems.append(f"{path}: text column {column!r} has type {schema.field(column).type}, "
+                            f"expected strings; the file has: {_describe(schema)}")
     if cfg.id_column and cfg.id_column not in names:
         problems.append(f"{path}: no id column {cfg.id_column!r}; the file has: {_describe(schema)}. Set "
                         "--id-column, or --id-column none to keep source_file/source_row instead")
@@ -263,8 +270,11 @@ def _column_problems(cfg: LabelConfig, path: str, schema: pa.Schema) -> list[str
     return problems
 
 
-def _output_columns(cfg: LabelConfig, label_names: list[str]) -> list[tuple[str, pa.DataType]]:
-    cols = [("label", pa.string()), ("label_id", pa.int32()), ("score", pa.float32())]
+def _output_columns(cfg: LabelConfig, label_names: list[str], multi_label: bool = False) -> list[tuple[str, pa.DataType]]:
+    if multi_label:  # every label at or over its threshold, most probable first, and their probabilities
+        cols = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))]
+    else:
+        cols = [("label", pa.string()), ("label_id", pa.int32()), ("score", pa.float32())]
     if cfg.probabilities:
         cols += [(f"prob_{n}", pa.float32()) for n in label_names]
     if cfg.on_empty == "null":
@@ -272,7 +282,7 @@ def _output_columns(cfg: LabelConfig, label_names: list[str]) -> list[tuple[str,
     return cols
 
 
-def _output_schema(cfg: LabelConfig, label_names: list[str], good: list) -> pa.Schema:
+def _output_schema(cfg: LabelConfig, label_names: list[str], good: list, multi_label: bool = False) -> pa.Schema:
     """Input columns kept (their type agreed across files) + the label columns."""
     keep = ([cfg.id_column] if cfg.id_column else []) + list(cfg.passthrough)
     fields: list[pa.Field] = []
@@ -289,7 +299,7 @@ def _output_schema(cfg: LabelConfig, label_names: list[str], good: list) -> pa.S
         fields.append(pa.field(name, next(iter(types), pa.null())))
     if not cfg.id_column:
         fields += [pa.field("source_file", pa.string()), pa.field("source_row", pa.int64())]
-    out = _output_columns(cfg, label_names)
+    out = _output_columns(cfg, label_names, multi_label)
     clash = sorted({f.name for f in fields} & {n for n, _ in out})
     if clash:
         raise ConfigError([f"passthrough: input column(s) {clash} would clash with the output column(s) of the same "
@@ -423,11 +433,19 @@ def _execute(cfg: LabelConfig, plan: Plan, pending: list[Unit], actors: int, ear
             Infer, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
             fn_constructor_kwargs={"cfg": cfg, "label_names": plan.label_names})
-        ds = ds.map_batches(build_write, fn_kwargs={"cfg": cfg, "schema": plan.schema,
-                                                    "label_names": plan.label_names}, **cpu_stage)
+        thresholds = _thresholds(plan) if plan.multi_label else None
+        ds = ds.map_batches(build_write, fn_kwargs={"cfg": cfg, "schema": plan.schema, "label_names": plan.label_names,
+                                                    "thresholds": thresholds}, **cpu_stage)
         return _collect(cfg, ds.iter_rows(), pending, plan, earlier)
     finally:
         ctx.enable_progress_bars = bars
+
+
+def _thresholds(plan: Plan) -> list[float]:
+    """A multi-label model's decision threshold per label, as its Predictor applies them."""
+    from bertray.modeling import thresholds
+
+    return thresholds(plan.meta, plan.label_names).tolist()
 
 
 def _collect(cfg: LabelConfig, rows, pending: list[Unit], plan: Plan, earlier: dict) -> dict[str, dict]:
@@ -489,13 +507,13 @@ def _kept(cfg: LabelConfig, schema: pa.Schema) -> list[pa.Field]:
 
 
 @functools.cache
-def _encoder(model: str, max_length: int | None) -> tuple[Any, int, str]:
-    """(tokenizer, max_length, truncation) as the model's Predictor encodes, loaded once per worker process and
-    without the weights, which a tokenize task has no use for."""
+def _encoder(model: str, max_length: int | None, long_text: str | None = None) -> tuple[Any, int, str, Any]:
+    """(tokenizer, max_length, truncation, chunking) as the model's Predictor encodes, loaded once per worker process
+    and without the weights, which a tokenize task has no use for."""
     from bertray.modeling import encoding  # not bertray.predictor, whose model code a tokenize task has no use for
 
-    enc = encoding(model, max_length)
-    return enc.tokenizer, enc.max_length, enc.truncation
+    enc = encoding(model, max_length, long_text)
+    return enc.tokenizer, enc.max_length, enc.truncation, enc.chunking
 
 
 def reason(text) -> str | None:
@@ -507,20 +525,30 @@ def reason(text) -> str | None:
     return None if text.strip() else "empty_text"
 
 
-def encode_texts(texts: list, encoder: tuple[Any, int, str]) -> tuple[list, np.ndarray, np.ndarray, int]:
+def encode_texts(texts: list, encoder: tuple[Any, int, str, Any],
+                 pairs: list | None = None) -> tuple[list, np.ndarray, np.ndarray, int, np.ndarray]:
     """Each text's reason, and the token ids of the texts that have none, as one int32 array and offsets
-    (text i is ids[offsets[i]:offsets[i + 1]]): half the bytes of int64 ids, a ninth of a list of Python ints.
-    Also how many texts were cut at max_length."""
+    (sequence i is ids[offsets[i]:offsets[i + 1]]): half the bytes of int64 ids, a ninth of a list of Python ints.
+    Also how many texts were cut at max_length, and how many windows each text has (1 unless chunking, where a
+    long text is several sequences). With `pairs`, a row needs both texts, encoded as one pair."""
     from bertray import modeling
 
-    tokenizer, max_length, truncation = encoder
+    tokenizer, max_length, truncation, chunking = encoder
     reasons = [reason(t) for t in texts]
+    if pairs is not None:
+        reasons = [r or reason(p) for r, p in zip(reasons, pairs)]
     good = [t for t, r in zip(texts, reasons) if r is None]
     if not good:
-        return reasons, np.zeros(0, np.int32), np.zeros(1, np.int64), 0
-    ids, cut = modeling.encode(tokenizer, good, max_length, truncation)
+        return reasons, np.zeros(0, np.int32), np.zeros(1, np.int64), 0, np.zeros(0, np.int64)
+    good_pairs = [p for p, r in zip(pairs, reasons) if r is None] if pairs is not None else None
+    if chunking and good_pairs is None:
+        ids, windows = modeling.windows(tokenizer, good, max_length, chunking[0])
+        cut = 0
+    else:
+        ids, cut = modeling.encode(tokenizer, good, max_length, truncation, good_pairs)
+        windows = np.ones(len(ids), np.int64)
     packed = modeling.TokenIds.from_lists(ids)
-    return reasons, packed.values, packed.offsets, cut
+    return reasons, packed.values, packed.offsets, cut, windows
 
 
 def read_tokenize(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema) -> pa.Table:
@@ -531,17 +559,20 @@ def read_tokenize(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema) -> pa.Ta
 
 def _read_tokenize_unit(unit: Unit, cfg: LabelConfig, schema: pa.Schema) -> pa.Table:
     t0 = time.time()
-    encoder = _encoder(cfg.model, cfg.max_length)
+    encoder = _encoder(cfg.model, cfg.max_length, cfg.long_text)
     kept = _kept(cfg, schema)
     columns: dict[str, list] = {f.name: [] for f in kept}
     reasons: list[str | None] = []
-    flats, offsets, truncated, at, tokens = [], [np.zeros(1, np.int64)], 0, 0, 0
+    flats, offsets, windows, truncated, at, tokens = [], [np.zeros(1, np.int64)], [np.zeros(0, np.int64)], 0, 0, 0
     try:
-        for batch in _read_unit(unit, list(dict.fromkeys([cfg.text_column, *columns]))):
+        pair = [cfg.text_pair_column] if cfg.text_pair_column else []
+        for batch in _read_unit(unit, list(dict.fromkeys([cfg.text_column, *pair, *columns]))):
             for f in kept:
                 columns[f.name].append(batch.column(f.name).cast(f.type))
-            r, flat, off, cut = encode_texts(data.strings(batch.column(cfg.text_column)), encoder)
+            pairs = data.strings(batch.column(cfg.text_pair_column)) if pair else None
+            r, flat, off, cut, win = encode_texts(data.strings(batch.column(cfg.text_column)), encoder, pairs)
             reasons += r
+            windows.append(win)
             flats.append(flat)
             offsets.append(off[1:] + tokens)
             tokens += len(flat)
@@ -552,8 +583,8 @@ def _read_tokenize_unit(unit: Unit, cfg: LabelConfig, schema: pa.Schema) -> pa.T
     except (pa.ArrowInvalid, OSError) as exc:  # corrupt pages behind a good footer, vanished file, ...
         error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _tokens_row(unit, cfg, kept, {f.name: [] for f in kept}, [], [np.zeros(0, np.int32)],
-                           [np.zeros(1, np.int64)], encoder, 0, t0, error)
-    return _tokens_row(unit, cfg, kept, columns, reasons, flats, offsets, encoder, truncated, t0, None)
+                           [np.zeros(1, np.int64)], [np.zeros(0, np.int64)], encoder, 0, t0, error)
+    return _tokens_row(unit, cfg, kept, columns, reasons, flats, offsets, windows, encoder, truncated, t0, None)
 
 
 def _read_unit(unit: Unit, columns: list[str]):
@@ -570,12 +601,15 @@ def _read_unit(unit: Unit, columns: list[str]):
 
 
 def _tokens_row(unit: Unit, cfg: LabelConfig, kept: list[pa.Field], columns: dict, reasons: list, flats: list,
-                offsets: list, encoder: tuple, truncated: int, t0: float, error: str | None) -> pa.Table:
+                offsets: list, windows: list, encoder: tuple, truncated: int, t0: float, error: str | None) -> pa.Table:
     flat = np.concatenate(flats)
     row = {"uid": [unit.uid], "path": [unit.path], "start": [unit.start], "stop": [unit.stop], "error": [error],
            "ids": _one(pa.array(flat, pa.int32())), "offsets": _one(pa.array(np.concatenate(offsets), pa.int64())),
            "reasons": _one(pa.array(reasons, pa.string())), "tokens": [len(flat)], "truncated": [truncated],
-           "max_length": [encoder[1]], "truncation": [encoder[2]], "seconds_tokenize": [time.time() - t0]}
+           "windows": _one(pa.array(np.concatenate(windows), pa.int64())),
+           "rows_chunked": [int((np.concatenate(windows) > 1).sum())],
+           "max_length": [encoder[1]], "truncation": [encoder[2]], "chunking": [json.dumps(encoder[3])],
+           "seconds_tokenize": [time.time() - t0]}
     for f in kept:  # "keep:" keeps them apart from the columns above, whatever the input names them
         values = pa.concat_arrays(columns[f.name]) if columns[f.name] else pa.array([], f.type)
         row[f"keep:{f.name}"] = _one(values)
@@ -599,7 +633,7 @@ class Infer:
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
         self.predictor = Predictor(cfg.model, device="cuda" if cfg.gpus_per_actor else "cpu",
-                                   quantize=cfg.quantize,
+                                   quantize=cfg.quantize, backend=cfg.backend, long_text=cfg.long_text,
                                    max_length=cfg.max_length, token_budget=cfg.token_budget)
         if self.predictor.label_names != label_names:
             raise modeling.ModelError(f"{cfg.model}: labels changed since planning: {self.predictor.label_names} "
@@ -610,38 +644,47 @@ class Infer:
         pred = self.predictor
         for i in range(batch.num_rows):
             t0 = time.time()
-            settings = (batch.column("max_length")[i].as_py(), batch.column("truncation")[i].as_py())
-            if settings != (pred.max_length, pred.truncation):
+            settings = (batch.column("max_length")[i].as_py(), batch.column("truncation")[i].as_py(),
+                        batch.column("chunking")[i].as_py())
+            if settings != (pred.max_length, pred.truncation, json.dumps(pred.chunking)):
                 from bertray.modeling import ModelError
 
-                raise ModelError(f"{self.cfg.model}: unit tokenized with max_length, truncation {settings}, "
-                                          f"but the model runs with {(pred.max_length, pred.truncation)}")
+                raise ModelError(f"{self.cfg.model}: unit tokenized with max_length, truncation, chunking {settings}, "
+                                 f"but the model runs with {(pred.max_length, pred.truncation, pred.chunking)}")
             flat = batch.column("ids")[i].values.to_numpy(zero_copy_only=False)
             offsets = batch.column("offsets")[i].values.to_numpy(zero_copy_only=False)
-            probs.append(_one(pa.array(self.predict(flat, offsets).ravel(), pa.float32())))
+            windows = batch.column("windows")[i].values.to_numpy(zero_copy_only=False)
+            probs.append(_one(pa.array(self.predict(flat, offsets, windows).ravel(), pa.float32())))
             seconds.append(time.time() - t0)
         # The ids are spent: only the probabilities travel on to the writer.
-        return (batch.drop_columns(["ids", "offsets"]).append_column("probs", pa.chunked_array(probs))
+        return (batch.drop_columns(["ids", "offsets", "windows"]).append_column("probs", pa.chunked_array(probs))
                 .append_column("seconds_predict", pa.array(seconds, pa.float64())))
 
-    def predict(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """(texts, classes) probabilities, CHUNK_ROWS texts at a time: predict_ids takes Python lists of ids."""
+    def predict(self, flat: np.ndarray, offsets: np.ndarray, windows: np.ndarray | None = None) -> np.ndarray:
+        """(texts, classes) probabilities, CHUNK_ROWS texts at a time: predict_ids takes Python lists of ids.
+        `windows`: how many sequences each text has (more than one where a long text was chunked)."""
         from bertray.modeling import TokenIds
 
         ids = TokenIds(flat, offsets)
-        out = np.zeros((len(ids), len(self.predictor.label_names)), np.float32)
-        for lo in range(0, len(ids), CHUNK_ROWS):
-            hi = min(lo + CHUNK_ROWS, len(ids))
-            out[lo:hi] = self.predictor.predict_ids([ids[i].tolist() for i in range(lo, hi)])
+        windows = np.ones(len(ids), np.int64) if windows is None else windows
+        first = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)  # text t's sequences: first[t]..first[t+1]
+        chunked = bool((windows != 1).any())
+        out = np.zeros((len(windows), len(self.predictor.label_names)), np.float32)
+        for lo in range(0, len(windows), CHUNK_ROWS):
+            hi = min(lo + CHUNK_ROWS, len(windows))
+            seqs = [ids[i].tolist() for i in range(first[lo], first[hi])]
+            out[lo:hi] = self.predictor.predict_ids(seqs, pairs=self.cfg.text_pair_column is not None,
+                                                    windows=windows[lo:hi] if chunked else None)
         return out
 
 
 # ---- stage 3: build + write (CPU tasks)
 
 
-def build_write(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema, label_names: list[str]) -> pa.Table:
+def build_write(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema, label_names: list[str],
+                thresholds: list[float] | None = None) -> pa.Table:
     """Stage 3: build each unit's output table and write `part-<unit>.parquet` atomically, the unit summary in its
-    metadata; returns the summaries (JSON) the driver collects."""
+    metadata; returns the summaries (JSON) the driver collects. `thresholds`: a multi-label model's, per label."""
     summaries = []
     for i, unit in enumerate(_units(batch)):
         t0 = time.time()
@@ -654,9 +697,10 @@ def build_write(batch: pa.Table, cfg: LabelConfig, schema: pa.Schema, label_name
         good = np.array([r is None for r in reasons], dtype=bool)
         probs = np.full((len(reasons), len(label_names)), np.nan, dtype=np.float32)
         probs[good] = batch.column("probs")[i].values.to_numpy(zero_copy_only=False).reshape(-1, len(label_names))
-        table, counts = _table(cfg, schema, label_names, unit, kept, probs, reasons)
+        table, counts = _table(cfg, schema, label_names, unit, kept, probs, reasons, thresholds)
         stats = {"rows_read": len(reasons), "tokens": batch.column("tokens")[i].as_py(),
-                 "truncated": batch.column("truncated")[i].as_py(), **counts, "uid": unit.uid, "path": unit.path,
+                 "truncated": batch.column("truncated")[i].as_py(),
+                 "rows_chunked": batch.column("rows_chunked")[i].as_py(), **counts, "uid": unit.uid, "path": unit.path,
                  "start": unit.start, "stop": unit.stop,
                  # seconds: the inference actor's time on the unit; the CPU stages' times beside it
                  "seconds": round(batch.column("seconds_predict")[i].as_py(), 3),
@@ -682,7 +726,7 @@ def _unreadable(cfg: LabelConfig, unit: Unit, reason: str) -> dict:
 
 
 def _table(cfg: LabelConfig, schema: pa.Schema, names: list[str], unit: Unit, kept: dict[str, pa.Array],
-           probs: np.ndarray, reasons: list) -> tuple[pa.Table, dict]:
+           probs: np.ndarray, reasons: list, thresholds: list[float] | None = None) -> tuple[pa.Table, dict]:
     n = len(reasons)
     has = np.array([r is None for r in reasons], dtype=bool)
     top = np.where(has, np.nan_to_num(probs, nan=0.0).argmax(axis=1), 0)
@@ -692,9 +736,13 @@ def _table(cfg: LabelConfig, schema: pa.Schema, names: list[str], unit: Unit, ke
         cols["source_file"] = pa.array([unit.path] * n, pa.string())
         cols["source_row"] = pa.array(np.arange(unit.start, unit.stop, dtype=np.int64))
     mask = ~has  # pyarrow masks mark nulls
-    cols["label"] = pa.array([names[k] if h else None for k, h in zip(top, has)], pa.string())
-    cols["label_id"] = pa.array(top.astype(np.int32), mask=mask)
-    cols["score"] = pa.array(score, mask=mask)
+    if thresholds is not None:
+        label_counts = _multi_label_columns(cols, names, np.nan_to_num(probs, nan=0.0), has, thresholds)
+    else:
+        cols["label"] = pa.array([names[k] if h else None for k, h in zip(top, has)], pa.string())
+        cols["label_id"] = pa.array(top.astype(np.int32), mask=mask)
+        cols["score"] = pa.array(score, mask=mask)
+        label_counts = {names[k]: int(c) for k, c in zip(*np.unique(top[has], return_counts=True))}
     if cfg.probabilities:
         for k, name in enumerate(names):
             cols[f"prob_{name}"] = pa.array(probs[:, k], mask=mask)
@@ -710,11 +758,28 @@ def _table(cfg: LabelConfig, schema: pa.Schema, names: list[str], unit: Unit, ke
         "rows_written": table.num_rows,
         "rows_skipped": skipped,
         "reasons": dict(reason_counts),
-        "label_counts": {names[k]: int(c) for k, c in zip(*np.unique(top[has], return_counts=True))},
+        "rows_labeled": int(has.sum()),
+        "label_counts": label_counts,
         "score_sum": float(score[has].sum()),
         "low_confidence": int((score[has] < cfg.confidence_threshold).sum()),
     }
     return table, counts
+
+
+def _multi_label_columns(cols: dict, names: list[str], probs: np.ndarray, has: np.ndarray,
+                         thresholds: list[float]) -> dict:
+    """`labels` and `scores` list columns: each row's labels at or over their thresholds, most probable first (an
+    empty list where none is; null where the row has no text). Returns the rows per label."""
+    on = (probs >= np.asarray(thresholds, dtype=np.float32)[None, :]) & has[:, None]
+    order = np.argsort(-probs, axis=1, kind="stable")
+    chosen = np.take_along_axis(on, order, axis=1)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(chosen.sum(axis=1))]).astype(np.int32))
+    nulls = pa.array(~has)
+    values = pa.array(np.asarray(names, dtype=object)[order[chosen]], pa.string())
+    cols["labels"] = pa.ListArray.from_arrays(offsets, values, mask=nulls)
+    cols["scores"] = pa.ListArray.from_arrays(
+        offsets, pa.array(np.take_along_axis(probs, order, axis=1)[chosen], pa.float32()), mask=nulls)
+    return {names[k]: int(c) for k, c in enumerate(on.sum(axis=0)) if c}
 
 
 def _row_groups(md: pq.FileMetaData, start: int, stop: int) -> tuple[list[int], int]:
@@ -742,8 +807,11 @@ def _finish(cfg: LabelConfig, plan: Plan, summaries: dict[str, dict], this_run: 
         total.update({k: s[k] for k in ("rows_read", "rows_written", "rows_skipped", "tokens", "truncated",
                                         "low_confidence", "score_sum")})
         total["rows_unreadable"] += s.get("rows_unreadable", 0)
+        total["rows_chunked"] += s.get("rows_chunked", 0)
         labels.update(s["label_counts"])
         reasons.update(s["reasons"])
+        # Units written before rows_labeled was counted: one label per labeled row.
+        total["rows_labeled"] += s.get("rows_labeled", sum(s["label_counts"].values()))
     planned = sum(u.stop - u.start for u in plan.units)
     # Counts in = counts out: every planned row was read or reported unreadable, and every read row is written or
     # counted as skipped. A mismatch means lost rows; refuse to mark the job finished.
@@ -751,7 +819,7 @@ def _finish(cfg: LabelConfig, plan: Plan, summaries: dict[str, dict], this_run: 
             total["rows_read"] != total["rows_written"] + total["rows_skipped"]:
         raise RuntimeError(f"label: row counts do not add up (planned {planned}, {dict(total)}); "
                            f"{SUCCESS} not written")
-    labeled = sum(labels.values())
+    labeled = total["rows_labeled"]
     run_rows = sum(s["rows_read"] for s in this_run)
     run_tokens = sum(s["tokens"] for s in this_run)
     bad_units = [{"path": s["path"], "rows": f"{s['start']}-{s['stop']}", "reason": s["error"]}
@@ -760,6 +828,7 @@ def _finish(cfg: LabelConfig, plan: Plan, summaries: dict[str, dict], this_run: 
         "output": cfg.output,
         "model": cfg.model,
         "quantize": cfg.quantize,
+        "backend": cfg.backend,
         "files": len(plan.files),
         "files_skipped": plan.skipped_files,
         "units": len(plan.units),
@@ -773,13 +842,17 @@ def _finish(cfg: LabelConfig, plan: Plan, summaries: dict[str, dict], this_run: 
         "rows_skipped_by_reason": dict(reasons) if cfg.on_empty == "skip" else {},
         "rows_unreadable": total["rows_unreadable"],
         "truncated": total["truncated"],
+        # long_text chunk: rows longer than one window, each scored as several windows pooled (tokens count them all)
+        "rows_chunked": total["rows_chunked"],
         "tokens": total["tokens"],
         "label_counts": {n: labels.get(n, 0) for n in plan.label_names},
+        # Multi-label: each label's share of the labeled rows (they add up to the mean labels per row, not 1).
         "label_distribution": {n: round(labels.get(n, 0) / labeled, 6) if labeled else 0.0 for n in plan.label_names},
         "mean_score": round(total["score_sum"] / labeled, 6) if labeled else None,
         "confidence_threshold": cfg.confidence_threshold,
         "low_confidence": total["low_confidence"],
-        "drift": drift(plan.meta.get("train_label_distribution"), labels, cfg.drift_threshold),
+        "drift": (rate_drift(plan.meta.get("train_label_distribution"), labels, labeled, cfg.drift_threshold)
+                  if plan.multi_label else drift(plan.meta.get("train_label_distribution"), labels, cfg.drift_threshold)),
         "actors": actors,
         "this_run": {"rows": run_rows, "tokens": run_tokens, "seconds": round(seconds["label"], 3)},
         "rows_per_s": round(run_rows / seconds["label"], 1) if seconds["label"] > 0 else None,
@@ -787,7 +860,11 @@ def _finish(cfg: LabelConfig, plan: Plan, summaries: dict[str, dict], this_run: 
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     d = summary["drift"]
-    if d.get("warning"):
+    if d.get("warning") and plan.multi_label:
+        log.warning("label: label %r is predicted for %.1f%% of rows against %.1f%% in training, past "
+                    "drift_threshold=%s: the corpus may differ from the training data", d["label"],
+                    100 * d["predicted_rate"], 100 * d["train_rate"], cfg.drift_threshold)
+    elif d.get("warning"):
         log.warning("label: predicted label distribution is %.3f (total variation) from the training distribution, "
                     "past drift_threshold=%s: the corpus may differ from the training data. predicted=%s train=%s",
                     d["tvd"], cfg.drift_threshold, summary["label_distribution"], d["train"])
@@ -814,3 +891,18 @@ def drift(train: dict | None, predicted: Counter, threshold: float) -> dict:
     tvd = 0.5 * sum(abs(train.get(k, 0) / n_train - predicted.get(k, 0) / n_pred) for k in names)
     return {"tvd": round(tvd, 6), "threshold": threshold, "warning": tvd > threshold,
             "train": {k: round(v / n_train, 6) for k, v in train.items()}}
+
+
+def rate_drift(train: dict | None, predicted: Counter, labeled: int, threshold: float) -> dict:
+    """Multi-label: the largest change in one label's rate (share of rows carrying it) between training and the
+    predictions; the labels are not one distribution, so no total variation."""
+    if not train:
+        return {"max_rate_change": None, "note": "the checkpoint records no train_label_distribution"}
+    if not labeled:
+        return {"max_rate_change": None, "note": "no rows were labeled"}
+    changes = {k: predicted.get(k, 0) / labeled - train.get(k, 0.0) for k in set(train) | set(predicted)}
+    worst = max(sorted(changes), key=lambda k: abs(changes[k]))
+    return {"max_rate_change": round(abs(changes[worst]), 6), "label": worst, "threshold": threshold,
+            "warning": abs(changes[worst]) > threshold, "train_rate": round(train.get(worst, 0.0), 6),
+            "predicted_rate": round(predicted.get(worst, 0) / labeled, 6),
+            "train": {k: round(v, 6) for k, v in train.items()}}

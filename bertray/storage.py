@@ -166,9 +166,7 @@ def local_dir(uri: str) -> Path:
     """A local folder holding `uri`'s content: the folder itself if local, else a cached download."""
     if not is_remote(uri):
         return Path(uri.removeprefix("file://")).resolve()
-    # A model loaded from a cache that another user could write to would run whatever they put there.
-    cache_root = private_dir(os.environ.get("BERTRAY_CACHE", Path(tempfile.gettempdir()) / f"bertray-cache-{os.getuid()}"),
-                             "set BERTRAY_CACHE to a folder of your own")
+    cache_root = model_cache()
     # Keyed by the URI and the remote folder's config.json/bertray.json times, so a model re-exported to the
     # same URI is downloaded again rather than served stale.
     fs, path = filesystem(uri)
@@ -185,6 +183,13 @@ def local_dir(uri: str) -> Path:
         except OSError:  # another process won the race; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def model_cache() -> Path:
+    """This user's folder of downloaded models (BERTRAY_CACHE, else one in the temp folder). A model loaded from a
+    cache that another user could write to would run whatever they put there: it is private (private_dir)."""
+    return private_dir(os.environ.get("BERTRAY_CACHE", Path(tempfile.gettempdir()) / f"bertray-cache-{os.getuid()}"),
+                       "set BERTRAY_CACHE to a folder of your own")
 
 
 def private_dir(path: str | Path, remedy: str) -> Path:

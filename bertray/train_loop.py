@@ -163,13 +163,14 @@ def train_loop_per_worker(config: dict) -> str | None:
     _seed(cfg.train.seed + session.rank)
     torch.set_num_threads(max(1, int(os.environ.get("BERTRAY_TORCH_THREADS", torch.get_num_threads()))))
     objective.setup(session.rank, session.world, session.device)
-    return Loop(cfg, objective, session).run()
+    return Loop(cfg, objective, session, tracker=config.get("tracker")).run()
 
 
 class Loop:
-    def __init__(self, cfg, objective: Objective, session: _Session):
+    def __init__(self, cfg, objective: Objective, session: _Session, tracker=None):
         self.cfg, self.obj, self.s = cfg, objective, session
         self.is_main = session.rank == 0
+        self.tracker = tracker if self.is_main else None  # bertray.tracking.Run: rank 0 logs metrics to MLflow
         self.device = session.device
         self.state = LoopState()
         model = objective.build_model()
@@ -297,6 +298,8 @@ class Loop:
         eta = (self.total_steps - st.step) * secs / max(1, self.cfg.train.log_every)
         st.history.append({"step": st.step, "train_loss": loss, "samples_per_s": rate,
                            "tokens_per_s": tokens_all / secs if secs else 0.0, "lr": self.scheduler.get_last_lr()[0]})
+        if self.tracker is not None:
+            self.tracker.log_metrics(st.history[-1], st.step)
         if self.is_main:
             self._print(f"step {st.step}/{self.total_steps} epoch {st.epoch} loss {loss:.4f} "
                         f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s "
@@ -332,7 +335,9 @@ class Loop:
             "stopped_early": st.stopped_early,
         }
         if self.is_main:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in ("loss", "accuracy", "macro_f1", "perplexity"))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in ("loss", "accuracy", "micro_f1", "macro_f1", "perplexity"))
+            if self.tracker is not None:
+                self.tracker.log_metrics(scalars, st.step)
             self._print(f"eval at step {st.step}: {shown}" + (" (best)" if better else "")
                         + (" -> early stop" if st.stopped_early else ""))
         with _scratch_dir("ckpt") as tmp:
@@ -434,14 +439,17 @@ def _setup_optimizer(model, optim, device) -> torch.optim.Optimizer:
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel exists for CPU and CUDA; on CPU it is ~8x faster than the per-parameter loop for MiniLM
-    # (20 vs 175 ms a step on 2 cores), which was a fifth of each training step.
+    # The fused kernel exists for CPU and CUDA; on CPU the per-parameter loop was a fifth of each MiniLM training
+    # step (BENCHMARKS.md, "Fine-tuning throughput").
     return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.adam_eps, fused=device.type in ("cpu", "cuda"))
 
 
 def _load_weights(model, directory: str) -> None:
     from safetensors.torch import load_file
 
+    if (Path(directory) / ckpt_io.ADAPTER_WEIGHTS).exists():
+        _load_adapter(model, directory)
+        return
     state = load_file(str(Path(directory) / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied tensors (the MLM decoder's weight and bias) are stored once; anything else missing means a mismatched checkpoint.
@@ -451,6 +459,22 @@ def _load_weights(model, directory: str) -> None:
                            f"unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _load_adapter(model, directory: str) -> None:
+    """An adapter checkpoint (adapter and head only) into a model rebuilt from the same base with the same adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not hasattr(model, "peft_config"):
+        raise RuntimeError(f"checkpoint at {directory} holds an adapter, and the model has none (model.adapter)")
+    state = load_file(str(Path(directory) / ckpt_io.ADAPTER_WEIGHTS))
+    missing, unexpected = set_peft_model_state_dict(model, state)
+    # The frozen base weights are not in the checkpoint; any trained weight missing means a mismatched checkpoint.
+    real_missing = [k for k in missing if "lora_" in k or "modules_to_save" in k]
+    if real_missing or unexpected:
+        raise RuntimeError(f"checkpoint at {directory} does not match the model's adapter: missing "
+                           f"{real_missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _gather_node_ids(world: int) -> list[str]:

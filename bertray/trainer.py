@@ -25,8 +25,8 @@ RUN_FILE = "run.json"  # what the run in a folder was started with: its config a
 # progress lines, none of which changes what is trained (a sweep keeps the retry budget it started with). The data
 # paths are left out because the data itself is fingerprinted: by content (fine-tuning) or file listing (pretraining).
 RESUMABLE_KEYS = ("run.name", "run.storage", "run.overwrite", "run.ray_address", "run.max_failures",
-                  "run.cpus_per_worker", "train.log_every", "data.train", "data.validation",
-                  "search.resume_failed", "search.keep_train_state")
+                  "run.cpus_per_worker", "run.tracking", "run.experiment", "run.register_as", "train.log_every",
+                  "data.train", "data.validation", "search.resume_failed", "search.keep_train_state")
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,6 +70,7 @@ def start_run(cfg, stage: str, data: dict):
         before = json.loads(storage.read_text(path))
         if before.get("fingerprint") == fp["fingerprint"]:
             log.info("run %s: same settings and data as when it started; resuming", rdir)
+            _start_tracking(cfg, stage, rdir, fp)
             return cfg
         raise RunConflict(f"{rdir} already holds {describe_difference(before, fp)}{fresh}")
     elif _holds_files(rdir):
@@ -78,7 +79,24 @@ def start_run(cfg, stage: str, data: dict):
     fp["config"] = to_dict(cfg)  # with the name it was given
     storage.write_text(path, json.dumps(fp, indent=2, default=str))
     log.info("run %s: new", rdir)
+    _start_tracking(cfg, stage, rdir, fp)
     return cfg
+
+
+def _start_tracking(cfg, stage: str, rdir: str, fp: dict) -> None:
+    if cfg.run.tracking == "mlflow":
+        from bertray import tracking  # only then: MLflow is slow to import
+
+        tracking.start(cfg, stage, rdir, fp)
+
+
+def tracked_run(cfg):
+    """The MLflow run of this run (bertray.tracking.Run), or None when the run is not tracked."""
+    if cfg.run.tracking != "mlflow":
+        return None
+    from bertray import tracking
+
+    return tracking.attached(cfg, run_dir(cfg))
 
 
 def _check_gpus(cfg) -> None:
@@ -195,11 +213,12 @@ def _sha(obj) -> str:
 
 def _rows_part(part) -> dict:
     h = hashlib.sha256()
-    for t in part.texts:
+    for t in [*part.texts, *(part.pairs or [])]:
         # Length-prefixed, so no two lists of texts hash alike; surrogatepass, so a lone surrogate still hashes.
         b = t.encode("utf-8", "surrogatepass")
         h.update(len(b).to_bytes(8, "little") + b)
-    h.update(np.asarray(part.labels, dtype=np.int64).tobytes())
+    labels = np.asarray(part.labels, dtype=np.int64)
+    h.update(labels.tobytes() + (str(labels.shape).encode() if labels.ndim > 1 else b""))
     return {"source": part.report["source"], "rows": len(part.texts), "sha256": h.hexdigest()}
 
 
@@ -253,9 +272,12 @@ def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | 
         storage_kwargs = {"storage_path": path, "storage_filesystem": fs}
     else:
         storage_kwargs = {"storage_path": os.path.abspath(uri)}
+    # Rank 0 logs the run's metrics to MLflow as it trains. A sweep's data-parallel trials (named by their trial)
+    # report to Tune instead, whose callback logs each trial as a child run.
+    tracker = tracked_run(cfg) if name is None else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "objective": objective, "session": "train"},
+        train_loop_config={"cfg": cfg, "objective": objective, "session": "train", "tracker": tracker},
         datasets=datasets,  # Ray Data streams (pretraining); each worker reads its shard
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
@@ -288,7 +310,10 @@ def export_run(cfg, result, objective: Objective, out_uri: str | None = None) ->
     """Export the best checkpoint as `<run dir>/model` and write metrics.json, curves.png and (for
     classifiers) confusion_matrix.png beside it. Returns the run summary."""
     rdir = run_dir(cfg)
+    tracker = tracked_run(cfg)
     if diverged := getattr(result, "return_value", None):  # the loop's message (train_loop.Loop.run)
+        if tracker is not None:
+            tracker.fail(diverged)
         raise TrainingDiverged(f"{rdir}: {diverged}")
     out_uri = out_uri or storage.join(rdir, "model")
     best, best_metrics = best_checkpoint(result, objective.metric, objective.mode)
@@ -300,10 +325,13 @@ def export_run(cfg, result, objective: Objective, out_uri: str | None = None) ->
             last_dir = result.checkpoint.to_directory(os.path.join(tmp, "last"))
             last_meta = json.loads((Path(last_dir) / ckpt_io.META_FILE).read_text())
         history = last_meta.get("history", [])
+        # An adapter run exports its model merged (model/) and its adapter alone (adapter/).
+        adapter_uri = storage.join(rdir, "adapter") if meta.get("adapter") else None
         ckpt_io.export(best_dir, out_uri, extra_meta={"history": history, "best_step": meta.get("step"),
-                                                      "final_step": last_meta.get("step")})
+                                                      "final_step": last_meta.get("step")}, adapter_uri=adapter_uri)
         summary = {
             "model": out_uri,
+            **({"adapter": adapter_uri} if adapter_uri else {}),
             "run_dir": rdir,
             "metric": objective.metric,
             "best_step": meta.get("step"),
@@ -315,9 +343,26 @@ def export_run(cfg, result, objective: Objective, out_uri: str | None = None) ->
             "worker_nodes": last_meta.get("worker_nodes", []),
             "resumed_at": last_meta.get("resumed_at", []),
             "data_report": meta.get("data_report"),
+            # The held-out metrics before training, where the objective measures them (masked-LM).
+            **({"initial_metrics": meta["initial_metrics"]} if "initial_metrics" in meta else {}),
+            **({"mlflow": tracker.describe()} if tracker is not None else {}),
         }
         _write_artifacts(rdir, summary, history, meta, objective, tmp)
+    if tracker is not None:
+        if "initial_metrics" in summary:  # measured before the first step
+            tracker.log_metrics(summary["initial_metrics"], step=0)
+        files = [storage.join(rdir, f) for f in ("metrics.json", "curves.png", "confusion_matrix.png", "per_label.png",
+                                                 RUN_FILE)]
+        summary["mlflow"] = tracker.finish(files, summary["model"], _best(summary), register_as=cfg.run.register_as,
+                                           report=summary.get("data_report"))
     return summary
+
+
+def _best(summary: dict) -> dict:
+    """The best checkpoint's metrics as the run's headline numbers (MLflow's run table, a model version's tags)."""
+    best = {f"best_{k}": v for k, v in summary["metrics"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {**best, "best_step": summary["best_step"]}
 
 
 def _write_artifacts(rdir: str, summary: dict, history: list, meta: dict, objective: Objective, tmp: str) -> None:
@@ -330,3 +375,7 @@ def _write_artifacts(rdir: str, summary: dict, history: list, meta: dict, object
         cm = M.plot_confusion(m["confusion_matrix"], m["labels"], os.path.join(tmp, "cm.png"),
                               title=f"validation, step {meta.get('step')}")
         storage.write_bytes(storage.join(rdir, "confusion_matrix.png"), cm.read_bytes())
+    elif "per_class" in m:  # multi-label: no confusion matrix; a bar per label instead
+        bars = M.plot_per_label(m["per_class"], os.path.join(tmp, "per_label.png"),
+                                title=f"validation, step {meta.get('step')} (tuned thresholds)")
+        storage.write_bytes(storage.join(rdir, "per_label.png"), bars.read_bytes())

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertray import checkpoint as ckpt_io
-from bertray import finetune, runtime, storage, trainer
+from bertray import finetune, modeling, runtime, storage, trainer
 from bertray.metrics import mode_of
 from bertray.config import ConfigError, FinetuneConfig, TuneConfig, parse_space, planned_trials
 
@@ -62,6 +62,7 @@ def run(cfg: TuneConfig) -> dict:
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
     concurrency = _concurrency(cfg)
+    modeling.check_adapter(cfg.model)  # an adapter PEFT cannot put on the base fails here, not in every trial
     train, val = finetune.load_splits(cfg.trial_base())
     cfg = trainer.start_run(cfg, "sweep", trainer.labeled_data(train, val))
     base = cfg.trial_base()  # with the run's name, under which the trials' Ray Train runs are stored
@@ -78,7 +79,22 @@ def run(cfg: TuneConfig) -> dict:
     summary = summarize(cfg, grid, objective.metric, objective.mode)
     if summary["interrupted"]:
         raise KeyboardInterrupt  # the CLI says how to resume
+    if (parent := trainer.tracked_run(cfg)) is not None:
+        _finish_tracking(cfg, parent, summary)
     return summary
+
+
+def _finish_tracking(cfg: TuneConfig, parent, summary: dict) -> None:
+    """End the sweep's MLflow run: the best trial tagged (here and on its own run), the table, plots and best
+    model attached (registered with run.register_as)."""
+    best = summary["best"]
+    rdir = summary["run_dir"]
+    if best is not None:
+        parent.tag_trial(best["trial"], {"bertray.best": "true"})
+    files = [storage.join(rdir, f) for f in ("trials.csv", "trials.md", "summary.json")] + summary["plots"]
+    metrics = {} if best is None else {f"best_{summary['metric']}": best["value"], "best_step": best["step"]}
+    summary["mlflow"] = parent.finish(files, summary["model"], metrics, register_as=cfg.run.register_as,
+                                      tags={} if best is None else {"bertray.best_trial": best["trial"]})
 
 
 def prune_train_state(rdir: str, failed_trials: list[str]) -> dict:
@@ -215,8 +231,21 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             stop=_TrialEnd(base, n_train) if s.scheduler == "pbt" else None,
+            callbacks=_callbacks(cfg),
             verbose=1),
     )
+
+
+def _callbacks(cfg: TuneConfig) -> list:
+    """With run.tracking: mlflow, one child run of the sweep's MLflow run per trial (bertray.tracking.TrialRuns:
+    Ray's MLflowLoggerCallback logs at Tune's iteration, not the optimizer step, and a server gone away would fail
+    the sweep)."""
+    parent = trainer.tracked_run(cfg)
+    if parent is None:
+        return []
+    from bertray.tracking import TrialRuns
+
+    return [TrialRuns(parent)]
 
 
 def _param_space(space: dict, algorithm: str) -> dict:

@@ -124,3 +124,61 @@ def test_a_training_set_of_one_class_is_refused_and_empty_declared_classes_are_n
         D.check_classes(one)
     pq.write_table(pa.table({"text": ["a", "b"], "label": ["pos", "neg"]}), p)
     assert D.check_classes(D.load_labeled(str(p), cfg(), label_names=["neg", "pos", "meh"])) == ["meh"]
+
+
+def _ml_table(path, labels, texts=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = texts or [f"text {i}" for i in range(len(labels))]
+    pq.write_table(pa.table({"text": texts, "labels": labels}), path)
+    return str(path)
+
+
+def test_multi_label_from_a_list_column_is_a_0_1_matrix_and_keeps_rows_with_no_label(tmp_path):
+    from bertray import data as D
+    from bertray.config import DataConfig
+
+    uri = _ml_table(tmp_path / "t.parquet", [[0, 2], [1], [], None, [2, 7]])
+    d = D.load_labeled(uri, DataConfig(label_column="labels", labels=["a", "b", "c"]))
+    assert d.multi_label and d.labels.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    assert d.report["dropped"] == {"null_label": 1, "unknown_label": 1}
+    assert D.label_counts(d).tolist() == [1, 1, 1]
+
+
+def test_multi_label_from_a_delimited_string_column_infers_names(tmp_path):
+    from bertray import data as D
+    from bertray.config import DataConfig
+
+    uri = _ml_table(tmp_path / "t.parquet", ["joy, anger", "anger", "fear"])
+    d = D.load_labeled(uri, DataConfig(label_column="labels", label_delimiter=","))
+    assert d.label_names == ["anger", "fear", "joy"] and d.labels.tolist() == [[1, 0, 1], [1, 0, 0], [0, 1, 0]]
+
+
+def test_multi_label_split_is_seeded_and_keeps_each_labels_share(tmp_path):
+    import numpy as np
+
+    from bertray import data as D
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((2000, 6)) < np.array([0.5, 0.2, 0.1, 0.05, 0.02, 0.3])).astype(np.int8)
+    tr, va = D.stratified_split(labels, 0.1, seed=3)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 2000 and 180 <= len(va) <= 220
+    assert np.allclose(labels[va].mean(0), labels.mean(0), atol=0.02)
+    assert (D.stratified_split(labels, 0.1, seed=3)[1] == va).all()
+
+
+def test_pairs_are_read_with_their_rows_and_a_missing_second_text_drops_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bertray import data as D
+    from bertray.config import DataConfig
+
+    pq.write_table(pa.table({"s1": ["a b", "c d", "e f"], "s2": ["x", None, "z"], "label": [0, 1, 1]}),
+                   tmp_path / "p.parquet")
+    d = D.load_labeled(str(tmp_path / "p.parquet"), DataConfig(text_columns=["s1"], text_pair_column="s2"))
+    assert d.texts == ["a b", "e f"] and d.pairs == ["x", "z"] and d.labels.tolist() == [0, 1]
+    assert d.report["dropped"] == {"null_text": 1}
+    sub = D.subset(d, np.array([1]))
+    assert sub.texts == ["e f"] and sub.pairs == ["z"]

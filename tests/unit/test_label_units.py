@@ -258,7 +258,7 @@ def test_invalid_text_is_a_reason_not_a_failure(tmp_path, tiny_classifier_dir):
 
     # A lone surrogate in a Python string (what JSON's "\ud83d" decodes to) fails the tokenizer's whole batch.
     encoder = label._encoder(tiny_classifier_dir, None)
-    reasons, flat, offsets, _ = label.encode_texts(["fine", "\ud83d oops", None, " ", "also fine"], encoder)
+    reasons, flat, offsets, _, _ = label.encode_texts(["fine", "\ud83d oops", None, " ", "also fine"], encoder)
     assert reasons == [None, "invalid_text", "null_text", "empty_text", None]
     assert len(offsets) == 3 and offsets[-1] == len(flat) > 0
 
@@ -296,3 +296,73 @@ def test_an_output_that_is_a_file_or_inside_the_input_folder_is_refused(tmp_path
     with pytest.raises(ConfigError, match="holds input files"):
         check(str(tmp_path))
     check(str(tmp_path / "labeled"))  # beside the input: fine
+
+
+@pytest.fixture(scope="module")
+def spread_classifier_dir(tmp_path_factory) -> str:
+    """A random 2-label BERT whose scores differ from text to text (large initial weights), so a row given another
+    row's windows would score visibly otherwise."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bertray import checkpoint, modeling
+
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, initializer_range=0.5, num_labels=2,
+                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("spread")
+    checkpoint.save(out, BertForSequenceClassification(cfg).eval(), tok,
+                    {"kind": "classifier", "label_names": ["negative", "positive"]})
+    return str(out)
+
+
+def test_chunked_long_texts_pool_their_own_windows_back_to_their_rows(tmp_path, spread_classifier_dir):
+    tiny_classifier_dir = spread_classifier_dir
+    from bertray import modeling
+    from bertray.predictor import Predictor
+
+    # Lengths that give 1, 2 and many windows at max_length 32, between nulls and empties; ids must stay with rows.
+    words = "the plot moves slowly but the actors carry every scene with care".split()
+    texts = [" ".join(words[: n % len(words)] + words * (n // len(words))) for n in (5, 40, 300, 12, 90)]
+    texts = texts[:2] + [None, ""] + texts[2:]
+    write(tmp_path / "in" / "a.parquet", id=[10, 11, 12, 13, 14, 15, 16], text=texts)
+    cfg = cfg_for(tiny_classifier_dir, tmp_path, probabilities=True, max_length=32, long_text="chunk")
+    plan = label.make_plan(cfg)
+    label._prepare_output(cfg, plan)
+    summary = run_stages(cfg, plan, plan.units[0], label.Infer(cfg, plan.label_names))
+    part = pq.read_table(tmp_path / "out" / label.part_name(plan.units[0].uid))
+    assert part.column("id").to_pylist() == [10, 11, 12, 13, 14, 15, 16]
+    assert part.column("reason").to_pylist() == [None, None, "null_text", "empty_text", None, None, None]
+    assert summary["rows_read"] == summary["rows_written"] == 7 and summary["truncated"] == 0
+
+    pred = Predictor(tiny_classifier_dir, max_length=32, long_text="chunk")
+    good = [t for t in texts if t]
+    ids, counts = modeling.windows(pred.tokenizer, good, 32, pred.chunking[0])
+    assert counts.tolist()[:2] == [1, 2] and counts.max() > 5 and summary["rows_chunked"] == int((counts > 1).sum())
+    # Each row's probabilities are the softmax of the mean of its own windows' logits, each window scored alone.
+    logits = np.concatenate([pred.logits_ids([w]) for w in ids])
+    bounds = np.cumsum(counts)[:-1]
+    want = np.stack([pred.activate(chunk.mean(0, keepdims=True))[0] for chunk in np.split(logits, bounds)])
+    got = np.array([[r["prob_negative"], r["prob_positive"]] for r in part.to_pylist() if not r["reason"]])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(pred.predict(good).probs, want, atol=1e-5)  # serve and evaluate score alike
+    assert np.ptp(want[:, 0]) > 0.05  # the rows' scores differ: a row scored with another's windows would show
+
+
+def test_windows_cover_the_text_within_max_length_and_overlap_as_asked():
+    from bertray import modeling
+
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    text = " ".join(f"w{i}" for i in range(200))
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    ids, counts = modeling.windows(tok, [text, "short one", ""], 64, 16)
+    assert counts.tolist()[1:] == [1, 1] and counts[0] == len(ids) - 2
+    inner = [w[1:-1] for w in ids[: counts[0]]]
+    assert all(len(w) <= 64 for w in ids) and inner[0] == body[:62] and inner[-1][-5:] == body[-5:]
+    assert all(a[-16:] == b[:16] for a, b in zip(inner, inner[1:-1]))  # consecutive windows share 16 tokens
+    assert sorted({t for w in inner for t in w}) == sorted(set(body))  # nothing of the text is left out
+    pooled = modeling.pool_windows(np.array([[1.0, 0.0], [3.0, 2.0], [5.0, -1.0]]), np.array([2, 1]), "mean")
+    assert pooled.tolist() == [[2.0, 1.0], [5.0, -1.0]]
+    assert modeling.pool_windows(np.array([[1.0, 0.0], [3.0, -2.0]]), np.array([2]), "max").tolist() == [[3.0, 0.0]]

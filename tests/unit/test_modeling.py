@@ -42,8 +42,7 @@ def test_whole_weights_and_folders_without_safetensors_pass(tmp_path):
 @pytest.mark.parametrize("config,words", [
     ({"problem_type": "regression", "id2label": {"0": "LABEL_0"}}, "problem_type 'regression': a regression head"),
     ({"id2label": {"0": "score"}}, "problem_type 'regression'"),  # HF reads one output as regression
-    ({"problem_type": "multi_label_classification", "id2label": {"0": "a", "1": "b", "2": "c"}},
-     "problem_type 'multi_label_classification': a multi-label head"),
+    ({"problem_type": "some_new_problem", "id2label": {"0": "a", "1": "b"}}, "problem_type 'some_new_problem'"),
 ])
 def test_heads_that_a_softmax_would_score_wrongly_are_refused_by_name(tmp_path, config, words):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForSequenceClassification"], **config}))
@@ -57,3 +56,17 @@ def test_a_single_label_classifier_passes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
                                                       "id2label": {"0": "neg", "1": "pos"}}))
     assert modeling.check_classifier(str(tmp_path), str(tmp_path)) == {}
+
+
+def test_a_multi_label_classifier_passes_and_says_so(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
+                                                      "problem_type": "multi_label_classification",
+                                                      "id2label": {"0": "a", "1": "b", "2": "c"}}))
+    assert modeling.classifier_labels(str(tmp_path)) == (["a", "b", "c"], {}, True)
+
+
+def test_pair_segments_are_zero_through_the_first_separator_and_on_padding():
+    sep = 102
+    ids = torch.tensor([[101, 7, 8, sep, 9, sep, 0, 0], [101, 7, sep, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    assert modeling.pair_segments(ids, mask, sep).tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]]

@@ -173,7 +173,7 @@ def _pass_shapes(pred, run) -> list[tuple[int, int]]:
     """(texts, padded width) of each forward pass `run` makes through `pred`; a packed pass pads only attention, to
     the same width."""
     shapes, inner = [], pred._pass
-    pred._pass = lambda seqs, width: shapes.append((len(seqs), width)) or inner(seqs, width)
+    pred._pass = lambda seqs, width, *rest: shapes.append((len(seqs), width)) or inner(seqs, width, *rest)
     try:
         run()
     finally:
@@ -441,3 +441,61 @@ def test_evaluate_counts_texts_that_are_not_utf8_and_scores_the_rest(tiny_classi
     pq.write_table(pa.table({"text": texts, "label": [1, 0, 0]}), tmp_path / "eval.parquet")
     result = evaluate(tiny_classifier, str(tmp_path / "eval.parquet"), str(tmp_path / "out"))
     assert result["n"] == 2 and result["data_report"]["dropped"] == {"invalid_text": 1}
+
+
+def _multi_label_classifier(folder: Path) -> str:
+    """A plain Hugging Face multi-label BERT (problem_type set, as transformers writes it), 3 labels."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    names = ["a", "b", "c"]
+    cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, initializer_range=0.5, num_labels=3,
+                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                     problem_type="multi_label_classification")
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_multi_label_hf_checkpoint_is_scored_with_a_sigmoid_per_label(tmp_path, packed):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    folder = _multi_label_classifier(tmp_path / "ml")
+    pred = Predictor(folder)
+    pred.packed = pred.packed and packed
+    texts = _mixed_texts(40)
+    probs = pred.predict(texts).probs
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    enc = pred.tokenizer(texts, padding=True, truncation=True, max_length=pred.max_length, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.sigmoid(model(**enc).logits).numpy()
+    assert pred.multi_label and np.allclose(probs, expected, atol=1e-5)
+    assert not np.allclose(probs.sum(axis=1), 1.0, atol=1e-2)  # not a softmax
+    assert pred.thresholds.tolist() == [0.5, 0.5, 0.5]  # a plain HF folder has no tuned thresholds
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_pairs_are_scored_as_the_model_scores_them_with_segment_ids(spread_classifier, packed):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    pred = Predictor(spread_classifier)
+    pred.packed = pred.packed and packed
+    first, second = _mixed_texts(30, seed=1), _mixed_texts(30, seed=2)
+    probs = pred.predict(first, second).probs
+    model = AutoModelForSequenceClassification.from_pretrained(spread_classifier).eval()
+    enc = pred.tokenizer(first, second, padding=True, truncation="longest_first", max_length=pred.max_length,
+                         return_tensors="pt")
+    assert enc["token_type_ids"].any()  # the reference really has second segments
+    with torch.no_grad():
+        expected = torch.softmax(model(**enc).logits, -1).numpy()
+    assert np.allclose(probs, expected, atol=1e-5)
+    # Without segment ids the model scores otherwise: the test can tell.
+    with torch.no_grad():
+        flat = torch.softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, -1)
+    assert not np.allclose(probs, flat.numpy(), atol=1e-4)
