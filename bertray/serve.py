@@ -58,10 +58,11 @@ class ServeStartError(RuntimeError):
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[StrictStr] | None = Field(
+    # Defaults of None, not Optional types: an explicit null is still "not a list", as a caller should hear.
+    texts: list[StrictStr] = Field(
         None, description="texts to classify (1 to max_texts, each at most max_text_chars); a pair model takes pairs",
         examples=[["a gripping, beautifully acted film", "dull and far too long"]])
-    pairs: list[tuple[StrictStr, StrictStr]] | None = Field(
+    pairs: list[tuple[StrictStr, StrictStr]] = Field(
         None, description="for a model trained on sentence pairs: [first, second] texts (1 to max_texts)",
         examples=[[["A man is playing a guitar.", "Someone plays an instrument."]]])
     probabilities: StrictBool = Field(False, description="also return the probability of every class")
@@ -109,7 +110,8 @@ def _parse(body: bytes) -> ClassifyRequest:
     try:
         return ClassifyRequest.model_validate(raw)
     except ValidationError as exc:
-        raise HTTPException(422, _describe(exc)) from None
+        missing = isinstance(raw, dict) and not {"texts", "pairs"} & raw.keys()
+        raise HTTPException(422, ("texts: Field required; " if missing else "") + _describe(exc)) from None
 
 
 # Callers send JSON, so a wrong type is named as JSON names it, not as Python does.
@@ -144,7 +146,7 @@ def _items(req: ClassifyRequest, text_pair: bool) -> list:
     if req.pairs is not None:
         raise HTTPException(422, 'pairs: this model classifies single texts; send {"texts": ["some text"]}')
     if req.texts is None:
-        raise HTTPException(422, 'texts: field required; send JSON such as {"texts": ["some text"]}')
+        raise HTTPException(422, 'texts: Field required; send JSON such as {"texts": ["some text"]}')
     return req.texts
 
 

@@ -45,14 +45,15 @@ def _pair_texts(n: int, seed: int) -> tuple[list[str], list[str], list[int]]:
     return first, second, labels
 
 
-def _finetune(tiny_bert: str, root: Path, data: dict, workers: int, metric: str, steps: int = 60) -> dict:
+def _finetune(tiny_bert: str, root: Path, data: dict, workers: int, metric: str, steps: int = 60,
+              lr: float = 3e-3) -> dict:
     from bertray import config as C
     from bertray import finetune
 
     cfg = C.load(C.FinetuneConfig, data={
         "model": {"base": tiny_bert, "max_length": 32},
         "data": data,
-        "optim": {"lr": 3e-3},
+        "optim": {"lr": lr},
         "train": {"batch_size": 32, "max_steps": steps, "eval_every": steps // 2, "log_every": 30, "metric": metric},
         "run": {"name": "shape", "storage": str(root / "runs"), "num_workers": workers, "max_failures": 0},
     })
@@ -68,7 +69,7 @@ def multi_label_model(ray_cluster, tiny_bert, tmp_path_factory):
     (root / "labels.json").write_text(json.dumps(COLOURS))
     summary = _finetune(tiny_bert, root, {"train": str(root / "train.parquet"),
                                           "validation": str(root / "validation.parquet"),
-                                          "label_column": "colours"}, workers=2, metric="micro_f1", steps=150)
+                                          "label_column": "colours"}, workers=2, metric="micro_f1", steps=100, lr=6e-3)
     return summary, root
 
 
@@ -83,6 +84,17 @@ def pair_model(ray_cluster, tiny_bert, tmp_path_factory):
                                           "text_columns": ["premise"], "text_pair_column": "hypothesis",
                                           "labels": ["no", "yes"]}, workers=1, metric="accuracy")
     return summary, root
+
+
+@pytest.fixture(scope="module")
+def served(multi_label_model, pair_model):
+    """One Serve instance with both models as apps: '/ml' and '/pairs' (one start costs the suite less than two)."""
+    from bertray.config import ServeConfig
+
+    urls = _serve({name: ServeConfig(model=summary["model"], cpus_per_replica=0.5, max_texts=8)
+                   for name, (summary, _) in {"ml": multi_label_model, "pairs": pair_model}.items()})
+    yield urls
+    _stop_serve()
 
 
 def test_multi_label_checkpoint_is_self_describing_and_plain_transformers_knows_its_head(multi_label_model):
@@ -100,9 +112,10 @@ def test_multi_label_checkpoint_is_self_describing_and_plain_transformers_knows_
     assert (Path(summary["run_dir"]) / "per_label.png").exists()
 
 
-def test_multi_label_evaluate_label_and_serve_decide_with_the_checkpoints_thresholds(multi_label_model, tmp_path):
+def test_multi_label_evaluate_label_and_serve_decide_with_the_checkpoints_thresholds(multi_label_model, served,
+                                                                                     tmp_path):
     from bertray import evaluate, label
-    from bertray.config import LabelConfig, ServeConfig
+    from bertray.config import LabelConfig
     from bertray.predictor import Predictor
 
     summary, root = multi_label_model
@@ -135,23 +148,19 @@ def test_multi_label_evaluate_label_and_serve_decide_with_the_checkpoints_thresh
     assert s["label_counts"] == {c: int(sum(c in r for r in table.column("labels").to_pylist()[:60])) for c in COLOURS}
     assert "max_rate_change" in s["drift"]  # per-label rates, not one distribution
 
-    urls = _serve(tmp_path, {"ml": ServeConfig(model=model, cpus_per_replica=0.5, max_texts=8)})
-    try:
-        r = requests.post(urls["ml"] + "/v1/classify", json={"texts": texts[:8], "probabilities": True}, timeout=30)
-        assert r.status_code == 200, r.text
-        for i, p in enumerate(r.json()["predictions"]):
-            want = [COLOURS[k] for k in np.argsort(-probs[i], kind="stable") if probs[i, k] >= pred.thresholds[k]]
-            assert p["labels"] == want and "label" not in p
-            assert p["scores"] == pytest.approx([float(probs[i, COLOURS.index(c)]) for c in want], abs=1e-5)
-        info = requests.get(urls["ml"] + "/v1/model", timeout=10).json()
-        assert info["task"] == "multi_label" and set(info["thresholds"]) == set(COLOURS)
-    finally:
-        _stop_serve()
+    r = requests.post(served["ml"] + "/v1/classify", json={"texts": texts[:8], "probabilities": True}, timeout=30)
+    assert r.status_code == 200, r.text
+    for i, p in enumerate(r.json()["predictions"]):
+        want = [COLOURS[k] for k in np.argsort(-probs[i], kind="stable") if probs[i, k] >= pred.thresholds[k]]
+        assert p["labels"] == want and "label" not in p
+        assert p["scores"] == pytest.approx([float(probs[i, COLOURS.index(c)]) for c in want], abs=1e-5)
+    info = requests.get(served["ml"] + "/v1/model", timeout=10).json()
+    assert info["task"] == "multi_label" and set(info["thresholds"]) == set(COLOURS)
 
 
-def test_pairs_fine_tune_label_and_serve_as_pairs(pair_model, tmp_path):
+def test_pairs_fine_tune_label_and_serve_as_pairs(pair_model, served, tmp_path):
     from bertray import evaluate, label
-    from bertray.config import ConfigError, LabelConfig, ServeConfig
+    from bertray.config import ConfigError, LabelConfig
     from bertray.predictor import Predictor
 
     summary, root = pair_model
@@ -175,20 +184,17 @@ def test_pairs_fine_tune_label_and_serve_as_pairs(pair_model, tmp_path):
     probs = Predictor(model).predict(a, b).probs
     assert got == [["no", "yes"][k] for k in probs.argmax(1)]
 
-    urls = _serve(tmp_path, {"pairs": ServeConfig(model=model, cpus_per_replica=0.5, max_texts=8)})
-    try:
-        r = requests.post(urls["pairs"] + "/v1/classify", json={"pairs": [[a[i], b[i]] for i in range(8)]}, timeout=30)
-        assert r.status_code == 200, r.text
-        assert [p["label"] for p in r.json()["predictions"]] == got[:8]
-        r = requests.post(urls["pairs"] + "/v1/classify", json={"texts": ["only one text"]}, timeout=30)
-        assert r.status_code == 422 and "sentence pairs" in r.json()["detail"]
-        r = requests.post(urls["pairs"] + "/v1/classify", json={"pairs": [["a", "b"], ["c", " "]]}, timeout=30)
-        assert r.status_code == 422 and "pairs[1][1]: empty text" in r.json()["detail"]
-    finally:
-        _stop_serve()
+    url = served["pairs"] + "/v1/classify"
+    r = requests.post(url, json={"pairs": [[a[i], b[i]] for i in range(8)]}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [p["label"] for p in r.json()["predictions"]] == got[:8]
+    r = requests.post(url, json={"texts": ["only one text"]}, timeout=30)
+    assert r.status_code == 422 and "sentence pairs" in r.json()["detail"]
+    r = requests.post(url, json={"pairs": [["a", "b"], ["c", " "]]}, timeout=30)
+    assert r.status_code == 422 and "pairs[1][1]: empty text" in r.json()["detail"]
 
 
-def _serve(tmp_path, configs: dict) -> dict:
+def _serve(configs: dict) -> dict:
     from ray import serve
 
     from bertray.runtime import free_ports
