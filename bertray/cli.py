@@ -217,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise DataError(f"text {i}: empty text")
                 if reason := invalid_text(text):  # undecodable bytes on the command line arrive as lone surrogates
                     raise DataError(f"text {i}: {reason} (its bytes are not UTF-8)")
+            from bertray.modeling import classifier_labels
+
+            if classifier_labels(args.model)[1].get("text_pair"):  # from bertray.json, before loading the weights
+                raise DataError(f"{args.model} classifies sentence pairs; score them with `bertray evaluate` or "
+                                "`bertray label --text-pair-column`, or send {\"pairs\": [[a, b]]} to `bertray serve`")
             pred = Predictor(args.model, backend=args.backend)
             probs = pred.predict(args.texts).probs
             import numpy as np

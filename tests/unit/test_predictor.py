@@ -499,3 +499,17 @@ def test_pairs_are_scored_as_the_model_scores_them_with_segment_ids(spread_class
     with torch.no_grad():
         flat = torch.softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, -1)
     assert not np.allclose(probs, flat.numpy(), atol=1e-4)
+
+
+def test_predict_refuses_single_texts_for_a_pair_model_in_one_line(spread_classifier, tmp_path, capsys):
+    import json
+    import shutil
+
+    from bertray import cli
+
+    folder = tmp_path / "pairs"
+    shutil.copytree(spread_classifier, folder)
+    (folder / "bertray.json").write_text(json.dumps({"kind": "classifier", "text_pair": True}))
+    assert cli.main(["predict", str(folder), "only one text"]) == 1
+    err = capsys.readouterr().err
+    assert "classifies sentence pairs" in err and len(err.strip().splitlines()) == 1
