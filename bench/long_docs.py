@@ -55,7 +55,7 @@ def measure(args) -> dict:
     from bertray import config, evaluate, finetune, modeling, runtime
 
     tag = "stripped" if args.strip else "raw"
-    data = Path(RUNS) / f"20ng-{tag}"
+    data = Path(RUNS) / f"20ng-{tag}-data"  # not the run folder, which overwrite empties
     train = sample("train", args.train_rows, args.strip, 0, data)
     test = sample("test", args.test_rows, args.strip, 1, data)
     runtime.init_ray(None)
