@@ -6,7 +6,7 @@
 
 One fine-tune of the embedded MiniLM on a seeded sample of the train split (`bertray.finetune.run`, head truncation
 at --train-length tokens), then the same checkpoint scored on a seeded sample of the test split
-(`bertray.evaluate.evaluate`, in this process) seven ways: head, tail and head+tail truncation at 128 and head at
+(`bertray.evaluate.evaluate`, in this process) six ways: head, tail and head+tail truncation at 128 and head at
 512 tokens, and `long_text: chunk` (windows of 128 tokens sharing 32) pooled by mean and by max. For each: accuracy,
 macro-F1 and docs/s over all test documents and over those longer than 512 tokens.
 
