@@ -224,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "`bertray label --text-pair-column`, or send {\"pairs\": [[a, b]]} to `bertray serve`")
             pred = Predictor(args.model, backend=args.backend)
             probs = pred.predict(args.texts).probs
-            import numpy as np
-
             for text, p in zip(args.texts, probs):
                 if pred.multi_label:  # every label at or over its threshold, most probable first
-                    on = [k for k in np.argsort(-p) if p[k] >= pred.thresholds[k]]
+                    on = pred.chosen(p)
                     print(f"{','.join(pred.label_names[k] for k in on) or '-'}\t"
                           f"{' '.join(f'{p[k]:.3f}' for k in on) or '-'}\t{text}")
                     continue

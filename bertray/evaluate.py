@@ -34,9 +34,7 @@ def evaluate(model: str, data_uri: str, out: str, text_columns: list[str] | None
     pred = predictor.predict(labeled.texts, labeled.pairs)
     seconds = time.perf_counter() - start
     if predictor.multi_label:
-        result = M.multilabel(labeled.labels, pred.probs, predictor.thresholds, predictor.label_names)
-        at_half = M.multilabel(labeled.labels, pred.probs, [0.5] * len(predictor.label_names), predictor.label_names)
-        result["micro_f1_at_0_5"], result["macro_f1_at_0_5"] = at_half["micro_f1"], at_half["macro_f1"]
+        result = M.multilabel_report(labeled.labels, pred.probs, predictor.thresholds, predictor.label_names)
     else:
         cm = M.confusion(labeled.labels, pred.probs.argmax(-1), len(predictor.label_names))
         result = M.from_confusion(cm, predictor.label_names)

@@ -18,7 +18,7 @@ from bertray import data as D
 from bertray import modeling, runtime, storage, trainer
 from bertray.config import FinetuneConfig, ModelConfig
 from bertray.modeling import TokenIds
-from bertray.metrics import confusion, from_confusion, mode_of, multilabel, tune_thresholds
+from bertray.metrics import confusion, from_confusion, mode_of, multilabel_report, tune_thresholds
 from bertray.train_loop import Objective
 
 log = logging.getLogger(__name__)
@@ -315,9 +315,7 @@ class ClassificationObjective(Objective):
         probs = np.concatenate([p for _, p, _ in shares])
         labels = self.val_labels[rows]
         self.thresholds = tune_thresholds(labels, probs)
-        out = multilabel(labels, probs, self.thresholds, self.label_names)
-        at_half = multilabel(labels, probs, np.full(n_cls, 0.5), self.label_names)
-        out["micro_f1_at_0_5"], out["macro_f1_at_0_5"] = at_half["micro_f1"], at_half["macro_f1"]
+        out = multilabel_report(labels, probs, self.thresholds, self.label_names)
         out["loss"] = sum(l for _, _, l in shares) / max(1, labels.size)
         return out
 

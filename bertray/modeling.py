@@ -275,11 +275,7 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head
         # Fast tokenizers report overflow only via a second pass; count truncated texts cheaply by length.
         cut = sum(len(x) == max_length for x in ids)
         return ids, cut
-    # Whatever the tokenizer wraps a text in ([CLS] .. [SEP] for BERT, <s> .. </s> for RoBERTa), from an empty text.
-    specials = tokenizer("", add_special_tokens=True)["input_ids"]
-    prefix, suffix = specials[:1], specials[1:]
-    # verbose=False: texts longer than the model's limit are expected here; they are cut below.
-    body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    prefix, suffix, body = _unwrapped(tokenizer, texts)
     out, cut = [], 0
     head_n = room // 4
     for ids in body:
@@ -288,6 +284,15 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head
             ids = ids[-room:] if truncation == "tail" else ids[:head_n] + ids[len(ids) - (room - head_n):]
         out.append(prefix + ids + suffix)
     return out, cut
+
+
+def _unwrapped(tokenizer, texts: list[str]) -> tuple[list[int], list[int], list[list[int]]]:
+    """(prefix, suffix, each text's ids without them): what the tokenizer wraps a text in ([CLS] .. [SEP] for BERT,
+    <s> .. </s> for RoBERTa, read from an empty text), and the whole texts, for callers that cut them themselves."""
+    specials = tokenizer("", add_special_tokens=True)["input_ids"]
+    # verbose=False: texts longer than the model's limit are expected; the caller cuts them.
+    body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    return specials[:1], specials[1:], body
 
 
 def uses_segments(config) -> bool:
@@ -351,22 +356,23 @@ def encoding(model_uri: str, max_length: int | None = None, long_text: str | Non
     if positions and max_length > positions:
         raise ModelError(f"{model_uri}: max_length {max_length} exceeds the {positions} positions "
                          f"the model has; set max_length to {positions} or less")
-    long_text = long_text or model_cfg.get("long_text", "truncate")
+    # A checkpoint without a setting (older, or a plain HF folder) takes ModelConfig's default: one home for them.
+    default = ModelConfig()
+    long_text = long_text or model_cfg.get("long_text", default.long_text)
     if long_text not in ("truncate", "chunk"):
         raise ModelError(f"long_text: expected 'truncate' or 'chunk', got {long_text!r}")
-    overlap = min(int(model_cfg.get("chunk_overlap", 32)), max_length // 2)
-    chunking = (overlap, model_cfg.get("chunk_pool", "mean")) if long_text == "chunk" else None
-    return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", "head"), chunking)
+    overlap = min(int(model_cfg.get("chunk_overlap", default.chunk_overlap)), max_length // 2)
+    chunking = (overlap, model_cfg.get("chunk_pool", default.chunk_pool)) if long_text == "chunk" else None
+    return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", default.truncation),
+                    chunking)
 
 
 def windows(tokenizer, texts: list[str], max_length: int, overlap: int) -> tuple[list[list[int]], np.ndarray]:
     """Every text cut into windows of at most max_length tokens (each wrapped in [CLS]/[SEP]) that share `overlap`
     tokens with the next, covering the whole text; returns the windows in text order and how many each text has."""
     room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    specials = tokenizer("", add_special_tokens=True)["input_ids"]
-    prefix, suffix = specials[:1], specials[1:]
+    prefix, suffix, body = _unwrapped(tokenizer, texts)
     step = max(1, room - overlap)
-    body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     out, counts = [], np.zeros(len(texts), dtype=np.int64)
     for i, ids in enumerate(body):
         starts = range(0, max(len(ids) - room, 0) + step, step) if len(ids) > room else [0]

@@ -51,7 +51,7 @@ class Predictor:
         enc = encoding(model_uri, max_length, long_text)
         path, self.meta, self.tokenizer = enc.path, enc.meta, enc.tokenizer
         self.max_length, self.truncation = enc.max_length, enc.truncation
-        self.chunking = enc.chunking  # long_text chunk: (stride, pool), else None
+        self.chunking = enc.chunking  # long_text chunk: (overlap, pool), else None
         self.label_names = checkpoint.label_names(enc.config)
         # Multi-label checkpoints are scored with a sigmoid per label and decided by per-label thresholds (tuned on
         # validation when bertray trained it, else 0.5); single-label ones with a softmax over the labels.
@@ -180,9 +180,10 @@ class Predictor:
         ids, cut = self.encode(texts, pairs)
         return Prediction(self.predict_ids(ids, pairs is not None), cut)
 
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Multi-label: which labels each row carries (rows, labels) bool, at the checkpoint's thresholds."""
-        return probs >= self.thresholds[None, :]
+    def chosen(self, probs: np.ndarray) -> list[int]:
+        """Multi-label: the labels one text's probabilities carry, at the checkpoint's thresholds, most probable
+        first (label writes the same, vectorised, in its output columns)."""
+        return [int(k) for k in np.argsort(-probs, kind="stable") if probs[k] >= self.thresholds[k]]
 
     def describe(self) -> dict:
         return {
@@ -195,7 +196,7 @@ class Predictor:
             "metrics": self.meta.get("metrics", {}),
             "max_length": self.max_length,
             "truncation": self.truncation,
-            "long_text": f"chunk (stride {self.chunking[0]}, {self.chunking[1]} pooling)" if self.chunking else "truncate",
+            "long_text": f"chunk (overlap {self.chunking[0]}, {self.chunking[1]} pooling)" if self.chunking else "truncate",
         }
 
 

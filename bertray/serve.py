@@ -269,7 +269,7 @@ class Classifier:
         out = []
         for p in answer.results:
             if self.predictor.multi_label:
-                on = [k for k in np.argsort(-p, kind="stable") if p[k] >= self.predictor.thresholds[k]]
+                on = self.predictor.chosen(p)
                 pred = {"labels": [names[k] for k in on], "scores": [float(p[k]) for k in on]}
             else:
                 best = int(np.argmax(p))

@@ -141,7 +141,7 @@ def test_multi_label_evaluate_label_and_serve_decide_with_the_checkpoints_thresh
     for i, row in enumerate(table.slice(0, 60).to_pylist()):
         want = [COLOURS[k] for k in np.argsort(-probs[i], kind="stable") if probs[i, k] >= pred.thresholds[k]]
         assert row["labels"] == want, (texts[i], row)
-        assert row["scores"] == pytest.approx(sorted(probs[i][pred.decide(probs[i:i + 1])[0]], reverse=True), abs=1e-5)
+        assert row["scores"] == pytest.approx([float(probs[i, k]) for k in pred.chosen(probs[i])], abs=1e-5)
         assert [row[f"prob_{c}"] for c in COLOURS] == pytest.approx(probs[i].tolist(), abs=1e-5)
     assert table.column("labels").to_pylist()[60:] == [None] * 3
     assert s["rows_labeled"] == 60 and s["rows_without_label"] == {"null_text": 1, "empty_text": 2}
