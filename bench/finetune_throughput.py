@@ -12,6 +12,13 @@ batch size 32 per step, max_length 128, AdamW + linear schedule + clipping, and 
   hf-dynamic    the strongest single-process baseline: HF `Trainer`, `DataCollatorWithPadding`, length-grouped
                 batches (transformers 5 renamed `group_by_length=True` to `train_sampling_strategy="group_by_length"`)
 
+and two diagnostics that split bertray's time between its loop and the Ray process it runs in:
+
+  bertray-loop      bertray's own batch plan, collate, model, fused AdamW, clipping and schedule, with no Ray: one
+                    plain process, as the HF contenders run
+  bertray-1w-nice0  bertray-1w with RAY_worker_niceness=0: Ray starts its workers at niceness 15, below its own
+                    raylet, GCS and driver, which share these cores
+
 Each trains 2 epochs; the figure is the SECOND epoch (steady state: allocator, thread pools and caches warm),
 so every contender is timed on exactly the same texts. Tokens are REAL tokens (sum of the attention masks of the
 batches actually processed; padding excluded). bertray is timed by its own progress windows (one window per
@@ -100,7 +107,10 @@ def bertray_command(data: Path, storage: Path, workers: int, steps_per_epoch: in
     return [sys.executable, "-m", "bertray.cli", "finetune", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
 
 
-def run_bertray(data: Path, root: Path, workers: int, threads: int, src: Path = REPO) -> dict:
+BERTRAY = {"bertray-1w": (1, {}), "bertray-2w": (2, {}), "bertray-1w-nice0": (1, {"RAY_worker_niceness": "0"})}
+
+
+def run_bertray(data: Path, root: Path, workers: int, threads: int, src: Path = REPO, extra_env: dict | None = None) -> dict:
     """Run the real CLI in its own process; read the progress windows from the exported checkpoint.
     `src`: a checkout of bertray to measure instead of this one (to try a change before making it)."""
     import numpy as np
@@ -120,7 +130,7 @@ def run_bertray(data: Path, root: Path, workers: int, threads: int, src: Path = 
 
     # Same total threads for every contender: all of them on one worker, or split evenly between workers.
     per_worker = max(1, threads // workers)
-    env = {**os.environ, "BERTRAY_TORCH_THREADS": str(per_worker), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "BERTRAY_TORCH_THREADS": str(per_worker), "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     if src != REPO:
         # Ahead of the editable install on the driver and, inherited through the raylet, on the workers.
         env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -143,7 +153,7 @@ def run_bertray(data: Path, root: Path, workers: int, threads: int, src: Path = 
     padded = int(sum(len(b) * lengths[b].max() for b in plan))
     return {
         "contender": f"bertray-{workers}w" + ("" if src == REPO else f" ({src})"),
-        "command": "BERTRAY_TORCH_THREADS=%d bertray finetune --set run.num_workers=%d --set run.cpus_per_worker=%d "
+        "command": "".join(f"{k}={v} " for k, v in (extra_env or {}).items()) + "BERTRAY_TORCH_THREADS=%d bertray finetune --set run.num_workers=%d --set run.cpus_per_worker=%d "
                    "--set model.max_length=%d --set train.batch_size=%d ..." % (per_worker, workers, per_worker, MAX_LENGTH, BATCH),
         "threads": f"{workers} worker(s) x {per_worker}",
         "steps": steps_per_epoch,
@@ -244,6 +254,52 @@ def run_hf(kind: str, data: Path, threads: int, out: Path) -> None:
     }))
 
 
+def run_loop(data: Path, threads: int, out: Path) -> None:
+    """bertray's training step with no Ray around it, in this process: the same plan, collate, model and optimizer
+    as `bertray finetune` (train_loop.Loop's per-step work: forward, loss, backward, clip, fused AdamW, schedule)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import get_scheduler
+
+    from bertray import finetune, modeling, train_loop
+    from bertray.config import FinetuneConfig, load
+
+    torch.set_num_threads(threads)
+    cfg = load(FinetuneConfig, data={"data": {"train": str(data / "train.parquet")},
+                                     "model": {"max_length": MAX_LENGTH}, "optim": {"lr": LR},
+                                     "train": {"batch_size": BATCH}})
+    table = pq.read_table(data / "train.parquet")
+    labels = np.asarray(table.column("label").to_pylist())
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    ids = modeling.TokenIds.from_lists(modeling.encode(tok, table.column("text").to_pylist(), MAX_LENGTH, "head")[0])
+    model = modeling.build_classifier(cfg.model, ["negative", "positive"])
+    optimizer = train_loop._setup_optimizer(model, cfg.optim, torch.device("cpu"))
+    plans = [finetune.plan_batches(ids.lengths, BATCH, 1, SEED + e, True) for e in range(EPOCHS)]
+    total = sum(len(p) for p in plans)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(0.06 * total), num_training_steps=total)
+    model.train()
+    for epoch, plan in enumerate(plans):
+        t0, tokens, padded = time.perf_counter(), 0, 0
+        for rows in plan:
+            batch = finetune.collate(ids, rows, tok.pad_token_id, 1, labels)
+            tokens += int(batch["attention_mask"].sum())
+            padded += int(batch["attention_mask"].numel())
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+    out.write_text(json.dumps({
+        "contender": "bertray-loop", "command": f"bertray's step, no Ray: torch.set_num_threads({threads})",
+        "threads": f"1 process x {torch.get_num_threads()}", "steps": len(plans[-1]), "seconds": seconds,
+        "tokens": tokens, "padded_tokens": padded, "tokens_per_s": tokens / seconds,
+        "samples_per_s": len(labels) / seconds,
+    }))
+
+
 def run_hf_subprocess(kind: str, data: Path, root: Path, threads: int) -> dict:
     out = root / f"{kind}.json"
     cmd = [sys.executable, __file__, "--contender", kind, "--data", str(data), "--threads", str(threads), "--out", str(out)]
@@ -268,21 +324,22 @@ def markdown(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; {r['threads']} torch threads in total for every contender; "
         f"load average before {m['load_avg_before']}, after {m['load_avg']}. fp32 matmul peak (2048x2048, "
         f"{r['threads']} threads, best of 10): {r['matmul_gflops']:.1f} GFLOP/s. Non-embedding parameters: "
-        f"{r['non_embedding_params'] / 1e6:.2f} M (6 x that = {6 * r['non_embedding_params'] / 1e6:.1f} MFLOP per token).",
+        f"{r['non_embedding_params'] / 1e6:.2f} M (6 x that = {6 * r['non_embedding_params'] / 1e6:.1f} MFLOP per token)."
+        + (f" Each contender ran {r['repeat']} times, in turns; each row is its median run." if r.get("repeat", 1) > 1 else ""),
         "",
         "| contender | threads | steady-state window | real tokens/s | padding share | samples/s | "
         "x hf-maxlen | x hf-dynamic | % of matmul peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    def ratio(c: dict, base: str) -> str:
+        return f"{c['tokens_per_s'] / by[base]['tokens_per_s']:.2f}" if base in by else "-"
+
     for c in r["results"]:
         lines.append(
-            f"| {c['contender']} | {c['threads']} | {c['steps']} steps, {c['seconds']:.1f} s | **{c['tokens_per_s']:.0f}** | "
-            f"{1 - c['tokens'] / c['padded_tokens']:.0%} | {c['samples_per_s']:.1f} | "
-            f"{c['tokens_per_s'] / by['hf-maxlen']['tokens_per_s']:.2f} | "
-            f"{c['tokens_per_s'] / by['hf-dynamic']['tokens_per_s']:.2f} | {c['mfu']:.1%} |"
-            if "hf-maxlen" in by and "hf-dynamic" in by else
-            f"| {c['contender']} | {c['threads']} | {c['steps']} steps, {c['seconds']:.1f} s | **{c['tokens_per_s']:.0f}** | "
-            f"{1 - c['tokens'] / c['padded_tokens']:.0%} | {c['samples_per_s']:.1f} | - | - | {c['mfu']:.1%} |")
+            f"| {c['contender']} | {c['threads']} | {c['steps']} steps, {c['seconds']:.1f} s | **{c['tokens_per_s']:.0f}**"
+            + (f" (runs: {', '.join(map(str, c['runs_tokens_per_s']))})" if len(c.get("runs_tokens_per_s", [])) > 1 else "")
+            + f" | {1 - c['tokens'] / c['padded_tokens']:.0%} | {c['samples_per_s']:.1f} | {ratio(c, 'hf-maxlen')} | "
+            f"{ratio(c, 'hf-dynamic')} | {c['mfu']:.1%} |")
     lines += ["", "Commands:"]
     lines += [f"- {c['contender']}: `{c['command']}`" for c in r["results"]]
     if r.get("targets"):
@@ -294,17 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4000, help="SST-2 train rows every contender trains on")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="total torch threads per contender")
-    p.add_argument("--only", action="append", choices=["bertray-1w", "bertray-2w", "hf-maxlen", "hf-dynamic"],
+    p.add_argument("--only", action="append", choices=[*BERTRAY, "bertray-loop", "hf-maxlen", "hf-dynamic"],
                    help="run only these contenders (repeatable)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each contender, taken in turns; the median is reported")
     p.add_argument("--root", default="/tmp/bench-runs/throughput", help="scratch folder (data, runs, logs)")
     p.add_argument("--out", default=None, help="JSON result (default: <root>/result-<time>.json)")
     p.add_argument("--bertray-src", default=str(REPO), help="measure the bertray checkout at this path instead")
-    p.add_argument("--contender", choices=["hf-maxlen", "hf-dynamic"], help=argparse.SUPPRESS)
+    p.add_argument("--contender", choices=["hf-maxlen", "hf-dynamic", "bertray-loop"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO))
 
+    if args.contender == "bertray-loop":
+        run_loop(Path(args.data), args.threads, Path(args.out))
+        return 0
     if args.contender:
         run_hf(args.contender, Path(args.data), args.threads, Path(args.out))
         return 0
@@ -316,20 +377,28 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak(args.threads)
     n_params = non_embedding_params()
     order = args.only or ["hf-maxlen", "hf-dynamic", "bertray-1w", "bertray-2w"]
+    runs: dict[str, list[dict]] = {name: [] for name in order}
+    # Contenders take turns (A B A B ...), so a slow spell of a shared machine falls on all of them alike.
+    for rep in range(args.repeat):
+        for name in order:
+            print(f"running {name}" + (f" ({rep + 1} of {args.repeat})" if args.repeat > 1 else "") + " ...", flush=True)
+            if name in BERTRAY:
+                workers, extra_env = BERTRAY[name]
+                c = run_bertray(data, root, workers, args.threads, Path(args.bertray_src).resolve(), extra_env)
+                c["contender"] = name + c["contender"].removeprefix(f"bertray-{workers}w")
+            else:
+                c = run_hf_subprocess(name, data, root, args.threads)
+            print(f"  {name}: {c['tokens_per_s']:.0f} real tokens/s over {c['steps']} steps ({c['seconds']:.1f} s)", flush=True)
+            runs[name].append(c)
     results = []
-    for name in order:
-        print(f"running {name} ...", flush=True)
-        if name.startswith("bertray"):
-            c = run_bertray(data, root, int(name[-2]), args.threads, Path(args.bertray_src).resolve())
-        else:
-            c = run_hf_subprocess(name, data, root, args.threads)
-        c["name"] = name
-        c["mfu"] = 6 * n_params * c["tokens_per_s"] / peak
-        print(f"  {name}: {c['tokens_per_s']:.0f} real tokens/s over {c['steps']} steps ({c['seconds']:.1f} s)", flush=True)
+    for name, cs in runs.items():
+        c = sorted(cs, key=lambda c: c["tokens_per_s"])[(len(cs) - 1) // 2]  # the median run (the lower middle)
+        c = {**c, "name": name, "mfu": 6 * n_params * c["tokens_per_s"] / peak,
+             "runs_tokens_per_s": [round(x["tokens_per_s"]) for x in cs]}
         results.append(c)
     by = {c["name"]: c for c in results}
     targets = {}
-    for b in ("bertray-1w", "bertray-2w"):
+    for b in BERTRAY:
         if b in by and "hf-maxlen" in by:
             targets[f"{b} / hf-maxlen >= {TARGETS['vs_hf_maxlen']}"] = round(by[b]["tokens_per_s"] / by["hf-maxlen"]["tokens_per_s"], 2)
         if b in by and "hf-dynamic" in by:
@@ -337,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if b in by:
             targets[f"{b} matmul-peak share >= {TARGETS['mfu']:.0%}"] = f"{by[b]['mfu']:.1%}"
     result = {
-        "rows": args.rows, "threads": args.threads, "matmul_gflops": peak / 1e9, "non_embedding_params": n_params,
+        "rows": args.rows, "repeat": args.repeat, "threads": args.threads, "matmul_gflops": peak / 1e9, "non_embedding_params": n_params,
         "machine": {**machine(), "load_avg_before": before["load_avg"]}, "results": results, "targets": targets,
         "versions": {"python": platform.python_version(), **_versions()},
     }

@@ -90,7 +90,7 @@ class Ingested:
 
 
 def ingest(part: D.Labeled, m: ModelConfig, keep_texts: bool = False) -> Ingested:
-    """`part` tokenized once, in Ray Data tasks over the cluster's CPUs; with `keep_texts`, its texts too."""
+    """`part` tokenized once (see `tokenize`); with `keep_texts`, its texts too."""
     return Ingested(part.labels, tokenize(part.texts, m, part.pairs), _tokenization(m),
                     part.texts if keep_texts else None, part.pairs if keep_texts else None)
 
@@ -106,17 +106,28 @@ _TOKENIZE_BLOCK_ROWS = (2048, 65536)
 
 def tokenize(texts: list[str], m: ModelConfig, pairs: list[str] | None = None) -> TokenIds:
     """Token ids of `texts` (or of the pairs (texts[i], pairs[i])), in order, computed by Ray Data tasks spread over
-    the cluster's CPUs."""
+    the cluster's CPUs; a split that fits in one block is encoded here."""
     import pyarrow as pa
+
+    table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string()),
+                      **({"pair": pa.array(pairs, pa.string())} if pairs is not None else {})})
+    if len(texts) > _TOKENIZE_BLOCK_ROWS[0]:
+        return tokenize_on_cluster(table, m)
+    # One block runs as one task either way; in a Ray Data pipeline it also waits for the executor and a worker
+    # that imports transformers and loads the tokenizer, seconds beside its milliseconds of encoding
+    # (BENCHMARKS.md, "Fine-tuning ingest: small splits").
+    return _token_ids([_encode_block(table, m.base, m.max_length, m.truncation).column("ids").combine_chunks()])
+
+
+def tokenize_on_cluster(table, m: ModelConfig) -> TokenIds:
+    """`tokenize`'s Ray Data pipeline over a table of row, text (and pair) columns."""
     import ray.data
 
-    n = len(texts)
+    n = table.num_rows
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     lo, hi = _TOKENIZE_BLOCK_ROWS
     rows = min(hi, max(lo, math.ceil(n / (2 * cpus))))
-    table = pa.table({"row": np.arange(n, dtype=np.int64), "text": pa.array(texts, pa.string()),
-                      **({"pair": pa.array(pairs, pa.string())} if pairs is not None else {})})
-    ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)] or [table])
+    ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)])
     ds = ds.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation})
     ds.context.enable_progress_bars = False
@@ -126,8 +137,13 @@ def tokenize(texts: list[str], m: ModelConfig, pairs: list[str] | None = None) -
                     key=lambda rb: rb[0])
     if [first for first, _ in blocks] != list(range(0, n, rows)):
         raise RuntimeError("tokenizing lost or repeated a block of texts")  # Ray Data keeps blocks whole
-    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for _, c in blocks]) if blocks else np.zeros(0, np.int64)
-    values = (np.concatenate([c.values.to_numpy() for _, c in blocks]) if blocks else np.zeros(0)).astype(np.int32)
+    return _token_ids([c for _, c in blocks])
+
+
+def _token_ids(columns: list) -> TokenIds:
+    """One TokenIds from list<int32> columns in row order: values and offsets, no per-text Python lists."""
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in columns])
+    values = np.concatenate([c.values.to_numpy() for c in columns]).astype(np.int32)
     return TokenIds(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 

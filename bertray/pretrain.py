@@ -4,8 +4,9 @@ Keep training the base encoder's masked-LM objective on unlabeled in-domain text
 result (`bertray finetune --set model.base=<storage>/<name>/model`): the encoder carries over, the
 classification head is new.
 
-Data. Unlabeled text is read from Parquet (local or s3://, any number of files, larger than memory) by a Ray Data
-pipeline and streamed to the DDP workers. Its CPU tasks, spread over the cluster's free CPUs, clean the texts,
+Data. Unlabeled text is read from Parquet (local or s3://, any number of files, larger than memory), or from a
+Hugging Face dataset (one table: it must fit in the driver's memory unless mapped from a local folder), by a Ray
+Data pipeline and streamed to the DDP workers. Its CPU tasks, spread over the cluster's free CPUs, clean the texts,
 tokenize them and either pack them (documents joined with [SEP] and cut into full `max_length` sequences, so short
 sentences waste no compute on padding) or truncate each to `max_length`. Each worker takes its shard with
 `iter_torch_batches`, whose threads pad the sequences and mask 15% of the non-special tokens (80% [MASK], 10% a
@@ -44,7 +45,7 @@ import torch
 
 from bertray import checkpoint as ckpt_io
 from bertray import data as D
-from bertray import modeling, runtime, storage, trainer
+from bertray import hf_data, modeling, runtime, storage, trainer
 from bertray.config import ConfigError, DataConfig, MLMConfig, PretrainConfig
 from bertray.train_loop import Objective
 
@@ -105,13 +106,17 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def stream_files(d: DataConfig) -> list[str]:
-    """The Parquet files of `data.train`, with the text columns checked in the first and last file (checking
-    every footer of a large remote dataset would cost a round trip per file)."""
+    """The files of `data.train`: Parquet files, with the text columns checked in the first and last file (checking
+    every footer of a large remote dataset would cost a round trip per file); or a Hugging Face dataset's Arrow
+    files, with its columns checked."""
+    if hf_data.is_hf(d.train):
+        _check_text_types(d.train, hf_data.read_table(d.train, list(d.text_columns)).schema, d.text_columns)
+        return hf_data.data_files(d.train)
     files = D.data_files(d.train)
     other = [f for f in files if not f.lower().endswith((".parquet", ".pq"))]
     if other:
-        raise D.DataError(f"{d.train}: pretraining streams Parquet files; these are not: {', '.join(other[:5])}"
-                          + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
+        raise D.DataError(f"{d.train}: pretraining streams Parquet files or a Hugging Face dataset; these are not: "
+                          f"{', '.join(other[:5])}" + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
     for f in dict.fromkeys([files[0], files[-1]]):
         check_text_columns(f, d.text_columns)
     return files
@@ -127,6 +132,10 @@ def check_text_columns(path: str, columns: list[str]) -> None:
     if missing:
         raise D.DataError(f"{path}: missing text column(s) {', '.join(map(repr, missing))}; the file has: "
                           f"{', '.join(schema.names)} (set data.text_columns)")
+    _check_text_types(path, schema, columns)
+
+
+def _check_text_types(path: str, schema: pa.Schema, columns: list[str]) -> None:
     for c in columns:
         t = schema.field(c).type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
@@ -134,13 +143,21 @@ def check_text_columns(path: str, columns: list[str]) -> None:
 
 
 def read_stream(files: list[str], cfg: PretrainConfig, holdout: frozenset = frozenset()):
-    """The training stream as a Ray Data pipeline: Parquet reads, then tokenizing and packing in CPU tasks across
-    the cluster, as token sequences. The training workers only pad and mask them (SequenceCollate)."""
+    """The training stream as a Ray Data pipeline: Parquet reads (or a dataset's table), then tokenizing and packing
+    in CPU tasks across the cluster, as token sequences. The training workers only pad and mask them
+    (SequenceCollate)."""
     import ray
 
     d = cfg.data
-    fs, _ = storage.filesystem(files[0])
-    ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs).select_columns(list(d.text_columns))
+    if hf_data.is_hf(d.train):
+        # A Hugging Face dataset is one table (memory-mapped when local, read whole from s3:// or the Hub), handed
+        # to Ray Data in slices so the tokenize tasks still spread over the cluster.
+        table = hf_data.read_table(d.train, list(d.text_columns))
+        step = _ROWS_PER_READ
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+    else:
+        fs, _ = storage.filesystem(files[0])
+        ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs).select_columns(list(d.text_columns))
     if d.max_train_rows:
         ds = ds.limit(d.max_train_rows)  # the first rows of the stream, not a sample: a stream cannot be sampled cheaply
     ds = ds.map_batches(tokenize_batch, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
@@ -171,17 +188,17 @@ def tokenize_batch(table: pa.Table, cfg: PretrainConfig, holdout: frozenset) -> 
 
 
 def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], dict]:
-    """The evaluation sample: the first `n` non-empty texts of `data.validation`, else of the last training file."""
+    """The evaluation sample: the first `n` non-empty texts of `data.validation`, else of the last training file (of
+    a Hugging Face dataset, its first rows)."""
     if d.validation:
         texts, report = D.load_texts(d.validation, d)
         texts = texts[:n]
         report["rows_used"] = len(texts)
     else:
-        source = files[-1]
-        fs, p = storage.filesystem(source)
+        source = d.train if hf_data.is_hf(d.train) else files[-1]
         texts, read = [], 0
         # Read only as many row batches as the sample needs: the file may be large.
-        for batch in pq.ParquetFile(fs.open_input_file(p)).iter_batches(batch_size=max(n, 256), columns=d.text_columns):
+        for batch in _row_batches(source, d.text_columns, max(n, 256)):
             read += batch.num_rows
             texts += [t for t in D.texts_from(pa.Table.from_batches([batch]), d, source) if t]
             if len(texts) >= n:
@@ -191,6 +208,14 @@ def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], 
     if not texts:
         raise D.DataError(f"{report['source']}: no non-empty text for the held-out evaluation sample")
     return texts, report
+
+
+def _row_batches(source: str, columns: list[str], size: int):
+    """A Parquet file's, or a Hugging Face dataset's, rows in batches of `size`, read as they are taken."""
+    if hf_data.is_hf(source):
+        return hf_data.read_table(source, list(columns)).to_batches(max_chunksize=size)
+    fs, p = storage.filesystem(source)
+    return pq.ParquetFile(fs.open_input_file(p)).iter_batches(batch_size=size, columns=columns)
 
 
 def eval_batches_for(texts: list[str], tokenizer, vocab: "Vocab", cfg: PretrainConfig) -> list[dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BERTRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -47,6 +48,27 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            r = requests.get(url + "/healthz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except requests.ConnectionError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/healthz not healthy after {timeout}s (last: {last})")
+
+
+@pytest.fixture(scope="session")
+def healthy():
+    """`f(url)`: returns once the app at `url` answers /healthz."""
+    return wait_healthy
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +152,28 @@ def tiny_classifier_dir(tiny_bert, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny-classifier")
     checkpoint.save(out, model, AutoTokenizer.from_pretrained(tiny_bert),
                     {"kind": "classifier", "base_model": "tiny-random", "label_names": labels})
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def spread_classifier(tmp_path_factory) -> str:
+    """A random tiny BERT classifier (negative/positive) whose weights are large enough that its scores and labels
+    differ from text to text: what comparisons between two scoring paths need."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bertray import checkpoint, modeling
+
+    labels = ["negative", "positive"]
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.5, num_labels=2,
+                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("spread-classifier")
+    checkpoint.save(out, BertForSequenceClassification(cfg), tok, {
+        "kind": "classifier", "base_model": "test", "label_names": labels,
+        "config": {"model": {"max_length": 128, "truncation": "head"}}})
     return str(out)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +22,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """A random tiny BERT classifier whose weights are large enough that labels differ from text to text."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from bertray import checkpoint, modeling
-
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.5, num_labels=2,
-                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("classifier")
-    checkpoint.save(out, BertForSequenceClassification(cfg), tok, {
-        "kind": "classifier", "label_names": LABELS, "config": {"model": {"max_length": 64, "truncation": "head"}}})
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def texts() -> list[str]:
     return pq.read_table(SST2 / "validation.parquet", columns=["text"]).column("text").to_pylist()[:240]
 
@@ -51,11 +31,11 @@ def _labels(output: Path) -> dict[int, tuple[str, float]]:
     return {r["id"]: (r["label"], r["score"]) for r in rows}
 
 
-def test_label_run_through_onnxruntime_gives_torch_labels(ray_cluster, classifier, texts, tmp_path, capsys):
+def test_label_run_through_onnxruntime_gives_torch_labels(ray_cluster, spread_classifier, texts, tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), corpus / "part0.parquet")
-    common = ["label", "--model", classifier, "--input", str(corpus), "--rows-per-file", "80", "--actors", "1"]
+    common = ["label", "--model", spread_classifier, "--input", str(corpus), "--rows-per-file", "80", "--actors", "1"]
     assert cli.main([*common, "--output", str(tmp_path / "torch")]) == 0
     # The checkpoint itself, exported on the fly by the actor.
     assert cli.main([*common, "--output", str(tmp_path / "ort"), "--backend", "onnxruntime"]) == 0
@@ -71,7 +51,7 @@ def test_label_run_through_onnxruntime_gives_torch_labels(ray_cluster, classifie
     assert json.loads((tmp_path / "ort" / "_plan.json").read_text())["config"]["backend"] == "onnxruntime"
 
 
-def test_serve_request_through_onnxruntime_gives_torch_labels(ray_cluster, classifier, texts, tmp_path):
+def test_serve_request_through_onnxruntime_gives_torch_labels(ray_cluster, spread_classifier, texts, tmp_path, healthy):
     from ray import serve
 
     from bertray.config import ServeConfig
@@ -79,14 +59,14 @@ def test_serve_request_through_onnxruntime_gives_torch_labels(ray_cluster, class
     from bertray.serve import build_app, start_http
 
     onnx_dir = str(tmp_path / "onnx")
-    export.run(classifier, onnx_dir)
+    export.run(spread_classifier, onnx_dir)
     cfg = ServeConfig(model=onnx_dir, backend="onnxruntime", cpus_per_replica=0.5, max_texts=64)
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}/onnx"
     start_http("127.0.0.1", port, cfg.ingress)
     try:
         serve.run(build_app(cfg), name="onnx", route_prefix="/onnx")
-        _wait_healthy(url)
+        healthy(url)
         sample = texts[:64]
         r = requests.post(url + "/v1/classify", data=json.dumps({"texts": sample, "probabilities": True}),
                           headers={"Content-Type": "application/json"}, timeout=120)
@@ -95,20 +75,8 @@ def test_serve_request_through_onnxruntime_gives_torch_labels(ray_cluster, class
     finally:
         serve.shutdown()
     preds = r.json()["predictions"]
-    expected = Predictor(classifier).predict(sample).probs
+    expected = Predictor(spread_classifier).predict(sample).probs
     assert [p["label"] for p in preds] == [LABELS[i] for i in expected.argmax(-1)]
     got = np.array([[p["probabilities"][n] for n in LABELS] for p in preds])
     assert np.abs(got - expected).max() <= export.TOLERANCE
     assert info["backend"] == "onnxruntime" and info["model"] == onnx_dir
-
-
-def _wait_healthy(url: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/healthz not healthy after {timeout}s")

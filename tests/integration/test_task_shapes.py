@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +86,12 @@ def pair_model(ray_cluster, tiny_bert, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(multi_label_model, pair_model):
+def served(multi_label_model, pair_model, healthy):
     """One Serve instance with both models as apps: '/ml' and '/pairs' (one start costs the suite less than two)."""
     from bertray.config import ServeConfig
 
     urls = _serve({name: ServeConfig(model=summary["model"], cpus_per_replica=0.5, max_texts=8)
-                   for name, (summary, _) in {"ml": multi_label_model, "pairs": pair_model}.items()})
+                   for name, (summary, _) in {"ml": multi_label_model, "pairs": pair_model}.items()}, healthy)
     yield urls
     _stop_serve()
 
@@ -194,7 +193,7 @@ def test_pairs_fine_tune_label_and_serve_as_pairs(pair_model, served, tmp_path):
     assert r.status_code == 422 and "pairs[1][1]: empty text" in r.json()["detail"]
 
 
-def _serve(configs: dict) -> dict:
+def _serve(configs: dict, healthy) -> dict:
     from ray import serve
 
     from bertray.runtime import free_ports
@@ -206,20 +205,8 @@ def _serve(configs: dict) -> dict:
                     for name, cfg in configs.items()])
     urls = {name: f"http://127.0.0.1:{port}/{name}" for name in configs}
     for url in urls.values():
-        wait_healthy(url)
+        healthy(url)
     return urls
-
-
-def wait_healthy(url: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/healthz not healthy after {timeout}s")
 
 
 def _stop_serve() -> None:

@@ -15,7 +15,7 @@ from bertray import config as C
 from bertray.modeling import ModelError
 from bertray.predictor import Predictor
 
-LABELS = ["neg", "pos"]
+LABELS = ["negative", "positive"]
 SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")) / "sst2"
 
 
@@ -39,17 +39,8 @@ def _save(folder: Path, model, tokenizer) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """A random 2-layer BERT classifier whose weights are large enough that its scores differ from text to text."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.5, num_labels=2,
-                     id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    torch.manual_seed(0)
-    return _save(tmp_path_factory.mktemp("tiny"), BertForSequenceClassification(cfg), tok)
+def tiny(spread_classifier) -> str:
+    return spread_classifier
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +96,7 @@ def test_export_folder_is_a_self_describing_onnx_model(tiny, tiny_onnx):
     assert shapes == {n: ["batch", "sequence"] for n in ("input_ids", "attention_mask", "token_type_ids")}
     assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", 2]
     # A plain transformers config and tokenizer: other runtimes read the labels from it.
-    assert json.loads(Path(tiny_onnx, "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    assert json.loads(Path(tiny_onnx, "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
 
 
 @pytest.mark.parametrize("model", ["tiny", "minilm"])

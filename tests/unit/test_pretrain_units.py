@@ -143,7 +143,7 @@ def test_text_column_check_names_what_exists(tmp_path):
     with pytest.raises(D.DataError, match="text column 'text' has type int64"):
         P.check_text_columns(str(f), ["text"])
     (tmp_path / "notes.csv").write_text("text\nhello\n")
-    with pytest.raises(D.DataError, match="streams Parquet files; these are not: .*notes.csv"):
+    with pytest.raises(D.DataError, match="streams Parquet files or a Hugging Face dataset; these are not: .*notes.csv"):
         P.stream_files(C.DataConfig(train=str(tmp_path)))
 
 
@@ -189,3 +189,21 @@ def test_the_collate_pads_masks_and_sums_the_counts(vocab):
     again = P.SequenceCollate(vocab, cfg.mlm, [42, 0, 0, 0], pad_multiple=8)(table)
     assert torch.equal(again["input_ids"], batch["input_ids"])  # masks drawn from (seed, batch number)
     assert set(collate(table.slice(1, 1))) == {"counts"}  # nothing to train on: counts only
+
+
+def test_a_hugging_face_dataset_is_a_training_source(tmp_path):
+    """data.train as a save_to_disk folder: its Arrow files are the run's files, its columns are checked, and the
+    held-out sample is its first non-empty texts."""
+    import datasets
+
+    texts = ["", None, *[f"text {i}" for i in range(10)]]
+    datasets.Dataset.from_dict({"body": texts, "n": list(range(12))}).save_to_disk(str(tmp_path / "ds"))
+    d = C.DataConfig(train=str(tmp_path / "ds"), text_columns=["body"])
+    files = P.stream_files(d)
+    assert files and all(f.startswith(str(tmp_path / "ds")) and f.endswith(".arrow") for f in files)
+    sample, report = P.held_out_texts(d, files, 3)
+    assert sample == ["text 0", "text 1", "text 2"] and report["source"] == str(tmp_path / "ds")
+    with pytest.raises(D.DataError, match=r"ds: missing column\(s\) 'text'; the dataset has: body, n"):
+        P.stream_files(C.DataConfig(train=str(tmp_path / "ds")))
+    with pytest.raises(D.DataError, match="ds: text column 'n' has type int64, expected strings"):
+        P.stream_files(C.DataConfig(train=str(tmp_path / "ds"), text_columns=["n"]))

@@ -156,3 +156,27 @@ def test_token_ids_are_compact_and_index_like_lists():
     b = collate(ids, np.array([2, 1]), pad_id=0, labels=np.array([0, 1, 1]))
     assert b["input_ids"].tolist() == [[101, 5, 6, 7, 102], [101, 102, 0, 0, 0]]
     assert b["attention_mask"].sum(1).tolist() == [5, 2] and b["labels"].tolist() == [1, 1]
+
+
+def test_a_split_that_fits_one_block_is_tokenized_without_ray(monkeypatch):
+    """A small split is encoded in the calling process, pairs included, exactly as the tokenizer does it; Ray is
+    not asked for anything (its calls here would fail the test)."""
+    import ray
+    import ray.data
+
+    from bertray.config import ModelConfig
+    from bertray.finetune import tokenize
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a one-block split went to Ray")
+
+    monkeypatch.setattr(ray, "cluster_resources", no_ray)
+    monkeypatch.setattr(ray.data, "from_arrow", no_ray)
+    texts = ["a fine film", "dull", "", "the plot never moves and the actors look lost in it"]
+    pairs = ["yes", "no at all", "x", "maybe"]
+    m = ModelConfig(base="embedded", max_length=8, truncation="head+tail")
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    for second in (None, pairs):
+        ids = tokenize(texts, m, second)
+        expected, _ = modeling.encode(tok, texts, 8, "head+tail", second)
+        assert ids.values.dtype == np.int32 and [ids[i].tolist() for i in range(len(texts))] == expected

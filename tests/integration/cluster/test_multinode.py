@@ -104,9 +104,9 @@ def test_finetune_then_label_across_nodes(cluster, s3_bucket, tiny_bert, sst2_sm
 
 def test_label_survives_losing_a_worker_node(cluster, s3_bucket, tiny_classifier_dir, tmp_path):
     storage.upload_dir(tiny_classifier_dir, f"{s3_bucket}/models/clf")
-    corpus = _upload_corpus(f"{s3_bucket}/corpus", rows=900, files=3, row_group=25)
+    corpus = _upload_corpus(f"{s3_bucket}/corpus", rows=300, files=3, row_group=25)
     out = f"{s3_bucket}/labeled"
-    units = 36  # 3 files x 300 rows in units of <= 25 rows
+    units = 12  # 3 files x 100 rows in units of <= 25 rows: three per actor
     proc = subprocess.Popen(
         cluster.submit_cmd(["jobs/label.py", "--config", "jobs/configs/label-local.yaml",
                             "--model", f"{s3_bucket}/models/clf", "--input", f"{s3_bucket}/corpus/",

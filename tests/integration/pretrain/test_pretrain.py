@@ -125,3 +125,29 @@ def test_resumes_after_a_worker_is_killed(ray_cluster, tiny_bert, corpus_dir, pr
     assert len(resumed) == 1 and resumed[0] in (10, 20, 30), resumed
     history = [h for h in meta["history"] if "train_loss" in h]
     assert [h["step"] for h in history] == list(range(5, 41, 5))  # every step exactly once after the resume
+
+
+def test_a_hugging_face_dataset_streams_the_sequences_its_parquet_copy_does(ray_cluster, tiny_bert, pretrain_config,
+                                                                           tmp_path):
+    """The same texts as a save_to_disk folder and as a Parquet file: the Ray Data stream gives the same token
+    sequences and the same counts, in tasks over the cluster."""
+    import random
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(7)
+    words = "the a cat dog sat ran on under mat log quickly slowly red blue".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)] + ["", None]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hf"))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
+    streams = {}
+    for name, source in {"hf": str(tmp_path / "hf"), "parquet": str(tmp_path / "corpus.parquet")}.items():
+        cfg = pretrain_config(tiny_bert, source, str(tmp_path / "runs"), name)
+        rows = pretrain.read_stream(pretrain.stream_files(cfg.data), cfg).take_all()
+        streams[name] = (sorted(tuple(r["input_ids"]) for r in rows if len(r["input_ids"])),
+                         {k: sum(int(r[k]) for r in rows) for k in pretrain._STAGE_COUNTS})
+    assert streams["hf"] == streams["parquet"]
+    counts = streams["hf"][1]
+    assert counts["texts_read"] == len(texts) and counts["null_text"] + counts["empty_text"] == 2

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import os
 import random
-import time
 
 import pytest
-import requests
 
 LABELS = ["negative", "positive"]
 # The keyed app's key, set in the environment before the test cluster starts (tests/conftest.py): replicas read it
@@ -93,29 +91,8 @@ def port_owners():
     return _port_owners
 
 
-def wait_healthy(url: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            r = requests.get(url + "/healthz", timeout=5)
-            if r.status_code == 200:
-                return
-            last = f"HTTP {r.status_code}"
-        except requests.ConnectionError as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/healthz not healthy after {timeout}s (last: {last})")
-
-
-@pytest.fixture(scope="session")
-def healthy():
-    """`f(url)`: returns once the app at `url` answers /healthz."""
-    return wait_healthy
-
-
 @pytest.fixture(scope="module")
-def serve_apps(ray_cluster, trained_classifier):
+def serve_apps(ray_cluster, trained_classifier, healthy):
     """One Serve instance on a free loopback port with three apps:
     '/' (open), '/keyed' (API key required; also int8) and '/tight' (one request at a time and a queue of one, to
     provoke 503s; also bf16). The quantized models ride on apps that are there anyway: a fourth replica would cost
@@ -142,7 +119,7 @@ def serve_apps(ray_cluster, trained_classifier):
                         for name, (cfg, prefix) in apps.items()])
         urls = {name: base + prefix.rstrip("/") for name, (_, prefix) in apps.items()}
         for url in urls.values():
-            wait_healthy(url)
+            healthy(url)
         yield urls
     finally:
         serve.shutdown()
