@@ -1,6 +1,8 @@
 """Training throughput of `bertray finetune` against Hugging Face `Trainer`, in one run, on one machine.
 
     .venv/bin/python bench/finetune_throughput.py            # about 15 minutes on 2 quiet CPU cores
+    .venv/bin/python bench/finetune_throughput.py --rows 2000 --repeat 3 --only hf-dynamic --only bertray-1w
+                                                             # medians of 3 runs in turns, about 7 minutes
 
 Contenders, all on the same SST-2 train subset (default 4,000 rows), the same model (the embedded MiniLM),
 batch size 32 per step, max_length 128, AdamW + linear schedule + clipping, and the same total torch threads
