@@ -34,7 +34,7 @@ import logging
 import math
 import sys
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
@@ -63,31 +63,34 @@ def run(cfg: PretrainConfig) -> dict:
     import ray
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
-    files = stream_files(cfg.data)
+    source = train_source(cfg.data)
     _check_spare_cpu(cfg)
     path = modeling.resolve(cfg.model.base)
     tokenizer = modeling.load_tokenizer(path)
     vocab = Vocab(tokenizer)
     _check_model(cfg, path, vocab)
 
-    eval_texts, eval_report = held_out_texts(cfg.data, files, cfg.mlm.eval_rows)
+    eval_texts, eval_report = held_out_texts(cfg.data, source, cfg.mlm.eval_rows)
     eval_batches = eval_batches_for(eval_texts, tokenizer, vocab, cfg)
     eval_report["sequences"] = sum(len(b["input_ids"]) for b in eval_batches)
     eval_report["masked_tokens"] = int(sum((b["labels"] != -100).sum() for b in eval_batches))
     holdout = frozenset() if cfg.data.validation else frozenset(eval_texts)
     if holdout:
         log.info("holding out the first %d texts of %s for evaluation (training skips them; set data.validation "
-                 "to evaluate on other text)", len(eval_texts), files[-1])
+                 "to evaluate on other text)", len(eval_texts), eval_report["source"])
     log.info("held-out sample: %d sequences, %d masked tokens", eval_report["sequences"], eval_report["masked_tokens"])
 
-    report = {"train": {"source": cfg.data.train, "files": len(files), "text_columns": list(cfg.data.text_columns)},
+    report = {"train": {"source": cfg.data.train, "files": len(source.files),
+                        "text_columns": list(cfg.data.text_columns)},
               "eval": eval_report}
-    data = {"train": trainer.files_part(cfg.data.train, files)}
+    data = {"train": trainer.files_part(cfg.data.train, source.files)}
     if cfg.data.validation:
         data["validation"] = trainer.files_part(cfg.data.validation, D.data_files(cfg.data.validation))
     cfg = trainer.start_run(cfg, "pretrain", data)
     objective = MaskedLMObjective(cfg, ray.put(eval_batches), report)
-    result = trainer.build_trainer(cfg, objective, datasets={"train": read_stream(files, cfg, holdout)}).fit()
+    stream = read_stream(source, cfg, holdout)
+    del source  # a dataset's table is in the object store now: the driver need not hold a copy while it trains
+    result = trainer.build_trainer(cfg, objective, datasets={"train": stream}).fit()
     summary = trainer.export_run(cfg, result, objective)
     initial = summary["initial_metrics"] = ckpt_io.read_meta(summary["model"])["initial_metrics"]
     # export_run wrote metrics.json without the step-0 evaluation, which only this stage has.
@@ -105,13 +108,22 @@ def run(cfg: PretrainConfig) -> dict:
 # --------------------------------------------------------------------------------------------------- driver side
 
 
-def stream_files(d: DataConfig) -> list[str]:
-    """The files of `data.train`: Parquet files, with the text columns checked in the first and last file (checking
-    every footer of a large remote dataset would cost a round trip per file); or a Hugging Face dataset's Arrow
-    files, with its columns checked."""
+@dataclass(frozen=True)
+class Source:
+    """`data.train` as a run reads it: its files (what the run's fingerprint lists) and, for a Hugging Face dataset,
+    its text columns as one table, read once for the checks, the held-out sample and the stream."""
+
+    files: list[str]
+    table: pa.Table | None = None
+
+
+def train_source(d: DataConfig) -> Source:
+    """`data.train`: Parquet files, with the text columns checked in the first and last file (checking every footer
+    of a large remote dataset would cost a round trip per file); or a Hugging Face dataset, its columns checked."""
     if hf_data.is_hf(d.train):
-        _check_text_types(d.train, hf_data.read_table(d.train, list(d.text_columns)).schema, d.text_columns)
-        return hf_data.data_files(d.train)
+        table = hf_data.read_table(d.train, list(d.text_columns))
+        _check_text_types(d.train, table.schema, d.text_columns)
+        return Source(hf_data.data_files(d.train), table)
     files = D.data_files(d.train)
     other = [f for f in files if not f.lower().endswith((".parquet", ".pq"))]
     if other:
@@ -119,7 +131,7 @@ def stream_files(d: DataConfig) -> list[str]:
                           f"{', '.join(other[:5])}" + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
     for f in dict.fromkeys([files[0], files[-1]]):
         check_text_columns(f, d.text_columns)
-    return files
+    return Source(files)
 
 
 def check_text_columns(path: str, columns: list[str]) -> None:
@@ -142,22 +154,21 @@ def _check_text_types(path: str, schema: pa.Schema, columns: list[str]) -> None:
             raise D.DataError(f"{path}: text column {c!r} has type {t}, expected strings")
 
 
-def read_stream(files: list[str], cfg: PretrainConfig, holdout: frozenset = frozenset()):
+def read_stream(source: Source, cfg: PretrainConfig, holdout: frozenset = frozenset()):
     """The training stream as a Ray Data pipeline: Parquet reads (or a dataset's table), then tokenizing and packing
     in CPU tasks across the cluster, as token sequences. The training workers only pad and mask them
     (SequenceCollate)."""
     import ray
 
     d = cfg.data
-    if hf_data.is_hf(d.train):
-        # A Hugging Face dataset is one table (memory-mapped when local, read whole from s3:// or the Hub), handed
-        # to Ray Data in slices so the tokenize tasks still spread over the cluster.
-        table = hf_data.read_table(d.train, list(d.text_columns))
-        step = _ROWS_PER_READ
-        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+    if source.table is not None:
+        # Handed to Ray Data in slices, so the tokenize tasks still spread over the cluster.
+        t, step = source.table, _ROWS_PER_READ
+        ds = ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)] or [t])
     else:
-        fs, _ = storage.filesystem(files[0])
-        ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs).select_columns(list(d.text_columns))
+        fs, _ = storage.filesystem(source.files[0])
+        paths = [storage.filesystem(f)[1] for f in source.files]
+        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(d.text_columns))
     if d.max_train_rows:
         ds = ds.limit(d.max_train_rows)  # the first rows of the stream, not a sample: a stream cannot be sampled cheaply
     ds = ds.map_batches(tokenize_batch, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
@@ -187,7 +198,7 @@ def tokenize_batch(table: pa.Table, cfg: PretrainConfig, holdout: frozenset) -> 
     return pa.table(cols)
 
 
-def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], dict]:
+def held_out_texts(d: DataConfig, train: Source, n: int) -> tuple[list[str], dict]:
     """The evaluation sample: the first `n` non-empty texts of `data.validation`, else of the last training file (of
     a Hugging Face dataset, its first rows)."""
     if d.validation:
@@ -195,10 +206,15 @@ def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], 
         texts = texts[:n]
         report["rows_used"] = len(texts)
     else:
-        source = d.train if hf_data.is_hf(d.train) else files[-1]
+        source = d.train if train.table is not None else train.files[-1]
+        size = max(n, 256)
+        if train.table is not None:
+            batches = train.table.to_batches(max_chunksize=size)
+        else:  # only as many row batches as the sample needs: the file may be large
+            fs, p = storage.filesystem(source)
+            batches = pq.ParquetFile(fs.open_input_file(p)).iter_batches(batch_size=size, columns=d.text_columns)
         texts, read = [], 0
-        # Read only as many row batches as the sample needs: the file may be large.
-        for batch in _row_batches(source, d.text_columns, max(n, 256)):
+        for batch in batches:
             read += batch.num_rows
             texts += [t for t in D.texts_from(pa.Table.from_batches([batch]), d, source) if t]
             if len(texts) >= n:
@@ -208,14 +224,6 @@ def held_out_texts(d: DataConfig, files: list[str], n: int) -> tuple[list[str], 
     if not texts:
         raise D.DataError(f"{report['source']}: no non-empty text for the held-out evaluation sample")
     return texts, report
-
-
-def _row_batches(source: str, columns: list[str], size: int):
-    """A Parquet file's, or a Hugging Face dataset's, rows in batches of `size`, read as they are taken."""
-    if hf_data.is_hf(source):
-        return hf_data.read_table(source, list(columns)).to_batches(max_chunksize=size)
-    fs, p = storage.filesystem(source)
-    return pq.ParquetFile(fs.open_input_file(p)).iter_batches(batch_size=size, columns=columns)
 
 
 def eval_batches_for(texts: list[str], tokenizer, vocab: "Vocab", cfg: PretrainConfig) -> list[dict]:

@@ -138,20 +138,20 @@ def test_text_column_check_names_what_exists(tmp_path):
     f = tmp_path / "part-0.parquet"
     pq.write_table(pa.table({"body": ["x"], "id": [1]}), f)
     with pytest.raises(D.DataError, match=r"missing text column\(s\) 'text'.*the file has: body, id"):
-        P.stream_files(C.DataConfig(train=str(tmp_path)))
+        P.train_source(C.DataConfig(train=str(tmp_path)))
     pq.write_table(pa.table({"text": [1, 2]}), f)
     with pytest.raises(D.DataError, match="text column 'text' has type int64"):
         P.check_text_columns(str(f), ["text"])
     (tmp_path / "notes.csv").write_text("text\nhello\n")
     with pytest.raises(D.DataError, match="streams Parquet files or a Hugging Face dataset; these are not: .*notes.csv"):
-        P.stream_files(C.DataConfig(train=str(tmp_path)))
+        P.train_source(C.DataConfig(train=str(tmp_path)))
 
 
 def test_held_out_sample_from_last_file(tmp_path):
     pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "part-0.parquet")
     pq.write_table(pa.table({"text": ["", None, *[f"b{i}" for i in range(10)]]}), tmp_path / "part-1.parquet")
     d = C.DataConfig(train=str(tmp_path))
-    texts, report = P.held_out_texts(d, P.stream_files(d), 4)
+    texts, report = P.held_out_texts(d, P.train_source(d), 4)
     assert texts == ["b0", "b1", "b2", "b3"]
     assert report["source"].endswith("part-1.parquet") and report["held_out_from_training"]
 
@@ -199,11 +199,12 @@ def test_a_hugging_face_dataset_is_a_training_source(tmp_path):
     texts = ["", None, *[f"text {i}" for i in range(10)]]
     datasets.Dataset.from_dict({"body": texts, "n": list(range(12))}).save_to_disk(str(tmp_path / "ds"))
     d = C.DataConfig(train=str(tmp_path / "ds"), text_columns=["body"])
-    files = P.stream_files(d)
+    source = P.train_source(d)
+    files = source.files
     assert files and all(f.startswith(str(tmp_path / "ds")) and f.endswith(".arrow") for f in files)
-    sample, report = P.held_out_texts(d, files, 3)
+    sample, report = P.held_out_texts(d, source, 3)
     assert sample == ["text 0", "text 1", "text 2"] and report["source"] == str(tmp_path / "ds")
     with pytest.raises(D.DataError, match=r"ds: missing column\(s\) 'text'; the dataset has: body, n"):
-        P.stream_files(C.DataConfig(train=str(tmp_path / "ds")))
+        P.train_source(C.DataConfig(train=str(tmp_path / "ds")))
     with pytest.raises(D.DataError, match="ds: text column 'n' has type int64, expected strings"):
-        P.stream_files(C.DataConfig(train=str(tmp_path / "ds"), text_columns=["n"]))
+        P.train_source(C.DataConfig(train=str(tmp_path / "ds"), text_columns=["n"]))

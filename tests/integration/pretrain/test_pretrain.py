@@ -145,7 +145,7 @@ def test_a_hugging_face_dataset_streams_the_sequences_its_parquet_copy_does(ray_
     streams = {}
     for name, source in {"hf": str(tmp_path / "hf"), "parquet": str(tmp_path / "corpus.parquet")}.items():
         cfg = pretrain_config(tiny_bert, source, str(tmp_path / "runs"), name)
-        rows = pretrain.read_stream(pretrain.stream_files(cfg.data), cfg).take_all()
+        rows = pretrain.read_stream(pretrain.train_source(cfg.data), cfg).take_all()
         streams[name] = (sorted(tuple(r["input_ids"]) for r in rows if len(r["input_ids"])),
                          {k: sum(int(r[k]) for r in rows) for k in pretrain._STAGE_COUNTS})
     assert streams["hf"] == streams["parquet"]
