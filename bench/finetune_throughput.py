@@ -302,7 +302,8 @@ def run_loop(data: Path, threads: int, out: Path) -> None:
     }))
 
 
-def run_hf_subprocess(kind: str, data: Path, root: Path, threads: int) -> dict:
+def run_in_subprocess(kind: str, data: Path, root: Path, threads: int) -> dict:
+    """One contender that runs without Ray (an HF Trainer recipe, or bertray-loop) in a fresh process of its own."""
     out = root / f"{kind}.json"
     cmd = [sys.executable, __file__, "--contender", kind, "--data", str(data), "--threads", str(threads), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 c = run_bertray(data, root, workers, args.threads, Path(args.bertray_src).resolve(), extra_env)
                 c["contender"] = name + c["contender"].removeprefix(f"bertray-{workers}w")
             else:
-                c = run_hf_subprocess(name, data, root, args.threads)
+                c = run_in_subprocess(name, data, root, args.threads)
             print(f"  {name}: {c['tokens_per_s']:.0f} real tokens/s over {c['steps']} steps ({c['seconds']:.1f} s)", flush=True)
             runs[name].append(c)
     results = []
