@@ -298,28 +298,9 @@ def test_an_output_that_is_a_file_or_inside_the_input_folder_is_refused(tmp_path
     check(str(tmp_path / "labeled"))  # beside the input: fine
 
 
-@pytest.fixture(scope="module")
-def spread_classifier_dir(tmp_path_factory) -> str:
-    """A random 2-label BERT whose scores differ from text to text (large initial weights), so a row given another
-    row's windows would score visibly otherwise."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from bertray import checkpoint, modeling
-
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, initializer_range=0.5, num_labels=2,
-                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("spread")
-    checkpoint.save(out, BertForSequenceClassification(cfg).eval(), tok,
-                    {"kind": "classifier", "label_names": ["negative", "positive"]})
-    return str(out)
-
-
-def test_chunked_long_texts_pool_their_own_windows_back_to_their_rows(tmp_path, spread_classifier_dir):
-    tiny_classifier_dir = spread_classifier_dir
+def test_chunked_long_texts_pool_their_own_windows_back_to_their_rows(tmp_path, spread_classifier):
+    # Scores that differ from text to text, so a row given another row's windows would score visibly otherwise.
+    tiny_classifier_dir = spread_classifier
     from bertray import modeling
     from bertray.predictor import Predictor
 
