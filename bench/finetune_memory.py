@@ -79,7 +79,7 @@ ingest_s = None
 if hasattr(finetune, "ingest"):  # this checkout tokenizes on the driver's cluster once; time that on its own
     t0 = time.time()
     train, val = finetune.load_splits(cfg)
-    [finetune.ingest(part, cfg.model) for part in (train, val)]
+    [finetune.ingest(part, cfg.model, training) for part, training in ((train, True), (val, False))]
     ingest_s = time.time() - t0
     del train, val
 t0 = time.time()

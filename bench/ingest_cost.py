@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster = []
         for _ in range(1 + args.repeat):
             t0 = time.perf_counter()
-            on_cluster = finetune.tokenize_on_cluster(table, m)
+            on_cluster, _ = finetune.tokenize_on_cluster(table, m)
             cluster.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        here = finetune.tokenize(texts, m)
+        here, _ = finetune.tokenize(texts, m)
         here_s = time.perf_counter() - t0
         assert np.array_equal(on_cluster.values, here.values) and np.array_equal(on_cluster.offsets, here.offsets)
         rows.append((n, cluster[0] if n == args.sizes[0] else None, float(np.median(cluster[1:])), here_s))

@@ -47,10 +47,13 @@ class ModelConfig:
     truncation: Literal["head", "tail", "head+tail"] = "head"  # which tokens of a long text to keep
     # Texts longer than max_length when scoring (evaluate, label, serve): truncate (by `truncation`), or chunk: cut
     # into windows of max_length that share chunk_overlap tokens, score every window, and pool the windows' logits
-    # per text (mean; or max: "any window says so"). Training keeps truncating.
+    # per text (mean; or max: "any window says so"). Fine-tuning's validation scores as the checkpoint will.
     long_text: Literal["truncate", "chunk"] = "truncate"
     chunk_overlap: int = 32
     chunk_pool: Literal["mean", "max"] = "mean"
+    # What fine-tuning trains on from a long text: one: the window `truncation` keeps; all (needs long_text chunk):
+    # every window, each carrying its text's label(s).
+    train_windows: Literal["one", "all"] = "one"
     freeze_encoder: bool = False  # train only the classification head
     freeze_layers: int = 0  # freeze the embeddings and the bottom N encoder layers
     dropout: Optional[float] = None  # classifier dropout; None keeps the model's own
@@ -293,6 +296,12 @@ def _check_labeled(cfg: FinetuneConfig) -> list[str]:
         e.append("data.label_delimiter: needs a non-empty delimiter and data.task multi_label or auto"
                  if not d.label_delimiter else "data.label_delimiter: splits labels for data.task=multi_label, "
                  "but data.task is single_label")
+    if cfg.model.train_windows == "all" and cfg.model.long_text != "chunk":
+        e.append("model.train_windows: 'all' needs model.long_text: chunk (the windows it trains on are the ones "
+                 "the checkpoint pools when scoring)")
+    if cfg.model.train_windows == "all" and d.text_pair_column is not None:
+        e.append("model.train_windows: 'all' does not apply to sentence pairs (a pair is cut longest side first, "
+                 "never windowed)")
     if d.text_pair_column is not None and d.text_pair_column in (*d.text_columns, d.label_column):
         e.append(f"data.text_pair_column: {d.text_pair_column!r} is also a text or label column")
     return e

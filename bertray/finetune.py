@@ -34,7 +34,7 @@ def run(cfg: FinetuneConfig) -> dict:
     modeling.check_adapter(cfg.model)  # likewise an adapter PEFT cannot put on the base
     train, val = load_splits(cfg)
     cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
-    train_ref, val_ref = (ray.put(ingest(part, cfg.model)) for part in (train, val))
+    train_ref, val_ref = (ray.put(ingest(part, cfg.model, training)) for part, training in ((train, True), (val, False)))
     objective = ClassificationObjective(cfg, train_ref, val_ref, train.label_names,
                                         report={"train": train.report, "validation": val.report})
     log.info("fine-tuning %s on %d train / %d validation rows, classes %s", cfg.model.base, len(train.texts),
@@ -79,24 +79,44 @@ def load_splits(cfg: FinetuneConfig) -> tuple[D.Labeled, D.Labeled]:
 
 @dataclass(frozen=True)
 class Ingested:
-    """A labeled split as the workers take it: token ids made with `tokenized_with` (model base, max_length,
-    truncation), or the texts, for a sweep whose trials change those."""
+    """A labeled split as the workers take it: token ids made with `tokenized_with` (how `_tokenization` says), or
+    the texts, for a sweep whose trials change that. `windows`: how many windows each text was cut into, their ids
+    in text order (long_text chunk); None: one sequence per text."""
 
     labels: np.ndarray
     ids: TokenIds | None = None
+    windows: np.ndarray | None = None
     tokenized_with: tuple | None = None
     texts: list[str] | None = None
     pairs: list[str] | None = None
+    training: bool = True
 
 
-def ingest(part: D.Labeled, m: ModelConfig, keep_texts: bool = False) -> Ingested:
-    """`part` tokenized once (see `tokenize`); with `keep_texts`, its texts too."""
-    return Ingested(part.labels, tokenize(part.texts, m, part.pairs), _tokenization(m),
-                    part.texts if keep_texts else None, part.pairs if keep_texts else None)
+def ingest(part: D.Labeled, m: ModelConfig, training: bool, keep_texts: bool = False) -> Ingested:
+    """`part` tokenized once (see `tokenize`) as the train split (`training`) or the validation split; with
+    `keep_texts`, its texts too. Windowed splits say in their report how many windows they became."""
+    overlap = _overlap(m, training)
+    ids, windows = tokenize(part.texts, m, part.pairs, overlap)
+    if windows is not None:
+        part.report["windows"] = int(windows.sum())
+        part.report["texts_over_one_window"] = int((windows > 1).sum())
+        log.info("%s split: %d texts cut into %d windows of up to %d tokens (%d texts longer than one window)",
+                 "train" if training else "validation", len(windows), windows.sum(), m.max_length,
+                 (windows > 1).sum())
+    return Ingested(part.labels, ids, windows, _tokenization(m, training), part.texts if keep_texts else None,
+                    part.pairs if keep_texts else None, training)
 
 
-def _tokenization(m: ModelConfig) -> tuple:
-    return (m.base, m.max_length, m.truncation)
+def _overlap(m: ModelConfig, training: bool) -> int | None:
+    """The windows' overlap when a split is cut into windows, else None: validation is scored as the checkpoint
+    scores (long_text), and training takes every window only with train_windows all."""
+    if m.long_text == "chunk" and (not training or m.train_windows == "all"):
+        return m.chunk_overlap
+    return None
+
+
+def _tokenization(m: ModelConfig, training: bool) -> tuple:
+    return (m.base, m.max_length, m.truncation, _overlap(m, training))
 
 
 # Texts per Ray Data block when tokenizing: big enough that a task's start-up is small beside it, small enough that
@@ -104,22 +124,24 @@ def _tokenization(m: ModelConfig) -> tuple:
 _TOKENIZE_BLOCK_ROWS = (2048, 65536)
 
 
-def tokenize(texts: list[str], m: ModelConfig, pairs: list[str] | None = None) -> TokenIds:
+def tokenize(texts: list[str], m: ModelConfig, pairs: list[str] | None = None,
+             overlap: int | None = None) -> tuple[TokenIds, np.ndarray | None]:
     """Token ids of `texts` (or of the pairs (texts[i], pairs[i])), in order, computed by Ray Data tasks spread over
-    the cluster's CPUs; a split that fits in one block is encoded here."""
+    the cluster's CPUs; a split that fits in one block is encoded here. With `overlap`, each text's windows
+    (modeling.tokenize), and how many each text has."""
     import pyarrow as pa
 
     table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string()),
                       **({"pair": pa.array(pairs, pa.string())} if pairs is not None else {})})
     if len(texts) > _TOKENIZE_BLOCK_ROWS[0]:
-        return tokenize_on_cluster(table, m)
+        return tokenize_on_cluster(table, m, overlap)
     # One block runs as one task either way; in a Ray Data pipeline it also waits for the executor and a worker
     # that imports transformers and loads the tokenizer, seconds beside its milliseconds of encoding
     # (BENCHMARKS.md, "Fine-tuning ingest: small splits").
-    return _token_ids([_encode_block(table, m.base, m.max_length, m.truncation).column("ids").combine_chunks()])
+    return _token_ids([_encode_block(table, m.base, m.max_length, m.truncation, overlap)], len(texts), overlap)
 
 
-def tokenize_on_cluster(table, m: ModelConfig) -> TokenIds:
+def tokenize_on_cluster(table, m: ModelConfig, overlap: int | None = None) -> tuple[TokenIds, np.ndarray | None]:
     """`tokenize`'s Ray Data pipeline over a table of row, text (and pair) columns."""
     import ray.data
 
@@ -129,31 +151,39 @@ def tokenize_on_cluster(table, m: ModelConfig) -> TokenIds:
     rows = min(hi, max(lo, math.ceil(n / (2 * cpus))))
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)])
     ds = ds.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation})
+                        fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation,
+                                   "overlap": overlap})
     ds.context.enable_progress_bars = False
     # Each block is a run of consecutive rows, whatever order the blocks finish in: put them back in row order.
-    blocks = sorted(((b.column("row")[0].as_py(), b.column("ids").combine_chunks())
-                     for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows),
-                    key=lambda rb: rb[0])
-    if [first for first, _ in blocks] != list(range(0, n, rows)):
+    blocks = sorted((b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows),
+                    key=lambda b: b.column("row")[0].as_py())
+    if [b.column("row")[0].as_py() for b in blocks] != list(range(0, n, rows)):
         raise RuntimeError("tokenizing lost or repeated a block of texts")  # Ray Data keeps blocks whole
-    return _token_ids([c for _, c in blocks])
+    return _token_ids(blocks, n, overlap)
 
 
-def _token_ids(columns: list) -> TokenIds:
-    """One TokenIds from list<int32> columns in row order: values and offsets, no per-text Python lists."""
+def _token_ids(blocks: list, n: int, overlap: int | None) -> tuple[TokenIds, np.ndarray | None]:
+    """One TokenIds from encoded blocks in row order (values and offsets, no per-text Python lists) and, for
+    windows (`overlap`), how many each of the `n` texts has."""
+    columns = [b.column("ids").combine_chunks() for b in blocks]
     lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in columns])
     values = np.concatenate([c.values.to_numpy() for c in columns]).astype(np.int32)
-    return TokenIds(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    ids = TokenIds(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    if overlap is None:
+        return ids, None
+    rows = np.concatenate([b.column("row").to_numpy() for b in blocks])
+    return ids, np.bincount(rows, minlength=n).astype(np.int64)
 
 
-def _encode_block(block, base: str, max_length: int, truncation: str):
+def _encode_block(block, base: str, max_length: int, truncation: str, overlap: int | None = None):
+    """A block's token ids, one row per sequence: each text's, or (`overlap`) each of its windows, under its row."""
     import pyarrow as pa
 
     pairs = block.column("pair").to_pylist() if "pair" in block.column_names else None
-    ids, _ = modeling.encode(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length,
-                             truncation, pairs)
-    return pa.table({"row": block.column("row"), "ids": pa.array(ids, pa.list_(pa.int32()))})
+    ids, _, windows = modeling.tokenize(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length,
+                                        truncation, overlap, pairs)
+    rows = block.column("row") if windows is None else pa.array(np.repeat(block.column("row").to_numpy(), windows))
+    return pa.table({"row": rows, "ids": pa.array(ids, pa.list_(pa.int32()))})
 
 
 def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
@@ -216,8 +246,12 @@ class ClassificationObjective(Objective):
         self.rank, self.world, self.device = rank, world, device
         m = self.cfg.model
         self._tokenizer = modeling.load_tokenizer(modeling.resolve(m.base))
-        self.train_ids, self.train_labels = self._ids(ray.get(self.train_ref))
-        self.val_ids, self.val_labels = self._ids(ray.get(self.val_ref))
+        train, val = ray.get(self.train_ref), ray.get(self.val_ref)
+        self.train_ids, train_windows = self._ids(train)
+        self.val_ids, self.val_windows = self._ids(val)
+        # A text cut into windows trains on each of them, with its label(s).
+        self.train_labels = train.labels if train_windows is None else np.repeat(train.labels, train_windows, axis=0)
+        self.val_labels = val.labels
         self.multi_label = self.train_labels.ndim == 2
         self.pairs = self.cfg.data.text_pair_column is not None
         self.lengths = self.train_ids.lengths
@@ -236,17 +270,24 @@ class ClassificationObjective(Objective):
             else:
                 w = n / (len(self.label_names) * np.maximum(counts, 1))
                 self.class_weight = torch.tensor(w, dtype=torch.float32, device=device)
-        # Multi-label: each label's share of rows (what the drift check compares), not a distribution.
-        total = len(self.train_labels) if self.multi_label else counts.sum()
+        # Of the texts, not their windows (label's drift check compares rows). Multi-label: each label's share of
+        # rows, not a distribution.
+        counts = (train.labels.sum(axis=0) if self.multi_label
+                  else np.bincount(train.labels, minlength=len(self.label_names)))
+        total = len(train.labels) if self.multi_label else counts.sum()
         self.train_distribution = {n: float(c / total) for n, c in zip(self.label_names, counts)}
 
-    def _ids(self, part: Ingested) -> tuple[TokenIds, np.ndarray]:
-        """The split's token ids: as ingested, or (a sweep trial that changes how texts are tokenized) its own."""
+    def _ids(self, part: Ingested) -> tuple[TokenIds, np.ndarray | None]:
+        """The split's token ids and windows per text: as ingested, or (a sweep trial that changes how texts are
+        tokenized) its own."""
         m = self.cfg.model
-        if part.ids is not None and part.tokenized_with == _tokenization(m):
-            return part.ids, part.labels
-        ids, _ = modeling.encode(self._tokenizer, part.texts, m.max_length, m.truncation, part.pairs)
-        return TokenIds.from_lists(ids), part.labels
+        if part.ids is not None and part.tokenized_with == _tokenization(m, part.training):
+            return part.ids, part.windows
+        ids, _, windows = modeling.tokenize(self._tokenizer, part.texts, m.max_length, m.truncation,
+                                            _overlap(m, part.training), part.pairs)
+        if windows is None and _overlap(m, part.training) is not None:
+            windows = np.ones(len(ids), np.int64)  # pairs: never windowed, one sequence each
+        return TokenIds.from_lists(ids), windows
 
     @property
     def tokenizer(self):
@@ -289,23 +330,14 @@ class ClassificationObjective(Objective):
 
         model.eval()
         n_cls = len(self.label_names)
-        rows = np.arange(len(self.val_ids))[self.rank::self.world]
-        rows = rows[np.argsort(self.val_ids.lengths[rows], kind="stable")]
-        cm = np.zeros((n_cls, n_cls), dtype=np.int64)
-        probs, loss_sum = [], 0.0
-        bs = max(32, self.cfg.train.batch_size * 2)
-        for i in range(0, len(rows), bs):
-            batch = collate(self.val_ids, rows[i:i + bs], self.pad_id, self.pad_multiple, self.val_labels, self.sep_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = self._logits(model, batch)
-            # Unweighted: a validation loss comparable across class_weights settings.
-            loss_sum += float(self._loss(logits, batch["labels"], reduction="sum", weighted=False))
-            if self.multi_label:
-                probs.append(torch.sigmoid(logits).cpu().numpy())
-            else:
-                cm += confusion(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), n_cls)
+        rows = np.arange(len(self.val_labels))[self.rank::self.world]  # this rank's share of the texts
+        logits = torch.from_numpy(self._val_logits(model, device, rows))
+        labels = torch.as_tensor(self.val_labels[rows], dtype=torch.float32 if self.multi_label else torch.long)
+        # Unweighted: a validation loss comparable across class_weights settings.
+        loss_sum = float(self._loss(logits, labels, reduction="sum", weighted=False)) if len(rows) else 0.0
         if self.multi_label:
-            return self._multilabel_metrics(rows, probs, loss_sum)
+            return self._multilabel_metrics(rows, [torch.sigmoid(logits).numpy()], loss_sum)
+        cm = confusion(labels.numpy(), logits.argmax(-1).numpy(), n_cls)
         if self.world > 1 and dist.is_initialized():
             # Every rank scored a disjoint share; summing confusion matrices gives the exact global metrics.
             t = torch.tensor(np.append(cm.ravel(), loss_sum), dtype=torch.float64)
@@ -315,6 +347,24 @@ class ClassificationObjective(Objective):
         out = from_confusion(cm, self.label_names)
         out["loss"] = loss_sum / max(1, int(cm.sum()))
         return out
+
+    def _val_logits(self, model, device, rows: np.ndarray) -> np.ndarray:
+        """Logits of validation texts `rows`, in that order: their sequences scored in length-sorted batches and,
+        where texts were cut into windows, each text's windows pooled as the checkpoint will pool them."""
+        if self.val_windows is None:
+            seqs = rows
+        else:
+            starts = np.concatenate([[0], np.cumsum(self.val_windows)])
+            seqs = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in rows] or [np.zeros(0, np.int64)])
+        out = np.zeros((len(seqs), len(self.label_names)), np.float32)
+        order = np.argsort(self.val_ids.lengths[seqs], kind="stable")
+        bs = max(32, self.cfg.train.batch_size * 2)
+        for i in range(0, len(order), bs):
+            batch = collate(self.val_ids, seqs[order[i:i + bs]], self.pad_id, self.pad_multiple, sep_id=self.sep_id)
+            out[order[i:i + bs]] = self._logits(model, {k: v.to(device) for k, v in batch.items()}).cpu().numpy()
+        if self.val_windows is None:
+            return out
+        return modeling.pool_windows(out, self.val_windows[rows], self.cfg.model.chunk_pool)
 
     def _multilabel_metrics(self, rows: np.ndarray, probs: list, loss_sum: float) -> dict:
         """Thresholds are tuned on the whole validation set, so every rank gathers every rank's probabilities (a

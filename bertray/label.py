@@ -541,11 +541,9 @@ def encode_texts(texts: list, encoder: tuple[Any, int, str, Any],
     if not good:
         return reasons, np.zeros(0, np.int32), np.zeros(1, np.int64), 0, np.zeros(0, np.int64)
     good_pairs = [p for p, r in zip(pairs, reasons) if r is None] if pairs is not None else None
-    if chunking and good_pairs is None:
-        ids, windows = modeling.windows(tokenizer, good, max_length, chunking[0])
-        cut = 0
-    else:
-        ids, cut = modeling.encode(tokenizer, good, max_length, truncation, good_pairs)
+    ids, cut, windows = modeling.tokenize(tokenizer, good, max_length, truncation, chunking[0] if chunking else None,
+                                          good_pairs)
+    if windows is None:
         windows = np.ones(len(ids), np.int64)
     packed = modeling.TokenIds.from_lists(ids)
     return reasons, packed.values, packed.offsets, cut, windows

@@ -382,6 +382,18 @@ def windows(tokenizer, texts: list[str], max_length: int, overlap: int) -> tuple
     return out, counts
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "head", overlap: int | None = None,
+             pairs: list[str] | None = None) -> tuple[list[list[int]], int, np.ndarray | None]:
+    """(ids, texts cut, windows per text): with `overlap` (long_text chunk) each text cut into windows (`windows`),
+    otherwise one sequence per text cut by `truncation` (`encode`; windows None). Pairs are never windowed: a pair
+    is cut longest side first."""
+    if overlap is not None and pairs is None:
+        ids, counts = windows(tokenizer, texts, max_length, overlap)
+        return ids, 0, counts
+    ids, cut = encode(tokenizer, texts, max_length, truncation, pairs)
+    return ids, cut, None
+
+
 def pool_windows(logits: np.ndarray, counts: np.ndarray, how: str) -> np.ndarray:
     """Each text's logits from its windows' (in order, `counts` per text): their mean, or their maximum."""
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)

@@ -174,11 +174,9 @@ class Predictor:
                  time.perf_counter() - start)
 
     def predict(self, texts: list[str], pairs: list[str] | None = None) -> Prediction:
-        if self.chunking and pairs is None:
-            ids, windows = modeling.windows(self.tokenizer, texts, self.max_length, self.chunking[0])
-            return Prediction(self.predict_ids(ids, windows=windows), 0, windows)
-        ids, cut = self.encode(texts, pairs)
-        return Prediction(self.predict_ids(ids, pairs is not None), cut)
+        ids, cut, windows = modeling.tokenize(self.tokenizer, texts, self.max_length, self.truncation,
+                                              self.chunking[0] if self.chunking else None, pairs)
+        return Prediction(self.predict_ids(ids, pairs is not None, windows), cut, windows)
 
     def chosen(self, probs: np.ndarray) -> list[int]:
         """Multi-label: the labels one text's probabilities carry, at the checkpoint's thresholds, most probable

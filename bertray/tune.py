@@ -67,8 +67,10 @@ def run(cfg: TuneConfig) -> dict:
     cfg = trainer.start_run(cfg, "sweep", trainer.labeled_data(train, val))
     base = cfg.trial_base()  # with the run's name, under which the trials' Ray Train runs are stored
     # Tokenized once for every trial, unless trials change how texts are tokenized: then each trial does its own.
-    retokenize = any(k in ("model.base", "model.max_length", "model.truncation") for k in parse_space(cfg.search.space)[0])
-    train_ref, val_ref = (ray.put(finetune.ingest(part, base.model, keep_texts=retokenize)) for part in (train, val))
+    retokenize = any(k in ("model.base", "model.max_length", "model.truncation", "model.long_text", "model.chunk_overlap",
+                           "model.train_windows") for k in parse_space(cfg.search.space)[0])
+    train_ref, val_ref = (ray.put(finetune.ingest(part, base.model, training, keep_texts=retokenize))
+                          for part, training in ((train, True), (val, False)))
     data = SweepData(train_ref, val_ref, train.label_names, {"train": train.report, "validation": val.report})
     # Built on the driver only for its metric and mode; each trial builds its own from the trial's config.
     objective = finetune.ClassificationObjective(base, data.train_ref, data.val_ref, data.label_names, data.report)

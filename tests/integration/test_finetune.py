@@ -272,9 +272,16 @@ def test_texts_are_tokenized_once_across_the_cluster_in_order(ray_cluster, sst2_
     sentences = pq.read_table(sst2_small / "train.parquet").column("text").to_pylist()
     texts = [f"{s} {i}" for i in range(15) for s in sentences]  # 6,000: several blocks of at least 2,048
     m = C.ModelConfig(base="embedded", max_length=24, truncation="head+tail")
-    ids = finetune.tokenize(texts, m)
-    expected, _ = modeling.encode(modeling.load_tokenizer(modeling.resolve("embedded")), texts, 24, "head+tail")
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    ids, windows = finetune.tokenize(texts, m)
+    expected, _ = modeling.encode(tok, texts, 24, "head+tail")
+    assert windows is None
     assert len(ids) == len(texts) and all(ids[i].tolist() == expected[i] for i in range(len(texts)))
+    # Cut into windows: each text's windows, in text order, and how many each has.
+    ids, windows = finetune.tokenize(texts, m, overlap=4)
+    expected, counts = modeling.windows(tok, texts, 24, 4)
+    assert counts.max() > 1 and windows.tolist() == counts.tolist()
+    assert len(ids) == len(expected) and all(ids[i].tolist() == expected[i] for i in range(len(expected)))
     part = D.Labeled(texts, np.zeros(len(texts), dtype=np.int64), ["a", "b"], {"source": "mem"})
-    ingested = finetune.ingest(part, m)
-    assert ingested.texts is None and ingested.ids.values.dtype == np.int32
+    ingested = finetune.ingest(part, m, training=True)
+    assert ingested.texts is None and ingested.ids.values.dtype == np.int32 and ingested.windows is None

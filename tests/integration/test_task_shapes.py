@@ -44,16 +44,31 @@ def _pair_texts(n: int, seed: int) -> tuple[list[str], list[str], list[int]]:
     return first, second, labels
 
 
-def _finetune(tiny_bert: str, root: Path, data: dict, workers: int, metric: str, steps: int = 60,
-              lr: float = 3e-3) -> dict:
+def _topic_docs(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Documents of 15-45 words, a third of them words of their topic: every part of a document says its topic."""
+    topics = {"animals": ["dog", "cat", "horse", "bird", "fish"], "vehicles": ["car", "bus", "train", "boat", "truck"]}
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        topic = sorted(topics)[i % 2]
+        words = [rng.choice(topics[topic]) if rng.random() < 0.35 else rng.choice(FILLER[:8])
+                 for _ in range(rng.randint(15, 45))]
+        texts.append(" ".join(words))
+        labels.append(topic)
+    return texts, labels
+
+
+def _finetune(tiny_bert: str, root: Path, data: dict, workers: int, metric: str, steps: int | None = 60,
+              lr: float = 3e-3, model: dict | None = None, train: dict | None = None) -> dict:
     from bertray import config as C
     from bertray import finetune
 
     cfg = C.load(C.FinetuneConfig, data={
-        "model": {"base": tiny_bert, "max_length": 32},
+        "model": {"base": tiny_bert, "max_length": 32, **(model or {})},
         "data": data,
         "optim": {"lr": lr},
-        "train": {"batch_size": 32, "max_steps": steps, "eval_every": steps // 2, "log_every": 30, "metric": metric},
+        "train": {"batch_size": 32, "max_steps": steps, "eval_every": (steps or 60) // 2, "log_every": 30,
+                  "metric": metric, **(train or {})},
         "run": {"name": "shape", "storage": str(root / "runs"), "num_workers": workers, "max_failures": 0},
     })
     return finetune.run(cfg)
@@ -213,3 +228,42 @@ def _stop_serve() -> None:
     from ray import serve
 
     serve.shutdown()
+
+
+def test_long_documents_train_on_every_window_and_validate_as_the_checkpoint_scores(ray_cluster, tiny_bert, tmp_path):
+    """train_windows all: every window of a long text is a training example with its text's label, so an epoch is
+    planned over the windows; validation pools each text's windows as the checkpoint does (so `evaluate` agrees),
+    gathered from both workers."""
+    from bertray import evaluate, modeling
+    from bertray.predictor import Predictor
+
+    for split, (n, seed) in {"train": (160, 5), "validation": (48, 6)}.items():
+        texts, labels = _topic_docs(n, seed)
+        pq.write_table(pa.table({"text": texts, "label": labels}), tmp_path / f"{split}.parquet")
+    summary = _finetune(tiny_bert, tmp_path, {"train": str(tmp_path / "train.parquet"),
+                                              "validation": str(tmp_path / "validation.parquet")},
+                        workers=2, metric="accuracy", steps=None, lr=5e-3,
+                        model={"max_length": 16, "long_text": "chunk", "chunk_overlap": 4, "train_windows": "all"},
+                        train={"epochs": 2, "batch_size": 16, "eval_every": 10})
+    tok = modeling.load_tokenizer(tiny_bert)
+    _, train_windows = modeling.windows(tok, _topic_docs(160, 5)[0], 16, 4)
+    _, val_windows = modeling.windows(tok, _topic_docs(48, 6)[0], 16, 4)
+    assert train_windows.min() >= 2  # every text is longer than one window
+    # Two epochs of length-grouped batches of 16 windows, split over 2 workers (not of 160 texts: 10 steps).
+    assert summary["final_step"] == 2 * -(-(-(-int(train_windows.sum()) // 16)) // 2)
+    meta = json.loads((Path(summary["model"]) / "bertray.json").read_text())
+    report = meta["data_report"]
+    assert report["train"]["windows"] == train_windows.sum() and report["validation"]["windows"] == val_windows.sum()
+    assert meta["config"]["model"]["long_text"] == "chunk"
+    m = summary["metrics"]
+    assert m["n"] == 48 and m["accuracy"] > 0.9, m  # documents, not windows; and the topic is learned
+
+    ev = evaluate.evaluate(summary["model"], str(tmp_path / "validation.parquet"), str(tmp_path / "eval"))
+    assert ev["n"] == 48 and ev["windows"] == val_windows.sum()
+    assert ev["confusion_matrix"] == m["confusion_matrix"]
+    # The run's validation loss is the cross-entropy of the checkpoint's own pooled scores, text by text.
+    texts, labels = _topic_docs(48, 6)
+    probs = Predictor(summary["model"]).predict(texts).probs
+    names = meta["label_names"]
+    loss = -np.mean([np.log(probs[i, names.index(y)]) for i, y in enumerate(labels)])
+    assert loss == pytest.approx(m["loss"], rel=1e-4)

@@ -141,7 +141,10 @@ def test_job_file_is_the_cli(stage):
 
 def test_runtime_env_ships_the_code_and_the_pins(monkeypatch):
     renv = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-    for d in (".venv/", ".git/", "runs/", "outputs/", "test-artifacts/"):
+    # Every folder git ignores (virtualenv, runs, prepared wheels...) stays out of the upload, and .git too.
+    ignored = [line.strip().lstrip("/") for line in (REPO / ".gitignore").read_text().splitlines()
+               if line.strip().endswith("/") and not line.startswith("#")]
+    for d in (".git/", *ignored):
         assert d in renv["excludes"], d
     assert "working_dir" not in renv  # given by `ray job submit --working-dir .`
     _assert_pip_matches_pyproject(renv, "jobs/runtime_env.yaml")

@@ -177,6 +177,7 @@ def test_a_split_that_fits_one_block_is_tokenized_without_ray(monkeypatch):
     m = ModelConfig(base="embedded", max_length=8, truncation="head+tail")
     tok = modeling.load_tokenizer(modeling.resolve("embedded"))
     for second in (None, pairs):
-        ids = tokenize(texts, m, second)
+        ids, windows = tokenize(texts, m, second)
+        assert windows is None
         expected, _ = modeling.encode(tok, texts, 8, "head+tail", second)
         assert ids.values.dtype == np.int32 and [ids[i].tolist() for i in range(len(texts))] == expected
