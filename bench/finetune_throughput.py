@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="/tmp/bench-runs/throughput", help="scratch folder (data, runs, logs)")
     p.add_argument("--out", default=None, help="JSON result (default: <root>/result-<time>.json)")
     p.add_argument("--bertray-src", default=str(REPO), help="measure the bertray checkout at this path instead")
+    p.add_argument("--also-src", default=None,
+                   help="also run each bertray contender from the checkout at this path, in turns with this one "
+                        "(a change against the code before it, in the same run)")
     p.add_argument("--contender", choices=["hf-maxlen", "hf-dynamic", "bertray-loop"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -380,15 +383,20 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak(args.threads)
     n_params = non_embedding_params()
     order = args.only or ["hf-maxlen", "hf-dynamic", "bertray-1w", "bertray-2w"]
+    srcs = {name: Path(args.bertray_src).resolve() for name in order if name in BERTRAY}
+    if args.also_src:
+        also = Path(args.also_src).resolve()
+        order = [n for name in order for n in ([name, f"{name} ({also})"] if name in BERTRAY else [name])]
+        srcs.update({f"{name} ({also})": also for name in list(srcs)})
     runs: dict[str, list[dict]] = {name: [] for name in order}
     # Contenders take turns (A B A B ...), so a slow spell of a shared machine falls on all of them alike.
     for rep in range(args.repeat):
         for name in order:
             print(f"running {name}" + (f" ({rep + 1} of {args.repeat})" if args.repeat > 1 else "") + " ...", flush=True)
-            if name in BERTRAY:
-                workers, extra_env = BERTRAY[name]
-                c = run_bertray(data, root, workers, args.threads, Path(args.bertray_src).resolve(), extra_env)
-                c["contender"] = name + c["contender"].removeprefix(f"bertray-{workers}w")
+            if name in srcs:
+                workers, extra_env = BERTRAY[name.split(" (")[0]]
+                c = run_bertray(data, root, workers, args.threads, srcs[name], extra_env)
+                c["contender"] = name
             else:
                 c = run_in_subprocess(name, data, root, args.threads)
             print(f"  {name}: {c['tokens_per_s']:.0f} real tokens/s over {c['steps']} steps ({c['seconds']:.1f} s)", flush=True)

@@ -43,12 +43,13 @@ def texts(n: int) -> list[str]:
 
 
 def single_text_latency(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
-                        token_budget: int | None = None, quantize: str = "none") -> dict:
+                        token_budget: int | None = None, quantize: str = "none", backend: str = "torch") -> dict:
     """The model alone: one text per `predict` call, in this process, set up as a replica sets it up."""
-    return model_alone(model, sample, seconds, threads, gpus, token_budget, quantize, batch=1)
+    return model_alone(model, sample, seconds, threads, gpus, token_budget, quantize, backend, batch=1)
 
 
-def _predictor(model: str, threads: int, gpus: float, token_budget: int | None, quantize: str):
+def _predictor(model: str, threads: int, gpus: float, token_budget: int | None, quantize: str,
+               backend: str = "torch"):
     """The model as a replica loads it (serve.load_predictor), with the replica's torch threads."""
     import torch
 
@@ -57,14 +58,15 @@ def _predictor(model: str, threads: int, gpus: float, token_budget: int | None, 
 
     torch.set_num_threads(threads)
     return load_predictor(ServeConfig(model=model, gpus_per_replica=gpus, token_budget=token_budget,
-                                      quantize=quantize))
+                                      quantize=quantize, backend=backend))
 
 
 def model_alone(model: str, sample: list[str], seconds: float, threads: int, gpus: float = 0.0,
-                token_budget: int | None = None, quantize: str = "none", batch: int = 1) -> dict:
+                token_budget: int | None = None, quantize: str = "none", backend: str = "torch",
+                batch: int = 1) -> dict:
     """`batch` texts per `predict` call, in this process, with the replica's torch threads, device, token budget
     and quantization (serve.load_predictor). Latencies are per call; `ms_per_text` is wall time per text."""
-    pred = _predictor(model, threads, gpus, token_budget, quantize)
+    pred = _predictor(model, threads, gpus, token_budget, quantize, backend)
     batch = min(batch, len(sample))
     calls = [sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch)]
     for texts in calls[:max(1, 20 // batch)]:
@@ -229,7 +231,8 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or minilm_classifier(Path(tmp) / "minilm-classifier", LABELS)
         threads = max(1, int(args.cpus_per_replica))
-        replica = dict(gpus=args.gpus_per_replica, token_budget=args.token_budget, quantize=args.quantize)
+        replica = dict(gpus=args.gpus_per_replica, token_budget=args.token_budget, quantize=args.quantize,
+                       backend=args.backend)
         baseline = single_text_latency(model, sample, args.baseline_seconds, threads, **replica)
         print(f"single-text latency: p50 {baseline['p50_ms']:.2f} ms, p99 {baseline['p99_ms']:.2f} ms", flush=True)
 
@@ -238,7 +241,7 @@ def run_bench(args) -> dict:
                                                                     "TOKENIZERS_PARALLELISM": "false"}})
         results = {ingress: {} for ingress in args.ingress}
         interleaved = {}
-        alone_pred = _predictor(model, threads, args.gpus_per_replica, args.token_budget, args.quantize)
+        alone_pred = _predictor(model, threads, args.gpus_per_replica, args.token_budget, args.quantize, args.backend)
         try:
             for ingress, batching in [(i, b) for i in args.ingress for b in (True, False)]:
                 if batching:
@@ -249,7 +252,8 @@ def run_bench(args) -> dict:
                 cfg = ServeConfig(model=model, port=port, cpus_per_replica=args.cpus_per_replica,
                                   gpus_per_replica=args.gpus_per_replica,
                                   max_batch_size=args.max_batch_size if batching else 1,
-                                  token_budget=args.token_budget, quantize=args.quantize, ingress=ingress)
+                                  token_budget=args.token_budget, quantize=args.quantize, backend=args.backend,
+                                  ingress=ingress)
                 deploy(cfg, name="bench")  # the ingress starts with the first; the second call reuses it
                 assert requests.post(url, json={"texts": sample[:2]}, timeout=60).status_code == 200
                 asyncio.run(_load(url, sample, max(args.clients), WARMUP_S))
@@ -320,7 +324,7 @@ def markdown(out: dict) -> str:
         f"Model: embedded all-MiniLM-L6-v2 + 2-class head, one replica with {a['cpus_per_replica']} CPU "
         f"(torch threads {max(1, int(a['cpus_per_replica']))}) and {a.get('gpus_per_replica', 0):g} GPU; max_batch_size {a['max_batch_size']}, "
         f"token_budget {a['token_budget']}, "
-        f"quantize {a.get('quantize', 'none')}; ingress {', '.join(a['ingress'])}; one SST-2 validation sentence per request; "
+        f"quantize {a.get('quantize', 'none')}, backend {a.get('backend', 'torch')}; ingress {', '.join(a['ingress'])}; one SST-2 validation sentence per request; "
         f"{a['seconds']:g} s per step; wall time {out['wall_s']:.0f} s.",
         "",
         f"Single-text latency of the model alone (Predictor.predict, {b['requests']} calls, {b['cpu_ms']:.2f} ms CPU "
@@ -408,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per micro-batch inside a forward pass (ServeConfig.token_budget; default: by device)")
     p.add_argument("--quantize", choices=["none", "int8", "bf16"], default="none", help="ServeConfig.quantize (CPU only)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="ServeConfig.backend (CPU only)")
     p.add_argument("--ingress", nargs="+", choices=["haproxy", "proxy"], default=[ServeConfig.ingress],
                    help="ServeConfig.ingress; several: each in turn, in the same run")
     p.add_argument("--texts", type=int, default=500, help="distinct SST-2 sentences cycled through")

@@ -375,9 +375,10 @@ def from_dict(cls: type, data: dict):
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, in new dicts all the way down: overrides applied to the result leave both untouched."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v) if isinstance(v, dict) else v
     return out
 
 

@@ -173,6 +173,28 @@ def freeze(model, cfg: ModelConfig) -> None:
                 p.requires_grad = False
 
 
+def unused_trainable(model) -> list[str]:
+    """Modules holding trainable weights that one forward pass (eval mode, no gradients, a two-token text) never
+    calls: what DDP must be told to look for at every step. A weight used without its module being called (tied
+    or functional use) is listed too, which only costs that look."""
+    called: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: called.add(name))
+             for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[0, 1]], device=device), attention_mask=torch.ones(1, 2, dtype=torch.long,
+                                                                                              device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [name for name, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False)) and name not in called]
+
+
 # --------------------------------------------------------------------------------------------------- adapters
 
 # Head modules of transformers' classifiers, which PEFT's sequence-classification task trains and saves in full.

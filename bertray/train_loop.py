@@ -119,8 +119,13 @@ class _Session:
     def prepare(self, model):
         import ray.train.torch
 
-        # find_unused_parameters: frozen layers and the unused pooler of MLM models would otherwise stall DDP.
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        # DDP waits for a gradient of every trainable weight unless told to look for unused ones, and looking costs
+        # a traversal of the autograd graph at every step: only a model with weights its forward skips pays it.
+        unused = modeling.unused_trainable(model) if self.world > 1 else []
+        if unused and self.rank == 0:
+            log.info("trainable modules the forward pass does not use (DDP will look for them each step): %s",
+                     ", ".join(unused))
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)})
 
 
 class _TuneSession(_Session):

@@ -163,3 +163,19 @@ def test_predict_refuses_an_empty_text_as_serve_does(capsys):
 
     assert cli.main(["predict", "unused-model", "fine", "  "]) == 1
     assert capsys.readouterr().err == "error: text 2: empty text\n"
+
+
+def test_training_on_every_window_needs_chunked_long_texts_and_single_texts():
+    data = {"data": {"train": "x"}, "model": {"train_windows": "all"}}
+    with pytest.raises(C.ConfigError, match="model.train_windows: 'all' needs model.long_text: chunk"):
+        C.load(C.FinetuneConfig, data=data)
+    with pytest.raises(C.ConfigError, match="model.train_windows: 'all' does not apply to sentence pairs"):
+        C.load(C.FinetuneConfig, data=data, overrides=["model.long_text=chunk", "data.text_pair_column=b"])
+    cfg = C.load(C.FinetuneConfig, data=data, overrides=["model.long_text=chunk"])
+    assert cfg.model.train_windows == "all" and C.ModelConfig().train_windows == "one"
+
+
+def test_loading_leaves_the_callers_dict_as_it_was():
+    data = {"data": {"train": "x"}, "model": {"max_length": 64}}
+    C.load(C.FinetuneConfig, data=data, overrides=["model.max_length=32", "data.text_pair_column=b"])
+    assert data == {"data": {"train": "x"}, "model": {"max_length": 64}}

@@ -260,3 +260,37 @@ def test_cli_evaluate_through_onnxruntime(tiny, tiny_onnx, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["evaluate", tiny_onnx, data, "--backend", "onnxruntime", "--quantize", "bf16"])
     assert exc.value.code == 2 and "--quantize bf16 is a torch option" in capsys.readouterr().err
+
+
+def test_onnxruntime_scores_multi_label_pairs_and_chunked_texts_as_torch(texts, tmp_path):
+    """The backend computes only each pass's logits: a multi-label head's sigmoid, pairs' segment ids and the
+    pooling of a long text's windows are the torch path's code, and give torch's scores."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    names = ["a", "b", "c"]
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.5, num_labels=3,
+                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                     problem_type="multi_label_classification")
+    torch.manual_seed(0)
+    folder = tmp_path / "multi-label"
+    checkpoint.save(folder, BertForSequenceClassification(cfg), tok, {
+        "kind": "classifier", "base_model": "test", "label_names": names, "task": "multi_label",
+        "config": {"model": {"max_length": 16, "long_text": "chunk", "chunk_overlap": 4}}})
+    torch_pred, ort_pred = Predictor(str(folder)), Predictor(str(folder), backend="onnxruntime")
+    assert ort_pred.onnx is not None and ort_pred.multi_label
+
+    long = [" ".join(texts[i:i + 4]) for i in range(0, 80, 4)]  # several 16-token windows each
+    a, b = torch_pred.predict(long), ort_pred.predict(long)
+    assert a.windows.min() > 1 and a.windows.tolist() == b.windows.tolist()
+    assert np.abs(a.probs - b.probs).max() < export.TOLERANCE
+    assert not np.allclose(a.probs.sum(1), 1, atol=0.05)  # a sigmoid per label, not a softmax
+    head = Predictor(str(folder), backend="onnxruntime", long_text="truncate").predict(long)
+    assert np.abs(head.probs - b.probs).max() > 10 * export.TOLERANCE  # the windows were pooled, not the head read
+
+    a, b = torch_pred.predict(texts[:20], texts[20:40]), ort_pred.predict(texts[:20], texts[20:40])
+    assert np.abs(a.probs - b.probs).max() < export.TOLERANCE
+    torch_pred.sep_id = None  # the same pairs with every segment id 0: the equality above needed the segments
+    assert np.abs(torch_pred.predict(texts[:20], texts[20:40]).probs - b.probs).max() > 10 * export.TOLERANCE

@@ -70,3 +70,19 @@ def test_pair_segments_are_zero_through_the_first_separator_and_on_padding():
     ids = torch.tensor([[101, 7, 8, sep, 9, sep, 0, 0], [101, 7, sep, 0, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     assert modeling.pair_segments(ids, mask, sep).tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]]
+
+
+def test_unused_trainable_modules_are_found_and_frozen_or_used_ones_are_not():
+    """What DDP is told to look for: only trainable modules a forward pass skips (a masked-LM model has no pooler
+    to skip; an extra head the forward never calls is found; frozen, it no longer matters)."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    assert modeling.unused_trainable(BertForMaskedLM(cfg)) == []
+    clf = BertForSequenceClassification(cfg)
+    assert modeling.unused_trainable(clf) == []
+    clf.extra = torch.nn.Linear(16, 2)
+    clf.train()
+    assert modeling.unused_trainable(clf) == ["extra"] and clf.training  # the probe leaves train mode as it was
+    clf.extra.requires_grad_(False)
+    assert modeling.unused_trainable(clf) == []

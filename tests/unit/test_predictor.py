@@ -39,15 +39,16 @@ def tiny_classifier(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def spread_classifier(tmp_path_factory) -> str:
+def plain_spread_classifier(tmp_path_factory) -> str:
     """Like tiny_classifier, with 2 layers and weights large enough that its scores differ from text to text
-    (tiny_classifier gives every text 0.50 to three decimals, which cannot tell a right score from a wrong one)."""
+    (tiny_classifier gives every text 0.50 to three decimals, which cannot tell a right score from a wrong one).
+    A plain Hugging Face folder with no bertray.json, unlike the shared `spread_classifier` checkpoint."""
     return _saved_bert_classifier(tmp_path_factory.mktemp("spread-cls"), hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=64, initializer_range=0.5)
 
 
-def test_cpu_micro_batches_stay_small_and_results_keep_input_order(spread_classifier):
-    pred = Predictor(spread_classifier, max_length=128)
+def test_cpu_micro_batches_stay_small_and_results_keep_input_order(plain_spread_classifier):
+    pred = Predictor(plain_spread_classifier, max_length=128)
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=int(n))) for n in rng.integers(1, 100, size=300)]
     batched, shapes = _probs_and_passes(pred, texts)
@@ -234,7 +235,8 @@ def _mixed_texts(n: int, seed: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize("model", ["spread", "embedded"])
-def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(model, spread_classifier, tmp_path):
+def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(model, plain_spread_classifier,
+                                                                              tmp_path):
     """Packed passes never call the model's forward, and give what padded passes through it give."""
     from transformers import AutoModelForSequenceClassification
 
@@ -242,7 +244,7 @@ def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(m
         AutoModelForSequenceClassification.from_pretrained(modeling.resolve("embedded"), num_labels=3)\
             .save_pretrained(tmp_path)
         modeling.load_tokenizer(modeling.resolve("embedded")).save_pretrained(tmp_path)
-    pred = Predictor(spread_classifier if model == "spread" else str(tmp_path), max_length=64)
+    pred = Predictor(plain_spread_classifier if model == "spread" else str(tmp_path), max_length=64)
     texts = _mixed_texts(150)
     assert pred.packed
     packed, shapes = _probs_and_passes(pred, texts)
@@ -255,11 +257,11 @@ def test_cpu_bert_passes_run_packed_and_score_as_the_models_own_padded_forward(m
     np.testing.assert_allclose(packed, padded, atol=1e-6)
 
 
-def test_int8_runs_packed_with_its_quantized_layers(spread_classifier):
+def test_int8_runs_packed_with_its_quantized_layers(plain_spread_classifier):
     """int8 quantizes activations with one scale per call. Where no text has padding the packed and padded calls
     see the same rows, so they must agree exactly; with padding they may not, since pad rows widen a padded
     call's range."""
-    pred = Predictor(spread_classifier, quantize="int8")
+    pred = Predictor(plain_spread_classifier, quantize="int8")
     assert pred.packed
     same_length = [[101] + [2000 + 37 * i + j for j in range(20)] + [102] for i in range(12)]
     mixed = [x[: 3 + 2 * i] + [102] for i, x in enumerate(same_length)]
@@ -283,7 +285,7 @@ def _bert(**changes):
     return BertForSequenceClassification(cfg).eval()
 
 
-def test_packing_is_refused_where_it_would_not_compute_what_the_model_does(spread_classifier, tmp_path):
+def test_packing_is_refused_where_it_would_not_compute_what_the_model_does(plain_spread_classifier, tmp_path):
     import torch
     from transformers import BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
 
@@ -301,10 +303,10 @@ def test_packing_is_refused_where_it_would_not_compute_what_the_model_does(sprea
     assert not can_pack(MeanPooled(_bert().config).eval())
     assert not can_pack(DistilBertForSequenceClassification(
         DistilBertConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).eval())
-    assert not Predictor(spread_classifier, quantize="bf16").packed
+    assert not Predictor(plain_spread_classifier, quantize="bf16").packed
 
     texts = _mixed_texts(40, seed=1)
-    tok = modeling.load_tokenizer(spread_classifier)
+    tok = modeling.load_tokenizer(plain_spread_classifier)
     torch.manual_seed(0)
     DistilBertForSequenceClassification(DistilBertConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2,
                                                          hidden_dim=32, max_position_embeddings=64)) \
@@ -480,15 +482,15 @@ def test_a_multi_label_hf_checkpoint_is_scored_with_a_sigmoid_per_label(tmp_path
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_pairs_are_scored_as_the_model_scores_them_with_segment_ids(spread_classifier, packed):
+def test_pairs_are_scored_as_the_model_scores_them_with_segment_ids(plain_spread_classifier, packed):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    pred = Predictor(spread_classifier)
+    pred = Predictor(plain_spread_classifier)
     pred.packed = pred.packed and packed
     first, second = _mixed_texts(30, seed=1), _mixed_texts(30, seed=2)
     probs = pred.predict(first, second).probs
-    model = AutoModelForSequenceClassification.from_pretrained(spread_classifier).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(plain_spread_classifier).eval()
     enc = pred.tokenizer(first, second, padding=True, truncation="longest_first", max_length=pred.max_length,
                          return_tensors="pt")
     assert enc["token_type_ids"].any()  # the reference really has second segments
@@ -501,14 +503,14 @@ def test_pairs_are_scored_as_the_model_scores_them_with_segment_ids(spread_class
     assert not np.allclose(probs, flat.numpy(), atol=1e-4)
 
 
-def test_predict_refuses_single_texts_for_a_pair_model_in_one_line(spread_classifier, tmp_path, capsys):
+def test_predict_refuses_single_texts_for_a_pair_model_in_one_line(plain_spread_classifier, tmp_path, capsys):
     import json
     import shutil
 
     from bertray import cli
 
     folder = tmp_path / "pairs"
-    shutil.copytree(spread_classifier, folder)
+    shutil.copytree(plain_spread_classifier, folder)
     (folder / "bertray.json").write_text(json.dumps({"kind": "classifier", "text_pair": True}))
     assert cli.main(["predict", str(folder), "only one text"]) == 1
     err = capsys.readouterr().err
