@@ -25,8 +25,9 @@ LORA = {"model.adapter.kind": "lora", "model.adapter.r": 4, "model.adapter.alpha
 
 @pytest.fixture(scope="module")
 def lora_run(ray_cluster, tiny_bert, sst2_small, tmp_path_factory):
-    """A 2-worker LoRA fine-tune whose second worker is SIGKILLed once a checkpoint is registered, as
-    test_finetune's fault test does. Returns (summary, run folder)."""
+    """A 2-worker LoRA fine-tune whose second worker is SIGKILLed once a checkpoint is registered: the fine-tuning
+    stage's worker-loss test (the loop, its checkpoints and Ray Train's restart are those of a full fine-tune; the
+    full model's checkpoint is resumed by test_finetune's driver-kill test). Returns (summary, run folder)."""
     runs = tmp_path_factory.mktemp("lora") / "runs"
     cfg = tiny_cfg(tiny_bert, sst2_small, str(runs), "lora", **LORA, **{"train.max_steps": 40, "train.eval_every": 10})
     result: dict = {}
