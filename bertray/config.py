@@ -375,7 +375,8 @@ def from_dict(cls: type, data: dict):
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
-    """`extra` over `base`, in new dicts all the way down: overrides applied to the result leave both untouched."""
+    """`extra` over `base`, in new dicts along every path `extra` sets, so that overrides applied to the result
+    leave the callers' dicts untouched."""
     out = dict(base)
     for k, v in extra.items():
         out[k] = _deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v) if isinstance(v, dict) else v

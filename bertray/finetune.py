@@ -111,7 +111,7 @@ def _overlap(m: ModelConfig, training: bool) -> int | None:
     """The windows' overlap when a split is cut into windows, else None: validation is scored as the checkpoint
     scores (long_text), and training takes every window only with train_windows all."""
     if m.long_text == "chunk" and (not training or m.train_windows == "all"):
-        return m.chunk_overlap
+        return min(m.chunk_overlap, m.max_length // 2)  # as modeling.encoding clamps it for scoring
     return None
 
 
@@ -154,12 +154,24 @@ def tokenize_on_cluster(table, m: ModelConfig, overlap: int | None = None) -> tu
                         fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation,
                                    "overlap": overlap})
     ds.context.enable_progress_bars = False
-    # Each block is a run of consecutive rows, whatever order the blocks finish in: put them back in row order.
-    blocks = sorted((b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows),
-                    key=lambda b: b.column("row")[0].as_py())
-    if [b.column("row")[0].as_py() for b in blocks] != list(range(0, n, rows)):
-        raise RuntimeError("tokenizing lost or repeated a block of texts")  # Ray Data keeps blocks whole
-    return _token_ids(blocks, n, overlap)
+    return _token_ids(_in_order(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")), n), n, overlap)
+
+
+def _in_order(blocks: list, n: int) -> list:
+    """Encoded blocks back in (row, window) order, checked to hold every window of each of the `n` texts once.
+    Each block is a run of consecutive sequences, finished in any order; Ray Data may slice a big output block,
+    even inside one text's windows."""
+    blocks = sorted((b for b in blocks if b.num_rows),
+                    key=lambda b: (b.column("row")[0].as_py(), b.column("window")[0].as_py()))
+    row = np.concatenate([b.column("row").to_numpy() for b in blocks]) if blocks else np.zeros(0, np.int64)
+    window, of = (np.concatenate([b.column(c).to_numpy() for b in blocks]) if blocks else np.zeros(0, np.int32)
+                  for c in ("window", "of"))
+    step = np.diff(row)
+    in_order = ((step == 1) & (window[1:] == 0)) | ((step == 0) & (np.diff(window) == 1))
+    if (len(row) < n or (n and (row[0] != 0 or window[0] != 0 or row[-1] != n - 1)) or not in_order.all()
+            or not np.array_equal(np.bincount(row, minlength=n)[row], of)):
+        raise RuntimeError("tokenizing lost or repeated texts or windows")
+    return blocks
 
 
 def _token_ids(blocks: list, n: int, overlap: int | None) -> tuple[TokenIds, np.ndarray | None]:
@@ -176,14 +188,18 @@ def _token_ids(blocks: list, n: int, overlap: int | None) -> tuple[TokenIds, np.
 
 
 def _encode_block(block, base: str, max_length: int, truncation: str, overlap: int | None = None):
-    """A block's token ids, one row per sequence: each text's, or (`overlap`) each of its windows, under its row."""
+    """A block's token ids, one row per sequence: each text's, or (`overlap`) each of its windows, under its row
+    and its window's index in that text, of how many."""
     import pyarrow as pa
 
     pairs = block.column("pair").to_pylist() if "pair" in block.column_names else None
     ids, _, windows = modeling.tokenize(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length,
                                         truncation, overlap, pairs)
-    rows = block.column("row") if windows is None else pa.array(np.repeat(block.column("row").to_numpy(), windows))
-    return pa.table({"row": rows, "ids": pa.array(ids, pa.list_(pa.int32()))})
+    rows = block.column("row").to_numpy()
+    counts = np.ones(len(rows), np.int64) if windows is None else windows
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return pa.table({"row": np.repeat(rows, counts), "window": (np.arange(counts.sum()) - starts).astype(np.int32),
+                     "of": np.repeat(counts, counts).astype(np.int32), "ids": pa.array(ids, pa.list_(pa.int32()))})
 
 
 def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
@@ -351,6 +367,8 @@ class ClassificationObjective(Objective):
     def _val_logits(self, model, device, rows: np.ndarray) -> np.ndarray:
         """Logits of validation texts `rows`, in that order: their sequences scored in length-sorted batches and,
         where texts were cut into windows, each text's windows pooled as the checkpoint will pool them."""
+        if len(rows) == 0:  # more ranks than validation texts
+            return np.zeros((0, len(self.label_names)), np.float32)
         if self.val_windows is None:
             seqs = rows
         else:

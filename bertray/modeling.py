@@ -173,26 +173,25 @@ def freeze(model, cfg: ModelConfig) -> None:
                 p.requires_grad = False
 
 
-def unused_trainable(model) -> list[str]:
-    """Modules holding trainable weights that one forward pass (eval mode, no gradients, a two-token text) never
-    calls: what DDP must be told to look for at every step. A weight used without its module being called (tied
-    or functional use) is listed too, which only costs that look."""
-    called: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: called.add(name))
-             for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+def unused_trainable(model) -> list[str] | None:
+    """Trainable weights that get no gradient from one forward and backward pass (eval mode, a two-token text):
+    what DDP must be told to look for at every step. Catches modules that are never called and modules whose output
+    is dropped (some models run a pooler they never use). None when the probe cannot run: look, to be safe."""
     was_training = model.training
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     try:
         model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad():
-            model(input_ids=torch.tensor([[0, 1]], device=device), attention_mask=torch.ones(1, 2, dtype=torch.long,
-                                                                                              device=device))
+        out = model(input_ids=torch.tensor([[0, 1]], device=device),
+                    attention_mask=torch.ones(1, 2, dtype=torch.long, device=device))
+        out.logits.float().sum().backward()
+        return [n for n, p in trainable if p.grad is None]
+    except Exception:  # noqa: BLE001 - any model the probe cannot drive keeps DDP's safe setting
+        return None
     finally:
-        for h in hooks:
-            h.remove()
+        for _, p in trainable:
+            p.grad = None
         model.train(was_training)
-    return [name for name, m in model.named_modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False)) and name not in called]
 
 
 # --------------------------------------------------------------------------------------------------- adapters
@@ -418,6 +417,8 @@ def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "he
 
 def pool_windows(logits: np.ndarray, counts: np.ndarray, how: str) -> np.ndarray:
     """Each text's logits from its windows' (in order, `counts` per text): their mean, or their maximum."""
+    if len(counts) == 0:
+        return logits[:0]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     if how == "max":
         return np.maximum.reduceat(logits, starts, axis=0)

@@ -123,9 +123,9 @@ class _Session:
         # a traversal of the autograd graph at every step: only a model with weights its forward skips pays it.
         unused = modeling.unused_trainable(model) if self.world > 1 else []
         if unused and self.rank == 0:
-            log.info("trainable modules the forward pass does not use (DDP will look for them each step): %s",
-                     ", ".join(unused))
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)})
+            log.info("trainable weights that get no gradient (DDP will look for them each step): %s",
+                     ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused != []})
 
 
 class _TuneSession(_Session):

@@ -72,10 +72,20 @@ def test_pair_segments_are_zero_through_the_first_separator_and_on_padding():
     assert modeling.pair_segments(ids, mask, sep).tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]]
 
 
-def test_unused_trainable_modules_are_found_and_frozen_or_used_ones_are_not():
-    """What DDP is told to look for: only trainable modules a forward pass skips (a masked-LM model has no pooler
-    to skip; an extra head the forward never calls is found; frozen, it no longer matters)."""
+def test_unused_trainable_weights_are_found_and_frozen_or_used_ones_are_not():
+    """What DDP is told to look for: trainable weights a forward and backward pass leaves without a gradient (a
+    head the forward never calls, or one it calls and drops); a masked-LM or a classifier has none; frozen weights
+    do not count; a model the probe cannot drive gets None (DDP keeps looking, the safe setting)."""
     from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner, side_effect):
+            super().__init__()
+            self.inner, self.side, self.side_effect = inner, torch.nn.Linear(2, 2), side_effect
+
+        def forward(self, **inputs):
+            self.side_effect(self)
+            return self.inner(**inputs)
 
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     assert modeling.unused_trainable(BertForMaskedLM(cfg)) == []
@@ -83,6 +93,13 @@ def test_unused_trainable_modules_are_found_and_frozen_or_used_ones_are_not():
     assert modeling.unused_trainable(clf) == []
     clf.extra = torch.nn.Linear(16, 2)
     clf.train()
-    assert modeling.unused_trainable(clf) == ["extra"] and clf.training  # the probe leaves train mode as it was
+    assert modeling.unused_trainable(clf) == ["extra.weight", "extra.bias"]
+    assert clf.training and all(p.grad is None for p in clf.parameters())  # the probe leaves no trace
     clf.extra.requires_grad_(False)
     assert modeling.unused_trainable(clf) == []
+    dropped = Wrapped(clf, lambda m: m.side(torch.zeros(1, 2)))  # called, its output thrown away
+    assert modeling.unused_trainable(dropped) == ["side.weight", "side.bias"]
+
+    def fails(m):
+        raise TypeError("needs other inputs")
+    assert modeling.unused_trainable(Wrapped(clf, fails)) is None

@@ -181,3 +181,30 @@ def test_a_split_that_fits_one_block_is_tokenized_without_ray(monkeypatch):
         assert windows is None
         expected, _ = modeling.encode(tok, texts, 8, "head+tail", second)
         assert ids.values.dtype == np.int32 and [ids[i].tolist() for i in range(len(texts))] == expected
+
+
+def test_encoded_blocks_sliced_anywhere_and_shuffled_come_back_whole_and_in_order():
+    """Ray Data may slice a big output block, even inside one text's windows, and blocks finish in any order: the
+    ids and windows per text come back as one encoding in one piece gives them, and a lost slice is an error."""
+    import random
+
+    import pyarrow as pa
+
+    from bertray.finetune import _encode_block, _in_order, _token_ids
+
+    texts = [" ".join(f"word{i}" for i in range(n)) for n in (3, 40, 0, 25, 7, 60)]
+    table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": texts})
+    whole = _encode_block(table, "embedded", 16, "head", overlap=4)
+    assert whole.num_rows > 2 * len(texts)
+    cuts = [0, 1, 3, 4, 9, 10, 11, 17, whole.num_rows]  # inside texts' windows as well as between texts
+    slices = [whole.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
+    random.Random(0).shuffle(slices)
+    want_ids, want_windows = _token_ids([whole], len(texts), 4)
+    ids, windows = _token_ids(_in_order(slices, len(texts)), len(texts), 4)
+    assert windows.tolist() == want_windows.tolist() and windows.sum() == whole.num_rows
+    assert np.array_equal(ids.values, want_ids.values) and np.array_equal(ids.offsets, want_ids.offsets)
+    for lost in range(len(slices)):  # the last text's last windows too
+        with pytest.raises(RuntimeError, match="lost or repeated"):
+            _in_order(slices[:lost] + slices[lost + 1:], len(texts))
+    with pytest.raises(RuntimeError, match="lost or repeated"):
+        _in_order(slices + slices[:1], len(texts))
