@@ -98,11 +98,11 @@ def ingest(part: D.Labeled, m: ModelConfig, training: bool, keep_texts: bool = F
     overlap = _overlap(m, training)
     ids, windows = tokenize(part.texts, m, part.pairs, overlap)
     if windows is not None:
-        part.report["windows"] = int(windows.sum())
-        part.report["texts_over_one_window"] = int((windows > 1).sum())
+        report = part.report
+        report["windows"], report["texts_over_one_window"] = int(windows.sum()), int((windows > 1).sum())
         log.info("%s split: %d texts cut into %d windows of up to %d tokens (%d texts longer than one window)",
-                 "train" if training else "validation", len(windows), windows.sum(), m.max_length,
-                 (windows > 1).sum())
+                 "train" if training else "validation", len(windows), report["windows"], m.max_length,
+                 report["texts_over_one_window"])
     return Ingested(part.labels, ids, windows, _tokenization(m, training), part.texts if keep_texts else None,
                     part.pairs if keep_texts else None, training)
 
@@ -299,9 +299,10 @@ class ClassificationObjective(Objective):
         m = self.cfg.model
         if part.ids is not None and part.tokenized_with == _tokenization(m, part.training):
             return part.ids, part.windows
-        ids, _, windows = modeling.tokenize(self._tokenizer, part.texts, m.max_length, m.truncation,
-                                            _overlap(m, part.training), part.pairs)
-        if windows is None and _overlap(m, part.training) is not None:
+        overlap = _overlap(m, part.training)
+        ids, _, windows = modeling.tokenize(self._tokenizer, part.texts, m.max_length, m.truncation, overlap,
+                                            part.pairs)
+        if windows is None and overlap is not None:
             windows = np.ones(len(ids), np.int64)  # pairs: never windowed, one sequence each
         return TokenIds.from_lists(ids), windows
 
@@ -373,7 +374,7 @@ class ClassificationObjective(Objective):
             seqs = rows
         else:
             starts = np.concatenate([[0], np.cumsum(self.val_windows)])
-            seqs = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in rows] or [np.zeros(0, np.int64)])
+            seqs = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in rows])
         out = np.zeros((len(seqs), len(self.label_names)), np.float32)
         order = np.argsort(self.val_ids.lengths[seqs], kind="stable")
         bs = max(32, self.cfg.train.batch_size * 2)
