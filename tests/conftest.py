@@ -107,6 +107,63 @@ def s3_bucket(s3_server, request):
     return f"s3://{name}"
 
 
+def train_worker_pids() -> list[int]:
+    """PIDs of this cluster's live Ray Train workers: children of our raylet titled ray::RayTrainWorker.
+    (The state API needs the dashboard, which the test cluster runs without.)"""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    out = []
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker") and proc.status() != "zombie":
+                out.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(out)
+
+
+def run_killing_a_worker(run, snapshot, timeout: float = 400.0):
+    """`run()` (a 2-worker Ray Train run) in a thread; SIGKILL its second worker once the controller has registered
+    a checkpoint (`snapshot()`, the text of the run's checkpoint_manager_snapshot.json or None, names one: a folder
+    in storage may still be in the middle of being reported, and Ray Train rightly does not resume from those).
+    Returns run()'s result; its exception is raised here."""
+    import signal
+    import threading
+
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = run()
+        except BaseException as exc:  # re-raised in the test's thread below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline, killed = time.time() + 240, None
+    while thread.is_alive() and time.time() < deadline:
+        pids = train_worker_pids()
+        if len(pids) == 2 and "checkpoint_" in (snapshot() or ""):
+            killed = pids[-1]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert killed, f"run ended, or no checkpoint registered with two live workers, before the kill: {result}"
+    thread.join(timeout=timeout)
+    assert not thread.is_alive(), "run did not finish after the worker was killed"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.fixture(scope="session")
+def killing_a_worker():
+    """`f(run, snapshot)`: see run_killing_a_worker."""
+    return run_killing_a_worker
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One local Ray cluster for the whole session (started after the S3 env so every worker inherits it)."""

@@ -81,23 +81,6 @@ def test_finetune_on_s3_checkpoints_there_and_serves_predictions_from_there(two_
     assert pred.label_names == ["negative", "positive"] and pred.predict(["a fine film"]).probs.shape == (1, 2)
 
 
-def _train_worker_pids() -> list[int]:
-    """PIDs of this cluster's live Ray Train workers: children of our raylet titled ray::RayTrainWorker.
-    (The state API needs the dashboard, which the test cluster runs without.)"""
-    import psutil
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    out = []
-    for proc in psutil.Process(raylet).children(recursive=True):
-        try:
-            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker") and proc.status() != "zombie":
-                out.append(proc.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return sorted(out)
-
-
 @pytest.mark.slow
 def test_rerunning_the_same_command_resumes_after_driver_dies(ray_cluster, tiny_bert, sst2_small, tmp_path):
     """SIGKILL the driver mid-run (its job's controller and workers die with it); the same command picks up at the

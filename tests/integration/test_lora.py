@@ -3,11 +3,8 @@ worker killed and the run resumed, small adapter checkpoints, the merged export 
 the rank, and the one-line error for an adapter the model cannot take."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,37 +14,22 @@ from bertray import config as C
 from bertray import finetune, modeling
 from bertray import tune as sweep
 from bertray.predictor import Predictor
-from test_finetune import _train_worker_pids, tiny_cfg
+from test_finetune import tiny_cfg
 
 TEXTS = ["a gorgeous, witty film", "dull and overlong", "not bad at all", "the plot makes no sense whatsoever"]
 LORA = {"model.adapter.kind": "lora", "model.adapter.r": 4, "model.adapter.alpha": 8}
 
 
 @pytest.fixture(scope="module")
-def lora_run(ray_cluster, tiny_bert, sst2_small, tmp_path_factory):
+def lora_run(ray_cluster, tiny_bert, sst2_small, killing_a_worker, tmp_path_factory):
     """A 2-worker LoRA fine-tune whose second worker is SIGKILLed once a checkpoint is registered: the fine-tuning
     stage's worker-loss test (the loop, its checkpoints and Ray Train's restart are those of a full fine-tune; the
     full model's checkpoint is resumed by test_finetune's driver-kill test). Returns (summary, run folder)."""
     runs = tmp_path_factory.mktemp("lora") / "runs"
     cfg = tiny_cfg(tiny_bert, sst2_small, str(runs), "lora", **LORA, **{"train.max_steps": 40, "train.eval_every": 10})
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.update(finetune.run(cfg)))
-    t.start()
     run_dir = runs / "lora"
-    deadline = time.time() + 240
-    killed = None
-    while time.time() < deadline and t.is_alive():
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        registered = snapshot.exists() and "checkpoint_" in snapshot.read_text()
-        pids = _train_worker_pids()
-        if registered and len(pids) == 2:
-            killed = pids[-1]
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    assert killed, "never saw a checkpoint with two live workers"
-    t.join(timeout=400)
-    assert not t.is_alive() and result, "training did not finish after the worker was killed"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    result = killing_a_worker(lambda: finetune.run(cfg), lambda: snapshot.exists() and snapshot.read_text())
     return result, run_dir
 
 

@@ -1,5 +1,5 @@
 """Fixtures for the pretrain stage: a small repetitive corpus in several Parquet files, and one 2-worker
-pretraining run on it from the loopback S3 server that the tests below share."""
+pretraining run on it from the loopback S3 server, resumed after a killed worker, that the tests below share."""
 from __future__ import annotations
 
 import json
@@ -67,9 +67,10 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3_pretrained(ray_cluster, s3_server, tiny_bert, corpus_dir, tmp_path_factory):
+def s3_pretrained(ray_cluster, s3_server, tiny_bert, corpus_dir, killing_a_worker, tmp_path_factory):
     """`bertray pretrain --config F.yaml --num-workers 2`: tiny_bert on the corpus read from S3, with checkpoints
-    and the export on S3; evaluation on the training text. Returns (config file data, run summary)."""
+    and the export on S3; evaluation on the training text. One worker is SIGKILLed once the controller has
+    registered a checkpoint, so the run resumes from S3 mid-stream. Returns (config file data, run summary)."""
     import boto3
     import yaml
 
@@ -79,10 +80,14 @@ def s3_pretrained(ray_cluster, s3_server, tiny_bert, corpus_dir, tmp_path_factor
     boto3.client("s3").create_bucket(Bucket=bucket)
     for f in sorted(corpus_dir.glob("*.parquet")):
         storage.write_bytes(f"s3://{bucket}/corpus/{f.name}", f.read_bytes())
-    data = _config_data(tiny_bert, f"s3://{bucket}/corpus", f"s3://{bucket}/runs", "mlm-s3")
+    data = _config_data(tiny_bert, f"s3://{bucket}/corpus", f"s3://{bucket}/runs", "mlm-s3",
+                        train={"max_steps": 40})
     del data["run"]["num_workers"]  # given as the flag below
     data["mlm"]["prefetch"] = 2  # batches padded and masked ahead, as a GPU run does by default
     path = tmp_path_factory.mktemp("mlm-config") / "pretrain.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert cli.main(["pretrain", "--config", str(path), "--num-workers", "2"]) == 0
+    snapshot = f"s3://{bucket}/runs/mlm-s3/checkpoint_manager_snapshot.json"
+    code = killing_a_worker(lambda: cli.main(["pretrain", "--config", str(path), "--num-workers", "2"]),
+                            lambda: storage.read_text(snapshot) if storage.exists(snapshot) else None)
+    assert code == 0
     return data, json.loads(storage.read_text(f"s3://{bucket}/runs/mlm-s3/metrics.json"))
