@@ -154,6 +154,10 @@ class _TuneSession(_Session):
 # --------------------------------------------------------------------------------------------------- the loop
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite: nothing is exported (the message says when, and what to change)."""
+
+
 def train_loop_per_worker(config: dict) -> str | None:
     """Entry point for Ray Train (`TorchTrainer(train_loop_per_worker, train_loop_config=config)`) and Tune.
 
@@ -277,7 +281,7 @@ class Loop:
         if self.is_main:
             self._print(message)
         if isinstance(self.s, _TuneSession):
-            raise RuntimeError(message)  # the trial ends as failed, and the sweep goes on
+            raise TrainingDiverged(message)  # the trial ends as failed, and the sweep goes on
         return message
 
     def _optimizer_step(self) -> None:

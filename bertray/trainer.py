@@ -16,7 +16,7 @@ from bertray import checkpoint as ckpt_io
 from bertray import metrics as M
 from bertray import storage
 from bertray.config import ConfigError, to_dict
-from bertray.train_loop import Objective, train_loop_per_worker
+from bertray.train_loop import Objective, TrainingDiverged, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,6 @@ RUN_FILE = "run.json"  # what the run in a folder was started with: its config a
 RESUMABLE_KEYS = ("run.name", "run.storage", "run.overwrite", "run.ray_address", "run.max_failures",
                   "run.cpus_per_worker", "run.tracking", "run.experiment", "run.register_as", "train.log_every",
                   "data.train", "data.validation", "search.resume_failed", "search.keep_train_state")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite: nothing is exported (the message says when, and what to change)."""
 
 
 class RunConflict(ConfigError):

@@ -37,14 +37,21 @@ from pathlib import Path
 
 from bertray import checkpoint as ckpt_io
 from bertray import finetune, modeling, runtime, storage, trainer
-from bertray.metrics import mode_of
 from bertray.config import ConfigError, FinetuneConfig, TuneConfig, parse_space, planned_trials
+from bertray.data import DataError
+from bertray.metrics import mode_of
+from bertray.train_loop import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
 # A trial that ends below its planned steps without early stopping was stopped by ASHA (or PBT's cut-off).
 FINISHED, STOPPED, PATIENCE, FAILED, INTERRUPTED = ("finished", "stopped early (scheduler)",
                                                     "stopped early (patience)", "failed", "interrupted")
+# Failures that running the trial again would repeat: bad input or settings, a model that cannot load, a loss that
+# is no longer finite. Tune retries a failed trial run.max_failures times, which is meant for lost processes and
+# nodes; a trial that failed this way leaves its reason in its folder, and a retry ends on it at once.
+_FINAL = (ConfigError, DataError, modeling.ModelError, TrainingDiverged)
+FINAL_ERROR = "final_error.txt"
 
 
 @dataclass
@@ -130,12 +137,21 @@ def _trial(params: dict, *, base: FinetuneConfig, data: SweepData) -> None:
     trial's own config, because it reads batch size, max length and the like from its config."""
     from bertray.train_loop import _apply_overrides, train_loop_per_worker
 
-    cfg = _apply_overrides(base, params)
-    objective = finetune.ClassificationObjective(cfg, data.train_ref, data.val_ref, data.label_names, data.report)
-    if cfg.run.num_workers == 1:
-        train_loop_per_worker({"cfg": cfg, "objective": objective, "session": "tune"})
-    else:
-        _distributed_trial(cfg, objective)
+    import ray.tune
+
+    mark = storage.join(trainer.run_dir(base), f"trial-{ray.tune.get_context().get_trial_id()}", FINAL_ERROR)
+    if storage.exists(mark):
+        raise RuntimeError(storage.read_text(mark))
+    try:
+        cfg = _apply_overrides(base, params)
+        objective = finetune.ClassificationObjective(cfg, data.train_ref, data.val_ref, data.label_names, data.report)
+        if cfg.run.num_workers == 1:
+            train_loop_per_worker({"cfg": cfg, "objective": objective, "session": "tune"})
+        else:
+            _distributed_trial(cfg, objective)
+    except _FINAL as exc:
+        storage.write_text(mark, str(exc))
+        raise
 
 
 def _distributed_trial(cfg: FinetuneConfig, objective) -> None:
@@ -148,7 +164,7 @@ def _distributed_trial(cfg: FinetuneConfig, objective) -> None:
     result = trainer.build_trainer(cfg, objective, callbacks=(TuneReportCallback(),), name=trial_id,
                                    storage_uri=storage.join(trainer.run_dir(cfg), "train-runs")).fit()
     if diverged := getattr(result, "return_value", None):  # the loop's message: the trial fails, the sweep goes on
-        raise RuntimeError(diverged)
+        raise TrainingDiverged(diverged)
 
 
 class _TrialEnd:
@@ -203,6 +219,9 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs_arg):
         log.info("resuming the sweep at %s (finished trials are kept, unfinished ones continue from their last "
                  "checkpoint%s)", rdir, ", failed ones are retried" if s.resume_failed else "")
+        if s.resume_failed:  # asked for: every failed trial gets its retry
+            for f in storage.list_files(storage.join(rdir, "trial-*", FINAL_ERROR)):
+                storage.delete(f)
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=s.resume_failed, restart_errored=False, storage_filesystem=fs_arg)
     space, _ = parse_space(s.space)  # already checked when the config was loaded
