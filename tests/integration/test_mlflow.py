@@ -1,8 +1,8 @@
 """MLflow tracking and registry against real `mlflow server`s on loopback (SQLite store, local artifact folder).
 
 One 2-worker fine-tune on a Hugging Face DatasetDict registers version 1 of a model, a 2-trial sweep registers
-version 2 (its best trial), `bertray label --model models:/NAME/2` labels a corpus with it, and a second server is
-killed while a run is under way.
+version 2 (its best trial), `bertray label --model models:/NAME/2` labels a corpus with it, a masked-LM pretraining
+run registers its encoder as a fine-tuning base, and a second server is killed while a run is under way.
 """
 from __future__ import annotations
 
@@ -185,6 +185,53 @@ def test_registering_makes_version_1_then_the_sweep_version_2(tracked_finetune, 
     assert float(v1.tags["best_accuracy"]) == pytest.approx(summary["metrics"]["accuracy"])
     assert tracked_sweep["mlflow"]["registered"] == f"models:/{MODEL}/2"
     assert v2.run_id == tracked_sweep["mlflow"]["run_id"]
+
+
+# --------------------------------------------------------------------------------------------------- pretrain
+
+
+def test_pretrain_is_one_mlflow_run_and_its_registered_encoder_is_a_fine_tuning_base(ray_cluster, mlflow_uri, client,
+                                                                                     tiny_bert, tmp_path, monkeypatch):
+    """A masked-LM run: its params, perplexity from step 0 (before training) on, the artifacts and the exported
+    encoder, registered; `models:/NAME/1` then resolves to that encoder as a fine-tuning base."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bertray import pretrain
+    from bertray.config import ModelConfig
+
+    monkeypatch.setenv("BERTRAY_CACHE", str(tmp_path / "cache"))
+    words = "the a cat dog film plot sat ran on under mat log red blue".split()
+    texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(4 + i % 9)) for i in range(600)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
+    corpus = str(tmp_path / "corpus.parquet")
+    cfg = C.load(C.PretrainConfig, data={
+        "model": {"base": tiny_bert, "max_length": 32},
+        "data": {"train": corpus, "validation": corpus},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "train": {"batch_size": 16, "max_steps": 8, "eval_every": 4, "log_every": 2},
+        "mlm": {"eval_rows": 64},
+        "run": {"name": "tracked-mlm", "storage": str(tmp_path / "runs"), "num_workers": 1, "max_failures": 0,
+                "tracking": "mlflow", "experiment": EXPERIMENT, "register_as": "tiny-mlm"},
+    })
+    summary = pretrain.run(cfg)
+    run_id = summary["mlflow"]["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["bertray.stage"] == "pretrain"
+    assert run.data.params["mlm.probability"] == "0.15" and run.data.params["data.train"] == corpus
+    # Logged as they happen; step 0's perplexity (measured before training) once the run has ended.
+    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+               for k in ("train_loss", "perplexity")}
+    assert {k: [s for s, _ in v] for k, v in history.items()} == {"train_loss": [2, 4, 6, 8], "perplexity": [0, 4, 8]}
+    assert history["perplexity"][0][1] == pytest.approx(summary["initial_metrics"]["perplexity"])
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "curves.png", "run.json",
+                                                               "data_report.json", "model"}
+    assert summary["mlflow"]["registered"] == "models:/tiny-mlm/1"
+    assert Path(modeling.resolve("models:/tiny-mlm/1")).is_relative_to(tmp_path / "cache")  # from the registry
+    clf = modeling.build_classifier(ModelConfig(base="models:/tiny-mlm/1"), ["a", "b"])
+    exported = load_file(str(Path(summary["model"]) / "model.safetensors"))
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(clf.bert.get_parameter(name), exported["bert." + name])
 
 
 # --------------------------------------------------------------------------------------------------- sweep
