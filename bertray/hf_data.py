@@ -9,16 +9,22 @@ counts exactly as it does a Parquet file. Two forms are accepted wherever a data
     FOLDER[?split=SPLIT]                   a folder written by Dataset.save_to_disk, or by DatasetDict.save_to_disk
                                            with the split chosen by ?split= (or FOLDER/SPLIT, the split's own
                                            folder); local or s3://
+    hf://BUILDER?data_files=PATH           one of the library's file builders (csv, json, parquet, text, arrow) over
+                                           a file, folder or glob, local or s3://: load_dataset(BUILDER,
+                                           data_files=...), e.g. hf://text?data_files=s3://bucket/corpus/*.txt for
+                                           plain text, one example per line in a `text` column
 
 A `ClassLabel` label column names the classes, in id order; its -1 ("no label", as in many test splits) counts as a
 null label. Hub datasets are downloaded into the Hugging Face cache on the driver (`datasets.load_dataset`);
-offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) only a cached copy loads.
+offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) only a cached copy loads. A file builder reads its files on the
+driver (S3 files through bertray's storage, so no s3fs), into a scratch cache removed once the table is read.
 """
 from __future__ import annotations
 
 import json
 import re
-from urllib.parse import parse_qsl
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +40,9 @@ SPLITS = "dataset_dict.json"  # in a DatasetDict.save_to_disk folder: its splits
 # Where Hugging Face keeps a table's features (ClassLabel names and all) in Arrow schema metadata; Parquet written by
 # `Dataset.to_parquet` carries it too.
 _META = b"huggingface"
-_OPTIONS = ("split", "config")
+_OPTIONS = ("split", "config", "data_files")
+# The `datasets` library's packaged builders over files (load_dataset(NAME, data_files=...)).
+BUILDERS = ("csv", "json", "parquet", "text", "arrow")
 # A trailing ?key=value[&key=value]: '?' alone is a glob wildcard (part-?.parquet), so only this form is options.
 _QUERY = re.compile(r"\?([A-Za-z_]+=[^/?&]*(?:&[A-Za-z_]+=[^/?&]*)*)$")
 
@@ -70,8 +78,11 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def data_files(uri: str) -> list[str]:
-    """The Arrow files holding the dataset's rows (what a run's fingerprint lists, as it lists Parquet files)."""
+    """The files holding the dataset's rows (what a run's fingerprint lists, as it lists Parquet files): Arrow files,
+    or a file builder's own files."""
     location, options = _parse(uri)
+    if _builder(uri, location, options):
+        return _builder_files(uri, options["data_files"])
     if location.startswith(HUB):
         return [f["filename"] for f in _load_hub(uri, location, options).cache_files]
     folder = _split_folder(uri, location, options.get("split"))
@@ -106,9 +117,16 @@ def _class_labels(features: dict) -> dict[str, list[str]]:
 
 
 def _parse(uri: str) -> tuple[str, dict[str, str]]:
-    """(location, {option: value}) of a dataset URI; a DataError naming an unknown option."""
-    m = _QUERY.search(uri)
-    options = dict(parse_qsl(m.group(1), keep_blank_values=True)) if m else {}
+    """(location, {option: value}) of a dataset URI; a DataError naming an unknown option. A hub URI's options
+    start at its first '?' and may hold a path (data_files=s3://bucket/part-?.txt); a folder's are a trailing
+    ?key=value[&key=value]. Values are taken as written (no URL decoding: a file name may hold '+' or '%')."""
+    if uri.startswith(HUB) and "?" in uri:
+        location, query = uri.split("?", 1)
+    elif m := _QUERY.search(uri):
+        location, query = uri[: m.start()], m.group(1)
+    else:
+        location, query = uri, ""
+    options = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in query.split("&")) if query else {}
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise DataError(f"{uri}: unknown option(s) {', '.join(unknown)}; a Hugging Face dataset takes "
@@ -116,7 +134,24 @@ def _parse(uri: str) -> tuple[str, dict[str, str]]:
     for key, value in options.items():
         if not value:
             raise DataError(f"{uri}: ?{key}= needs a value")
-    return (uri[: m.start()] if m else uri).rstrip("/"), options
+    return location.rstrip("/"), options
+
+
+def _builder(uri: str, location: str, options: dict) -> str | None:
+    """The file builder a hub URI names (hf://text?data_files=...), else None; a DataError if its options do not fit."""
+    name = location[len(HUB):] if location.startswith(HUB) else None
+    if name not in BUILDERS:
+        if "data_files" in options:
+            raise DataError(f"{uri}: ?data_files= goes with a file builder, hf://{{{','.join(BUILDERS)}}}"
+                            "?data_files=PATH")
+        return None
+    if "data_files" not in options:
+        raise DataError(f"{uri}: the {name} builder reads files: hf://{name}?data_files=PATH (a file, folder or glob; "
+                        "local or s3://)")
+    if options.get("split", "train") != "train" or "config" in options:
+        raise DataError(f"{uri}: a builder over data_files makes one split, train; pass each split's files as a "
+                        "data path of its own")
+    return name
 
 
 # --------------------------------------------------------------------------------------------------- folders
@@ -183,8 +218,52 @@ def _read_json(uri: str) -> dict:
 
 
 def _read_hub(uri: str, location: str, options: dict) -> tuple[pa.Table, dict[str, list[str]]]:
+    if builder := _builder(uri, location, options):
+        return _read_builder(uri, builder, options["data_files"]), {}
     ds = _load_hub(uri, location, options)
     return ds.with_format("arrow")[:], _class_labels(ds.features.to_dict())
+
+
+def _builder_files(uri: str, pattern: str) -> list[str]:
+    files = storage.list_files(pattern)
+    if not files:
+        raise DataError(f"{uri}: no files at {pattern}")
+    return files
+
+
+def _read_builder(uri: str, builder: str, pattern: str) -> pa.Table:
+    """load_dataset(builder, data_files=...) on local copies of remote files, with a scratch cache: the rows are
+    read once into this process, so nothing need stay in the Hugging Face cache."""
+    import datasets
+
+    files = _builder_files(uri, pattern)
+    with tempfile.TemporaryDirectory(prefix="bertray-hf-") as tmp:
+        local = []
+        for i, f in enumerate(files):
+            if storage.is_remote(f):
+                copy = Path(tmp, "files", f"{i:06d}-{f.rsplit('/', 1)[-1]}")
+                copy.parent.mkdir(exist_ok=True)
+                copy.write_bytes(storage.read_bytes(f))
+                f = str(copy)
+            local.append(f)
+        # Quiet while it reads: a progress bar per split, and a parse error logged before it is raised (the one
+        # line below says it, naming the file).
+        bars, verbosity = not datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+        try:
+            # keep_in_memory: the rows are read out of the scratch cache before it is removed.
+            ds = datasets.load_dataset(builder, data_files=local, split="train", cache_dir=str(Path(tmp, "cache")),
+                                       keep_in_memory=True)
+        except Exception as exc:  # the builder's own parse errors come in many types (Arrow, pandas, datasets)
+            while exc.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the reason
+                exc = exc.__cause__
+            raise DataError(f"{uri}: the {builder} builder could not read {pattern}: {_first_line(exc)}") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
+        return ds.with_format("arrow")[:]
 
 
 def _load_hub(uri: str, location: str, options: dict):

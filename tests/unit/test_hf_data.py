@@ -1,6 +1,8 @@
 """Hugging Face datasets as data (bertray.hf_data): real `datasets` objects written with save_to_disk, read through
 the same checks, drop counts, seeded split and fingerprint as Parquet."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -121,6 +123,44 @@ def test_save_to_disk_folder_on_s3(s3_bucket, dict_folder):
     storage.upload_dir(dict_folder, f"{s3_bucket}/sst")
     out = D.load_labeled(f"{s3_bucket}/sst?split=train", dcfg())
     assert out.label_names == ["neg", "pos"] and len(out.texts) == 9
+
+
+def test_file_builders_read_as_load_dataset_does_local_and_on_s3(s3_bucket, tmp_path):
+    """hf://BUILDER?data_files=...: the library's own parsing (a quoted comma in CSV, one row per line of text,
+    blank lines kept as empty texts, which the checks then count), files listed for the fingerprint."""
+    (tmp_path / "csv").mkdir()
+    rows = [("a gorgeous, witty film", "pos"), ("dull", "neg"), ("tender", "pos"), ("flat", "neg")]
+    (tmp_path / "csv" / "train.csv").write_text("sentence,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
+    out = D.load_labeled(f"hf://csv?data_files={tmp_path}/csv/*.csv", dcfg())
+    assert out.texts == [t for t, _ in rows] and out.label_names == ["neg", "pos"]
+    assert [out.label_names[i] for i in out.labels] == [lab for _, lab in rows]
+
+    lines = ["the cat sat on the mat", "", "a dog ran under a log", "red and blue"]
+    storage.write_text(f"{s3_bucket}/corpus/part-0.txt", "\n".join(lines[:2]) + "\n")
+    storage.write_text(f"{s3_bucket}/corpus/part-1.txt", "\n".join(lines[2:]) + "\n")
+    uri = f"hf://text?data_files={s3_bucket}/corpus/part-?.txt"
+    assert D.read_table(uri).column("text").to_pylist() == lines
+    assert D.data_files(uri) == [f"{s3_bucket}/corpus/part-0.txt", f"{s3_bucket}/corpus/part-1.txt"]
+
+
+def test_file_builder_options_and_unreadable_files_are_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text("not json\n")
+    for uri, says in (("hf://text", r"the text builder reads files: hf://text\?data_files=PATH"),
+                      (f"hf://text?data_files={tmp_path}/none/*.txt", "no files at "),
+                      (f"hf://text?data_files={tmp_path}/a.txt&split=test", "makes one split, train"),
+                      (f"{tmp_path}/ds?data_files=x", "not a Hugging Face dataset folder"),
+                      (f"hf://stanfordnlp/imdb?data_files={tmp_path}/a.txt", r"\?data_files= goes with a file builder"),
+                      (f"hf://json?data_files={tmp_path}/a.txt", r"the json builder could not read .*a\.txt: JSON parse")):
+        with pytest.raises(D.DataError, match=says) as e:
+            D.read_table(uri)
+        assert "\n" not in str(e.value)
+    # In a process of its own (the library's log handler writes to the stderr it found at import): the one line
+    # is all the console gets, not also the library's own log of it or its progress bars.
+    code = ("from bertray import data, hf_data\ntry:\n    hf_data.read_table(__import__('sys').argv[1])\n"
+            "except data.DataError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code, f"hf://json?data_files={tmp_path}/a.txt"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "JSON parse error" in r.stdout and r.stderr == "", r.stderr
 
 
 def test_hub_id_offline_is_one_line_saying_how_to_pass_a_local_copy(tiny_classifier_dir, monkeypatch, capsys):

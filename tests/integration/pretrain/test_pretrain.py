@@ -78,8 +78,8 @@ def test_finetune_starts_from_the_pretrained_encoder(s3_pretrained, tiny_bert, s
 
 def test_a_hugging_face_dataset_streams_the_sequences_its_parquet_copy_does(ray_cluster, tiny_bert, pretrain_config,
                                                                            tmp_path):
-    """The same texts as a save_to_disk folder and as a Parquet file: the Ray Data stream gives the same token
-    sequences and the same counts, in tasks over the cluster."""
+    """The same texts as a save_to_disk folder, as a Parquet file and as plain text read by the `text` file builder:
+    the Ray Data stream gives the same token sequences and the same counts, in tasks over the cluster."""
     import random
 
     import datasets
@@ -91,12 +91,16 @@ def test_a_hugging_face_dataset_streams_the_sequences_its_parquet_copy_does(ray_
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)] + ["", None]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hf"))
     pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
+    (tmp_path / "corpus.txt").write_text("\n".join(t if t is not None else "" for t in texts) + "\n")
     streams = {}
-    for name, source in {"hf": str(tmp_path / "hf"), "parquet": str(tmp_path / "corpus.parquet")}.items():
+    for name, source in {"hf": str(tmp_path / "hf"), "parquet": str(tmp_path / "corpus.parquet"),
+                         "text": f"hf://text?data_files={tmp_path}/corpus.txt"}.items():
         cfg = pretrain_config(tiny_bert, source, str(tmp_path / "runs"), name)
         rows = pretrain.read_stream(pretrain.train_source(cfg.data), cfg).take_all()
         streams[name] = (sorted(tuple(r["input_ids"]) for r in rows if len(r["input_ids"])),
                          {k: sum(int(r[k]) for r in rows) for k in pretrain._STAGE_COUNTS})
-    assert streams["hf"] == streams["parquet"]
+    assert streams["hf"] == streams["parquet"] and streams["text"][0] == streams["parquet"][0]
     counts = streams["hf"][1]
-    assert counts["texts_read"] == len(texts) and counts["null_text"] + counts["empty_text"] == 2
+    assert counts["texts_read"] == len(texts) and counts["null_text"] == counts["empty_text"] == 1
+    # Plain text has no nulls: the None is an empty line there.
+    assert streams["text"][1] == {**counts, "null_text": 0, "empty_text": 2}
