@@ -2,6 +2,7 @@
 label (Ray Data) -> serve (Ray Serve over HTTP), each stage scoring through the checkpoint's own head and thresholds."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -170,6 +171,37 @@ def test_multi_label_evaluate_label_and_serve_decide_with_the_checkpoints_thresh
         assert p["scores"] == pytest.approx([float(probs[i, COLOURS.index(c)]) for c in want], abs=1e-5)
     info = requests.get(served["ml"] + "/v1/model", timeout=10).json()
     assert info["task"] == "multi_label" and set(info["thresholds"]) == set(COLOURS)
+
+
+def test_multi_label_sweep_ranks_on_macro_f1_and_exports_the_winner_with_its_thresholds(ray_cluster, tiny_bert,
+                                                                                        tmp_path):
+    """Two trials on the colour task: each tunes its thresholds at its evaluations, the table ranks them by macro-F1,
+    and best-model is the winner's checkpoint, whose stored thresholds give back the metric it was ranked by."""
+    from bertray import config as C
+    from bertray import evaluate, tune
+
+    for split, (n, seed) in {"train": (320, 1), "validation": (96, 2)}.items():
+        texts, labels = _colour_texts(n, seed)
+        pq.write_table(pa.table({"text": texts, "colours": labels}), tmp_path / f"{split}.parquet")
+    summary = tune.run(C.load(C.TuneConfig, data={
+        "model": {"base": tiny_bert, "max_length": 32},
+        "data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet"),
+                 "label_column": "colours", "labels": COLOURS},
+        "train": {"batch_size": 32, "max_steps": 40, "eval_every": 20, "log_every": 20, "metric": "macro_f1"},
+        "run": {"name": "ml-sweep", "storage": str(tmp_path / "runs"), "max_failures": 0},
+        "search": {"algorithm": "grid", "space": {"optim.lr": {"grid": [1e-4, 6e-3]}}, "max_concurrent_trials": 2},
+    }))
+    rows = list(csv.DictReader((tmp_path / "runs" / "ml-sweep" / "trials.csv").open()))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    best = max(rows, key=lambda r: float(r["best macro_f1"]))
+    assert summary["best"]["trial"] == best["trial"] and float(best["optim.lr"]) == 6e-3
+    assert summary["best"]["value"] == pytest.approx(float(best["best macro_f1"]))
+    model = Path(summary["model"])
+    meta = json.loads((model / "bertray.json").read_text())
+    assert meta["task"] == "multi_label" and set(meta["thresholds"]) == set(COLOURS)
+    ev = evaluate.evaluate(str(model), str(tmp_path / "validation.parquet"), str(tmp_path / "eval"),
+                           label_column="colours")
+    assert ev["macro_f1"] == pytest.approx(float(best["best macro_f1"]))
 
 
 def test_pairs_fine_tune_label_and_serve_as_pairs(pair_model, served, tmp_path):
