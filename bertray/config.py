@@ -847,22 +847,33 @@ def _number(value: Any, want: type):
 
 
 def _check_trial_values(base: FinetuneConfig, space: dict, known_errors: set) -> list[str]:
-    """Run the fine-tuning checks with each listed value (and each range's ends) in place, so a value no trial
-    could use (a negative lr, a batch size of 0) stops the sweep before any trial starts."""
+    """Run the fine-tuning checks with each listed value (and each range's ends) in place, then with every pair of
+    two keys' values, so a value no trial could use (a negative lr, a batch size of 0), or two that no trial could
+    use together (model.train_windows 'all' with model.long_text 'truncate'), stops the sweep before any trial."""
     import copy
+    import itertools
 
-    errors = []
-    for key, (kind, values) in space.items():
-        *path, last = key.split(".")
-        for v in values:
-            cfg = copy.deepcopy(base)
+    def problems(values: dict) -> list[str]:
+        cfg = copy.deepcopy(base)
+        for key, v in values.items():
+            *path, last = key.split(".")
             node = cfg
             for p in path:
                 node = getattr(node, p)
             setattr(node, last, v)
-            new = [x for x in cfg.check() if x not in known_errors]
-            if new:
+        return [x for x in cfg.check() if x not in known_errors]
+
+    errors = []
+    for key, (_, values) in space.items():
+        for v in values:
+            if new := problems({key: v}):
                 errors.append(f"search.space.{key}: value {v!r} is not allowed: {'; '.join(new)}")
+    if errors:
+        return errors
+    for (a, (_, va)), (b, (_, vb)) in itertools.combinations(space.items(), 2):
+        for x, y in itertools.product(va, vb):
+            if new := problems({a: x, b: y}):
+                errors.append(f"search.space: {a} {x!r} with {b} {y!r} is not allowed: {'; '.join(new)}")
     return errors
 
 

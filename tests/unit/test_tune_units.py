@@ -83,6 +83,17 @@ def test_every_space_problem_is_reported_at_once():
     assert len(errors) == 12  # the grid-under-optuna rule is not reached: batch_size's grid is itself invalid
 
 
+def test_two_swept_values_no_trial_could_use_together_stop_the_sweep():
+    """Each value is fine against the base; together they are not (all windows need chunked scoring)."""
+    space = {"model.train_windows": {"grid": ["one", "all"]}, "model.long_text": {"grid": ["chunk", "truncate"]},
+             "optim.lr": {"grid": [1.0e-4, 1.0e-3]}}
+    errors = _errors({"algorithm": "grid", "space": space}, model={"long_text": "chunk"})
+    assert errors == ["search.space: model.train_windows 'all' with model.long_text 'truncate' is not allowed: "
+                      "model.train_windows: 'all' needs model.long_text: chunk (the windows it trains on are the "
+                      "ones the checkpoint pools when scoring)"], errors
+    _load({"algorithm": "grid", "space": {**space, "model.long_text": {"grid": ["chunk"]}}}, model={"long_text": "chunk"})
+
+
 def test_algorithm_and_scheduler_rules():
     text = "\n".join(_errors({"algorithm": "optuna", "scheduler": "pbt", "pbt_keys": ["optim.lr", "train.batch_size"],
                               "space": {"optim.lr": {"loguniform": [1.0e-5, 1.0e-3]},
