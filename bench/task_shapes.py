@@ -28,14 +28,16 @@ from common import machine, shared_data
 RUNS = "/tmp/bench-runs"
 
 
-def finetune(data: dict, name: str, epochs: float, max_length: int, lr: float, batch: int, metric: str) -> tuple[dict, float]:
+def finetune(data: dict, name: str, epochs: float, max_length: int, lr: float, batch: int, metric: str,
+             class_weights: str = "none") -> tuple[dict, float]:
     from bertray import config, finetune as ft
 
     cfg = config.load(config.FinetuneConfig, data={
         "model": {"max_length": max_length},
         "data": data,
         "optim": {"lr": lr},
-        "train": {"batch_size": batch, "epochs": epochs, "metric": metric, "log_every": 100},
+        "train": {"batch_size": batch, "epochs": epochs, "metric": metric, "log_every": 100,
+                  "class_weights": class_weights},
         "run": {"name": name, "storage": RUNS, "num_workers": 2, "keep_checkpoints": 1, "overwrite": True},
     })
     t = time.perf_counter()
@@ -47,12 +49,14 @@ def goemotions(args) -> dict:
 
     d = shared_data() / "goemotions"
     summary, seconds = finetune({"train": str(d / "train.parquet"), "validation": str(d / "validation.parquet"),
-                                 "label_column": "labels"}, "goemotions", args.epochs, 64, args.lr, 16, "macro_f1")
+                                 "label_column": "labels"}, "goemotions", args.epochs, 64, args.lr, 16, "macro_f1",
+                                class_weights=args.class_weights)
     test = evaluate.evaluate(summary["model"], str(d / "test.parquet"), f"{RUNS}/goemotions-test",
                              label_column="labels")
     keys = ("macro_f1", "micro_f1", "samples_f1", "accuracy", "macro_f1_at_0_5", "micro_f1_at_0_5",
             "label_cardinality", "predicted_cardinality", "n")
-    return {"task": "goemotions", "epochs": args.epochs, "lr": args.lr, "train_seconds": seconds,
+    return {"task": "goemotions", "epochs": args.epochs, "lr": args.lr, "class_weights": args.class_weights,
+            "train_seconds": seconds, "best_step": summary["best_step"], "final_step": summary["final_step"],
             "validation": {k: summary["metrics"].get(k) for k in keys}, "test": {k: test.get(k) for k in keys},
             "test_per_label_f1": {n: v["f1"] for n, v in test["per_class"].items()}}
 
@@ -80,7 +84,9 @@ def pairs(args) -> dict:
 def report(r: dict) -> str:
     if r["task"] == "goemotions":
         v, t = r["validation"], r["test"]
-        lines = [f"GoEmotions, embedded MiniLM, {r['epochs']:g} epoch(s) at lr {r['lr']:g} (train {r['train_seconds'] / 60:.0f} min)",
+        lines = [f"GoEmotions, embedded MiniLM, {r['epochs']:g} epoch(s) at lr {r['lr']:g}, class_weights "
+                 f"{r['class_weights']} (train {r['train_seconds'] / 60:.0f} min; best step {r['best_step']} of "
+                 f"{r['final_step']})",
                  "", "| split | macro-F1 tuned | macro-F1 at 0.5 | micro-F1 tuned | micro-F1 at 0.5 | samples-F1 | "
                  "subset accuracy | labels per row (true / predicted) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name, m in (("validation (thresholds tuned here)", v), ("test", t)):
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("task", choices=["goemotions", "mrpc", "rte"])
     p.add_argument("--epochs", type=float, default=None, help="default: 1 for goemotions, 3 for the pair tasks")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-4 for goemotions, 5e-5 for the pair tasks")
+    p.add_argument("--class-weights", choices=["none", "balanced"], default="none",
+                   help="goemotions: train.class_weights (balanced: BCE pos_weight per label)")
     p.add_argument("--out", default=None, help="JSON result (default: /tmp/bench-runs/<task>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -154,35 +154,26 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(ray_cluster, sweep_confi
     assert summary["best"]["config"]["model.base"] == cfg["model"]["base"]
 
 
-def _diverged_lines() -> int:
-    """How many times a training loop of this session's Ray cluster has said its loss diverged (worker logs)."""
-    import ray
-
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    return sum(f.read_text(errors="replace").count("training diverged: the loss was not finite")
-               for f in logs.glob("worker-*.out"))
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_diverged_trial_fails_once_and_the_sweep_goes_on(ray_cluster, sweep_config, workers):
     """A learning rate no model survives: that trial ends as failed with the loop's one-line reason, in a trial of
-    its own process and in a data-parallel one (a Ray Train run inside the trial); the other trial finishes. Tune's
-    retries (run.max_failures) do not train it again: the loss would diverge again."""
-    cfg = sweep_config({"algorithm": "grid", "workers_per_trial": workers,
-                        "space": {"optim.lr": {"grid": [1.0e-3, 1.0e30]}}},
+    its own process and in a data-parallel one (a Ray Train run inside the trial); the other trial finishes (shown
+    once, with single-process trials). Tune's retries (run.max_failures) do not train it again: the loss would
+    diverge again."""
+    lrs = [1.0e-3, 1.0e30] if workers == 1 else [1.0e30]
+    cfg = sweep_config({"algorithm": "grid", "workers_per_trial": workers, "space": {"optim.lr": {"grid": lrs}}},
                        optim={"max_grad_norm": 0}, train={"max_steps": 4, "eval_every": 4, "log_every": 2},
                        run={"name": f"diverged-{workers}", "max_failures": 2})
-    before = _diverged_lines()
     summary = _run(cfg)
     rows = {float(r["optim.lr"]): r for r in _table(summary["run_dir"])}
     assert rows[1.0e30]["status"] == "failed" and "training diverged" in rows[1.0e30]["error"], rows[1.0e30]
-    assert rows[1.0e-3]["status"] == "finished"
-    mark = storage.join(summary["run_dir"], f"trial-{rows[1.0e30]['trial']}", sweep.FINAL_ERROR)
-    assert "training diverged" in storage.read_text(mark)
-    deadline = time.time() + 10  # a worker's line reaches its log file when printed; allow the file system a moment
-    while _diverged_lines() - before < 1 and time.time() < deadline:
-        time.sleep(0.2)
-    assert _diverged_lines() - before == 1
+    assert workers > 1 or rows[1.0e-3]["status"] == "finished"
+    trial = storage.join(summary["run_dir"], f"trial-{rows[1.0e30]['trial']}")
+    assert "training diverged" in storage.read_text(storage.join(trial, sweep.FINAL_ERROR))
+    # Tune's error.txt holds each failure's traceback: three tries (max_failures 2), and only the first trained.
+    failures = storage.read_text(storage.join(trial, "error.txt")).split("Failure # ")[1:]
+    trained = [f for f in failures if "in _diverged" in f or "in _distributed_trial" in f]
+    assert len(failures) == 3 and len(trained) == 1, failures
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
