@@ -139,7 +139,7 @@ def _trial(params: dict, *, base: FinetuneConfig, data: SweepData) -> None:
 
     import ray.tune
 
-    mark = storage.join(trainer.run_dir(base), f"trial-{ray.tune.get_context().get_trial_id()}", FINAL_ERROR)
+    mark = storage.join(trainer.run_dir(base), _trial_folder(ray.tune.get_context().get_trial_id()), FINAL_ERROR)
     if storage.exists(mark):
         raise RuntimeError(storage.read_text(mark))
     try:
@@ -192,7 +192,11 @@ class _TrialEnd:
 
 def _trial_dirname(trial) -> str:
     # Tune's default names a trial folder after its config, which with dotted keys gets long and unreadable.
-    return f"trial-{trial.trial_id}"
+    return _trial_folder(trial.trial_id)
+
+
+def _trial_folder(trial_id: str) -> str:
+    return f"trial-{trial_id}"
 
 
 # --------------------------------------------------------------------------------------------------- tuner
