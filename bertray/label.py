@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 # No bertray.modeling here: it imports torch and transformers, which the build+write tasks never use, and a fresh
 # Ray worker spends seconds importing them; the functions that need it import it themselves.
 from bertray import data, storage
+from bertray.metrics import labels_on
 from bertray.config import ConfigError, LabelConfig
 
 log = logging.getLogger(__name__)
@@ -768,16 +769,15 @@ def _multi_label_columns(cols: dict, names: list[str], probs: np.ndarray, has: n
                          thresholds: list[float]) -> dict:
     """`labels` and `scores` list columns: each row's labels at or over their thresholds, most probable first (an
     empty list where none is; null where the row has no text). Returns the rows per label."""
-    on = (probs >= np.asarray(thresholds, dtype=np.float32)[None, :]) & has[:, None]
-    order = np.argsort(-probs, axis=1, kind="stable")
-    chosen = np.take_along_axis(on, order, axis=1)
+    order, chosen = labels_on(probs, np.asarray(thresholds, dtype=np.float32))
+    chosen &= has[:, None]
     offsets = pa.array(np.concatenate([[0], np.cumsum(chosen.sum(axis=1))]).astype(np.int32))
     nulls = pa.array(~has)
     values = pa.array(np.asarray(names, dtype=object)[order[chosen]], pa.string())
     cols["labels"] = pa.ListArray.from_arrays(offsets, values, mask=nulls)
     cols["scores"] = pa.ListArray.from_arrays(
         offsets, pa.array(np.take_along_axis(probs, order, axis=1)[chosen], pa.float32()), mask=nulls)
-    return {names[k]: int(c) for k, c in enumerate(on.sum(axis=0)) if c}
+    return {names[k]: int(c) for k, c in enumerate(np.bincount(order[chosen], minlength=len(names))) if c}
 
 
 def _row_groups(md: pq.FileMetaData, start: int, stop: int) -> tuple[list[int], int]:

@@ -185,3 +185,10 @@ def plot_curves(history: list[dict], path: str | Path, metric: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def labels_on(probs: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-label decisions for rows of probabilities: each row's label ids, most probable first, and whether each
+    is at or over its threshold (in that order). The one rule label, serve and predict apply."""
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    return order, np.take_along_axis(probs >= np.asarray(thresholds, dtype=probs.dtype), order, axis=-1)

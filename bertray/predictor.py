@@ -19,6 +19,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from bertray import checkpoint, export, modeling
+from bertray.metrics import labels_on
 from bertray.modeling import encoding
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,9 @@ class Predictor:
 
     def chosen(self, probs: np.ndarray) -> list[int]:
         """Multi-label: the labels one text's probabilities carry, at the checkpoint's thresholds, most probable
-        first (label writes the same, vectorised, in its output columns)."""
-        return [int(k) for k in np.argsort(-probs, kind="stable") if probs[k] >= self.thresholds[k]]
+        first."""
+        order, on = labels_on(probs, self.thresholds)
+        return order[on].tolist()
 
     def describe(self) -> dict:
         return {
