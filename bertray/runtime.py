@@ -76,6 +76,10 @@ def init_ray(address: str | None = None) -> None:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     for key in (job.get("runtime_env") or {}).get("env_vars", {}):
         env.pop(key, None)
+    if not address:
+        # One machine has no node to pre-empt: Ray Train's preemption watcher (an actor per worker group, which only
+        # logs drain notices) would add nothing but an error-level line about its arguments (ray-project/ray#53727).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     held = sorted(k for k in os.environ if k.startswith(_PROPAGATE) and is_secret(k))
     if address and held:
         log.info("not forwarding %s to the cluster's workers (Ray would log the values); they use the nodes' own",
