@@ -332,6 +332,7 @@ class Loop:
         report = {
             **scalars,
             "step": st.step,
+            "planned_steps": self.total_steps,  # a sweep ends a trial there (tune._trial_end)
             "epoch": st.epoch,
             # Training progress in epochs (fractional): ASHA's rungs are placed in it, so trials with different
             # batch sizes or evaluation intervals are compared after the same amount of data, not the same count

@@ -83,7 +83,7 @@ def run(cfg: TuneConfig) -> dict:
     objective = finetune.ClassificationObjective(base, data.train_ref, data.val_ref, data.label_names, data.report)
     log.info("sweep %s: %s search, scheduler %s, up to %d trial(s) at once; %d train / %d validation rows",
              cfg.run.name, cfg.search.algorithm, cfg.search.scheduler, concurrency, len(train.texts), len(val.texts))
-    tuner = _setup_tuner(cfg, base, data, objective.metric, objective.mode, concurrency, len(train.texts))
+    tuner = _setup_tuner(cfg, base, data, objective.metric, objective.mode, concurrency)
     grid = tuner.fit()
     summary = summarize(cfg, grid, objective.metric, objective.mode)
     if summary["interrupted"]:
@@ -167,27 +167,14 @@ def _distributed_trial(cfg: FinetuneConfig, objective) -> None:
         raise TrainingDiverged(diverged)
 
 
-class _TrialEnd:
-    """A Tune stop condition (a plain callable; Tune wraps it) that ends a trial at its last planned step or
-    once it stopped early (patience).
+def _trial_end(trial_id: str, result: dict) -> bool:
+    """A Tune stop condition: a trial ends at its last planned step (the loop reports its own plan) or once it
+    stopped early (patience).
 
     Needed with PBT: PBT pauses trials at each perturbation and resumes them from a checkpoint, and a trial resumed
     at its end reports its state once more (the loop's 'report the restored state' path), which PBT would pause
-    again, for ever. The planned steps follow the loop's own schedule (max_steps, else epochs x batches per epoch
-    per worker / gradient accumulation)."""
-
-    def __init__(self, base: FinetuneConfig, n_train: int):
-        self.base, self.n_train = base, n_train
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return bool(result.get("stopped_early")) or result.get("step", 0) >= self.planned(result.get("config", {}))
-
-    def planned(self, params: dict) -> int:
-        from bertray.train_loop import _apply_overrides
-
-        cfg = _apply_overrides(self.base, params)
-        batches = math.ceil(math.ceil(self.n_train / cfg.train.batch_size) / cfg.run.num_workers)
-        return cfg.train.max_steps or math.ceil(cfg.train.epochs * max(1, batches // cfg.optim.grad_accum_steps))
+    again, for ever."""
+    return bool(result.get("stopped_early")) or result.get("step", 0) >= result.get("planned_steps", math.inf)
 
 
 def _trial_dirname(trial) -> str:
@@ -202,8 +189,7 @@ def _trial_folder(trial_id: str) -> str:
 # --------------------------------------------------------------------------------------------------- tuner
 
 
-def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric: str, mode: str, concurrency: int,
-                 n_train: int):
+def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric: str, mode: str, concurrency: int):
     from ray import tune
 
     s = cfg.search
@@ -255,7 +241,7 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
-            stop=_TrialEnd(base, n_train) if s.scheduler == "pbt" else None,
+            stop=_trial_end if s.scheduler == "pbt" else None,
             callbacks=_callbacks(cfg),
             verbose=1),
     )
