@@ -847,13 +847,14 @@ def _number(value: Any, want: type):
 
 
 def _check_trial_values(base: FinetuneConfig, space: dict, known_errors: set) -> list[str]:
-    """Run the fine-tuning checks with each listed value (and each range's ends) in place, then with every pair of
-    two keys' values, so a value no trial could use (a negative lr, a batch size of 0), or two that no trial could
-    use together (model.train_windows 'all' with model.long_text 'truncate'), stops the sweep before any trial."""
+    """Run the fine-tuning checks on the values trials can take (each listed value, each range's ends), two keys
+    at a time, so a value no trial could use (a negative lr, a batch size of 0) or two no trial could use together
+    (model.train_windows 'all' with model.long_text 'truncate') stops the sweep before any trial starts. A problem
+    a value has with every value of the other keys is that value's own; else it belongs to the pair."""
     import copy
     import itertools
 
-    def problems(values: dict) -> list[str]:
+    def problems(values: dict) -> frozenset[str]:
         cfg = copy.deepcopy(base)
         for key, v in values.items():
             *path, last = key.split(".")
@@ -861,19 +862,23 @@ def _check_trial_values(base: FinetuneConfig, space: dict, known_errors: set) ->
             for p in path:
                 node = getattr(node, p)
             setattr(node, last, v)
-        return [x for x in cfg.check() if x not in known_errors]
+        return frozenset(x for x in cfg.check() if x not in known_errors)
 
-    errors = []
-    for key, (_, values) in space.items():
-        for v in values:
-            if new := problems({key: v}):
-                errors.append(f"search.space.{key}: value {v!r} is not allowed: {'; '.join(new)}")
-    if errors:
-        return errors
-    for (a, (_, va)), (b, (_, vb)) in itertools.combinations(space.items(), 2):
-        for x, y in itertools.product(va, vb):
-            if new := problems({a: x, b: y}):
-                errors.append(f"search.space: {a} {x!r} with {b} {y!r} is not allowed: {'; '.join(new)}")
+    keys = list(space)
+    pairs = {}
+    for a, b in itertools.combinations(keys, 2):
+        for x, y in itertools.product(space[a][1], space[b][1]):
+            pairs[(a, x, b, y)] = problems({a: x, b: y})
+    own = {}
+    for key in keys:
+        for v in space[key][1]:
+            seen = [p for (a, x, b, y), p in pairs.items() if (a, x) == (key, v) or (b, y) == (key, v)]
+            own[(key, v)] = frozenset.intersection(*seen) if seen else problems({key: v})
+    errors = [f"search.space.{key}: value {v!r} is not allowed: {'; '.join(sorted(p))}"
+              for (key, v), p in own.items() if p]
+    for (a, x, b, y), p in pairs.items():
+        if rest := p - own[(a, x)] - own[(b, y)]:
+            errors.append(f"search.space: {a} {x!r} with {b} {y!r} is not allowed: {'; '.join(sorted(rest))}")
     return errors
 
 

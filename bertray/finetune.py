@@ -29,9 +29,7 @@ def run(cfg: FinetuneConfig) -> dict:
     import ray
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
-    if not storage.is_remote(cfg.model.base):  # a remote base is read by the workers; the driver need not fetch it
-        modeling.resolve(cfg.model.base)  # a missing or damaged local base fails here in one line, not in every worker
-    modeling.check_adapter(cfg.model)  # likewise an adapter PEFT cannot put on the base
+    check_model(cfg.model)
     train, val = load_splits(cfg)
     cfg = trainer.start_run(cfg, "finetune", trainer.labeled_data(train, val))
     train_ref, val_ref = (ray.put(ingest(part, cfg.model, training)) for part, training in ((train, True), (val, False)))
@@ -46,6 +44,14 @@ def run(cfg: FinetuneConfig) -> dict:
              objective.metric, m.get(objective.metric, float("nan")), summary["best_step"], m.get("accuracy", float("nan")),
              m.get("macro_f1", float("nan")), summary["model"])
     return summary
+
+
+def check_model(m) -> None:
+    """Before any worker starts: a missing or damaged local base, or an adapter PEFT cannot put on the base, fails
+    here in one line, not in every worker (and not again in each of Ray Train's restarts)."""
+    if not storage.is_remote(m.base):  # a remote base is read by the workers; this process need not fetch it
+        modeling.resolve(m.base)
+    modeling.check_adapter(m)
 
 
 def load_splits(cfg: FinetuneConfig) -> tuple[D.Labeled, D.Labeled]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _parse(uri: str) -> tuple[str, dict[str, str]]:
         location, query = uri[: m.start()], m.group(1)
     else:
         location, query = uri, ""
-    options = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in query.split("&")) if query else {}
+    options = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in query.split("&") if kv)
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise DataError(f"{uri}: unknown option(s) {', '.join(unknown)}; a Hugging Face dataset takes "
@@ -134,7 +135,9 @@ def _parse(uri: str) -> tuple[str, dict[str, str]]:
     for key, value in options.items():
         if not value:
             raise DataError(f"{uri}: ?{key}= needs a value")
-    return location.rstrip("/"), options
+    location = location.rstrip("/")
+    _builder(uri, location, options)  # checks data_files goes with a builder, and a builder's options
+    return location, options
 
 
 def _builder(uri: str, location: str, options: dict) -> str | None:
@@ -243,7 +246,9 @@ def _read_builder(uri: str, builder: str, pattern: str) -> pa.Table:
             if storage.is_remote(f):
                 copy = Path(tmp, "files", f"{i:06d}-{f.rsplit('/', 1)[-1]}")
                 copy.parent.mkdir(exist_ok=True)
-                copy.write_bytes(storage.read_bytes(f))
+                fs, path = storage.filesystem(f)
+                with fs.open_input_stream(path) as src, copy.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
                 f = str(copy)
             local.append(f)
         # Quiet while it reads: a progress bar per split, and a parse error logged before it is raised (the one

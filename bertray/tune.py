@@ -69,10 +69,10 @@ def run(cfg: TuneConfig) -> dict:
 
     runtime.check_shared_storage(cfg.run.storage, "run.storage")
     concurrency = _concurrency(cfg)
-    modeling.check_adapter(cfg.model)  # an adapter PEFT cannot put on the base fails here, not in every trial
+    finetune.check_model(cfg.model)  # a base or adapter that cannot be used fails here, not in every trial
     train, val = finetune.load_splits(cfg.trial_base())
     cfg = trainer.start_run(cfg, "sweep", trainer.labeled_data(train, val))
-    base = cfg.trial_base()  # with the run's name, under which the trials' Ray Train runs are stored
+    base = _absolute(cfg.trial_base())  # with the run's name, under which the trials' Ray Train runs are stored
     # Tokenized once for every trial, unless trials change how texts are tokenized: then each trial does its own.
     retokenize = any(k in ("model.base", "model.max_length", "model.truncation", "model.long_text", "model.chunk_overlap",
                            "model.train_windows") for k in parse_space(cfg.search.space)[0])
@@ -91,6 +91,16 @@ def run(cfg: TuneConfig) -> dict:
     if (parent := trainer.tracked_run(cfg)) is not None:
         _finish_tracking(cfg, parent, summary)
     return summary
+
+
+def _absolute(base: FinetuneConfig) -> FinetuneConfig:
+    """`base` with its local paths made absolute: Tune runs each trial in a working folder of its own, where a
+    relative run.storage or model.base would name another place."""
+    if not storage.is_remote(base.run.storage):
+        base.run.storage = os.path.abspath(base.run.storage)
+    if os.path.exists(base.model.base):
+        base.model.base = os.path.abspath(base.model.base)
+    return base
 
 
 def _finish_tracking(cfg: TuneConfig, parent, summary: dict) -> None:
@@ -150,7 +160,12 @@ def _trial(params: dict, *, base: FinetuneConfig, data: SweepData) -> None:
         else:
             _distributed_trial(cfg, objective)
     except _FINAL as exc:
-        storage.write_text(mark, str(exc))
+        # Raised over an I/O error (a model that could not be fetched, storage that did not answer): may pass.
+        if not isinstance(exc.__context__, OSError):
+            try:
+                storage.write_text(mark, str(exc))
+            except OSError as write_error:  # the trial's own reason matters more than the note of it
+                log.warning("could not record why trial %s failed (%s); a retry will run it again", mark, write_error)
         raise
 
 
@@ -160,6 +175,7 @@ def _distributed_trial(cfg: FinetuneConfig, objective) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    finetune.check_model(cfg.model)  # here, once, rather than in each worker and each of Ray Train's restarts
     trial_id = ray.tune.get_context().get_trial_id()
     result = trainer.build_trainer(cfg, objective, callbacks=(TuneReportCallback(),), name=trial_id,
                                    storage_uri=storage.join(trainer.run_dir(cfg), "train-runs")).fit()
@@ -175,6 +191,18 @@ def _trial_end(trial_id: str, result: dict) -> bool:
     at its end reports its state once more (the loop's 'report the restored state' path), which PBT would pause
     again, for ever."""
     return bool(result.get("stopped_early")) or result.get("step", 0) >= result.get("planned_steps", math.inf)
+
+
+def _forget_final_errors(rdir: str) -> None:
+    """Remove the failure notes of the sweep's trials (one listing of the sweep folder, one request per trial)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(rdir)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(_trial_folder("")):
+            note = storage.join(rdir, info.base_name, FINAL_ERROR)
+            if storage.exists(note):
+                storage.delete(note)
 
 
 def _trial_dirname(trial) -> str:
@@ -210,8 +238,7 @@ def _setup_tuner(cfg: TuneConfig, base: FinetuneConfig, data: SweepData, metric:
         log.info("resuming the sweep at %s (finished trials are kept, unfinished ones continue from their last "
                  "checkpoint%s)", rdir, ", failed ones are retried" if s.resume_failed else "")
         if s.resume_failed:  # asked for: every failed trial gets its retry
-            for f in storage.list_files(storage.join(rdir, "trial-*", FINAL_ERROR)):
-                storage.delete(f)
+            _forget_final_errors(rdir)
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=s.resume_failed, restart_errored=False, storage_filesystem=fs_arg)
     space, _ = parse_space(s.space)  # already checked when the config was loaded
@@ -264,6 +291,8 @@ def _param_space(space: dict, algorithm: str) -> dict:
 
     out = {}
     for key, (kind, values) in space.items():
+        if key == "model.base":  # as _absolute: trials open their base from a working folder of their own
+            values = [os.path.abspath(v) if os.path.exists(v) else v for v in values]
         if kind == "grid" or (kind == "choice" and algorithm == "grid"):
             out[key] = tune.grid_search(values)
         elif kind == "choice":

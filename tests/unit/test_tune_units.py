@@ -92,6 +92,14 @@ def test_two_swept_values_no_trial_could_use_together_stop_the_sweep():
                       "model.train_windows: 'all' needs model.long_text: chunk (the windows it trains on are the "
                       "ones the checkpoint pools when scoring)"], errors
     _load({"algorithm": "grid", "space": {**space, "model.long_text": {"grid": ["chunk"]}}}, model={"long_text": "chunk"})
+    # A value at odds with the base only: fine while the key it clashes with is swept to values it goes with.
+    _load({"algorithm": "grid", "space": {"model.train_windows": {"grid": ["all"]},
+                                          "model.long_text": {"grid": ["chunk"]}}})
+    # A value wrong whatever it is paired with is that value's own problem, said once.
+    errors = _errors({"algorithm": "grid", "space": {**space, "train.log_every": {"grid": [5, 0]}}},
+                     model={"long_text": "chunk"})
+    assert "search.space.train.log_every: value 0 is not allowed: train.log_every: must be > 0, got 0" in errors
+    assert len(errors) == 2 and sum("train.log_every" in e for e in errors) == 1, errors
 
 
 def test_algorithm_and_scheduler_rules():

@@ -154,26 +154,38 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(ray_cluster, sweep_confi
     assert summary["best"]["config"]["model.base"] == cfg["model"]["base"]
 
 
+def _tries(trial: str) -> tuple[int, int]:
+    """(failures, failures that trained) of a trial, from Tune's error.txt (each failure's traceback)."""
+    failures = storage.read_text(storage.join(trial, "error.txt")).split("Failure # ")[1:]
+    return len(failures), sum("in _diverged" in f or "in _distributed_trial" in f for f in failures)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_diverged_trial_fails_once_and_the_sweep_goes_on(ray_cluster, sweep_config, workers):
+def test_a_diverged_trial_fails_once_and_the_sweep_goes_on(ray_cluster, sweep_config, workers, tmp_path, monkeypatch):
     """A learning rate no model survives: that trial ends as failed with the loop's one-line reason, in a trial of
     its own process and in a data-parallel one (a Ray Train run inside the trial); the other trial finishes (shown
     once, with single-process trials). Tune's retry (run.max_failures) does not train it again: the loss would
-    diverge again."""
+    diverge again. With a relative run.storage (trials run in working folders of their own), and resumed with
+    search.resume_failed, which does retry it."""
+    monkeypatch.chdir(tmp_path)
     lrs = [1.0e-3, 1.0e30] if workers == 1 else [1.0e30]
     cfg = sweep_config({"algorithm": "grid", "workers_per_trial": workers, "space": {"optim.lr": {"grid": lrs}}},
                        optim={"max_grad_norm": 0}, train={"max_steps": 4, "eval_every": 4, "log_every": 2},
-                       run={"name": f"diverged-{workers}", "max_failures": 1})
+                       run={"name": f"diverged-{workers}", "max_failures": 1, "storage": "runs"})
     summary = _run(cfg)
+    assert summary["run_dir"] == str(tmp_path / "runs" / f"diverged-{workers}")
     rows = {float(r["optim.lr"]): r for r in _table(summary["run_dir"])}
     assert rows[1.0e30]["status"] == "failed" and "training diverged" in rows[1.0e30]["error"], rows[1.0e30]
     assert workers > 1 or rows[1.0e-3]["status"] == "finished"
     trial = storage.join(summary["run_dir"], f"trial-{rows[1.0e30]['trial']}")
     assert "training diverged" in storage.read_text(storage.join(trial, sweep.FINAL_ERROR))
-    # Tune's error.txt holds each failure's traceback: two tries (max_failures 1), and only the first trained.
-    failures = storage.read_text(storage.join(trial, "error.txt")).split("Failure # ")[1:]
-    trained = [f for f in failures if "in _diverged" in f or "in _distributed_trial" in f]
-    assert len(failures) == 2 and len(trained) == 1, failures
+    assert _tries(trial) == (2, 1)  # two tries (max_failures 1), only the first trained
+    if workers == 1:
+        cfg["search"]["resume_failed"] = True
+        summary = _run(cfg)
+        rows = {float(r["optim.lr"]): r for r in _table(summary["run_dir"])}
+        assert rows[1.0e30]["status"] == "failed" and rows[1.0e-3]["status"] == "finished"
+        assert _tries(trial) == (3, 2)  # trained once more (Tune keeps counting its failures: no retry after)
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
