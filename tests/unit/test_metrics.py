@@ -48,3 +48,11 @@ def test_single_label_micro_f1_is_accuracy():
     cm = np.array([[5, 1], [2, 7]])
     m = M.from_confusion(cm, ["a", "b"])
     assert m["micro_f1"] == m["accuracy"] == pytest.approx(12 / 15)
+
+
+def test_labels_on_orders_each_rows_labels_by_probability_and_keeps_those_at_their_threshold():
+    probs = np.array([[0.2, 0.9, 0.6], [0.1, 0.1, 0.1], [0.5, 0.5, 0.3]], dtype=np.float32)
+    order, on = M.labels_on(probs, np.array([0.5, 0.95, 0.3], dtype=np.float32))
+    assert [order[i][on[i]].tolist() for i in range(3)] == [[2], [], [0, 2]]  # at a threshold counts; ties keep id order
+    one_order, one_on = M.labels_on(probs[2], np.array([0.5, 0.5, 0.5], dtype=np.float32))  # one row, as Predictor
+    assert one_order[one_on].tolist() == [0, 1]
