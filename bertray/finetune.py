@@ -117,7 +117,7 @@ def _overlap(m: ModelConfig, training: bool) -> int | None:
     """The windows' overlap when a split is cut into windows, else None: validation is scored as the checkpoint
     scores (long_text), and training takes every window only with train_windows all."""
     if m.long_text == "chunk" and (not training or m.train_windows == "all"):
-        return min(m.chunk_overlap, m.max_length // 2)  # as modeling.encoding clamps it for scoring
+        return modeling.window_overlap(m.chunk_overlap, m.max_length)  # as scoring cuts them
     return None
 
 

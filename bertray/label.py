@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 # No bertray.modeling here: it imports torch and transformers, which the build+write tasks never use, and a fresh
 # Ray worker spends seconds importing them; the functions that need it import it themselves.
 from bertray import data, storage
-from bertray.metrics import labels_on
 from bertray.config import ConfigError, LabelConfig
+from bertray.metrics import labels_on
 
 log = logging.getLogger(__name__)
 

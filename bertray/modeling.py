@@ -382,10 +382,16 @@ def encoding(model_uri: str, max_length: int | None = None, long_text: str | Non
     long_text = long_text or model_cfg.get("long_text", default.long_text)
     if long_text not in ("truncate", "chunk"):
         raise ModelError(f"long_text: expected 'truncate' or 'chunk', got {long_text!r}")
-    overlap = min(int(model_cfg.get("chunk_overlap", default.chunk_overlap)), max_length // 2)
+    overlap = window_overlap(int(model_cfg.get("chunk_overlap", default.chunk_overlap)), max_length)
     chunking = (overlap, model_cfg.get("chunk_pool", default.chunk_pool)) if long_text == "chunk" else None
     return Encoding(path, meta, config, tokenizer, max_length, model_cfg.get("truncation", default.truncation),
                     chunking)
+
+
+def window_overlap(overlap: int, max_length: int) -> int:
+    """The overlap windows are cut with: at most half a window, whatever max_length a scorer or trial runs with
+    (the config check holds a run's own settings to that)."""
+    return min(overlap, max_length // 2)
 
 
 def windows(tokenizer, texts: list[str], max_length: int, overlap: int) -> tuple[list[list[int]], np.ndarray]:

@@ -36,8 +36,8 @@ RUN_FILE = "mlflow.json"  # in the run folder: which MLflow run it is, so a resu
 MODELS = "models:/"
 _MODEL_URI = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([^/@]+))/?$")
 # A Tune result's bookkeeping, not the trial's metrics.
-_TUNE_KEYS = {"step", "planned_steps", "epoch", "best", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid",
-              "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total",
+_TUNE_KEYS = {"step", "planned_steps", "epoch", "best", "training_iteration", "time_this_iter_s", "time_total_s",
+              "timestamp", "pid", "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total",
               "timesteps_since_restore", "done"}
 
 

@@ -98,9 +98,13 @@ def _absolute(base: FinetuneConfig) -> FinetuneConfig:
     relative run.storage or model.base would name another place."""
     if not storage.is_remote(base.run.storage):
         base.run.storage = os.path.abspath(base.run.storage)
-    if os.path.exists(base.model.base):
-        base.model.base = os.path.abspath(base.model.base)
+    base.model.base = _absolute_if_local(base.model.base)
     return base
+
+
+def _absolute_if_local(model: str) -> str:
+    """A local model folder's absolute path; a hub id or remote folder as it is."""
+    return os.path.abspath(model) if os.path.exists(model) else model
 
 
 def _finish_tracking(cfg: TuneConfig, parent, summary: dict) -> None:
@@ -122,12 +126,12 @@ def prune_train_state(rdir: str, failed_trials: list[str]) -> dict:
     It is there only to resume a trial, and after the sweep nothing resumes one except a retry of a failed trial
     (search.resume_failed), so failed trials keep theirs. Weights, tokenizer and metadata stay: any trial can still
     be evaluated, used for labeling or exported. AdamW keeps two moments per weight, so the state is about twice the
-    weights' size: two thirds of a sweep's checkpoint bytes (two 25-trial MiniLM sweeps left 18 GB)."""
+    weights' size: two thirds of a sweep's checkpoint bytes."""
     import pyarrow.fs as pafs
 
     fs, root = storage.filesystem(rdir)
     # A trial's files sit under trial-<id>/ (one process per trial) or train-runs/<id>/ (data-parallel trials).
-    keep = {f"trial-{t}" for t in failed_trials} | set(failed_trials)
+    keep = {_trial_folder(t) for t in failed_trials} | set(failed_trials)
     files = nbytes = 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         if info.type != pafs.FileType.File or info.base_name != ckpt_io.TRAIN_STATE:
@@ -200,9 +204,7 @@ def _forget_final_errors(rdir: str) -> None:
     fs, path = storage.filesystem(rdir)
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith(_trial_folder("")):
-            note = storage.join(rdir, info.base_name, FINAL_ERROR)
-            if storage.exists(note):
-                storage.delete(note)
+            storage.delete(storage.join(rdir, info.base_name, FINAL_ERROR))  # a no-op where there is none
 
 
 def _trial_dirname(trial) -> str:
@@ -292,7 +294,7 @@ def _param_space(space: dict, algorithm: str) -> dict:
     out = {}
     for key, (kind, values) in space.items():
         if key == "model.base":  # as _absolute: trials open their base from a working folder of their own
-            values = [os.path.abspath(v) if os.path.exists(v) else v for v in values]
+            values = [_absolute_if_local(v) for v in values]
         if kind == "grid" or (kind == "choice" and algorithm == "grid"):
             out[key] = tune.grid_search(values)
         elif kind == "choice":
