@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from bertray import config as C
-from bertray import finetune, modeling, trainer, tune
+from bertray import finetune, modeling, tune
 from bertray.runtime import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -311,20 +311,3 @@ def test_server_killed_mid_run_warns_and_the_run_finishes(ray_cluster, servers, 
     assert json.loads((tmp_path / "doomed" / "metrics.json").read_text())["metrics"]["accuracy"] >= 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("MLflow: could not" in w and "the run goes on" in w for w in warnings), warnings
-
-
-def test_unreachable_server_at_start_is_a_config_error(tiny_bert, hf_sst2, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_ports(1)[0]}")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    cfg = _cfg(C.FinetuneConfig, tiny_bert, hf_sst2, tmp_path, "nowhere")
-    with pytest.raises(C.ConfigError, match="run.tracking: cannot use the MLflow tracking server at http://127"):
-        trainer.start_run(cfg, "finetune", {"train": {"source": "x", "rows": 1, "sha256": "0"}})
-
-
-def test_tracking_config_is_checked_up_front():
-    with pytest.raises(C.ConfigError) as exc:
-        C.load(C.FinetuneConfig, data={"data": {"train": "x"}, "run": {"register_as": "a/b"}})
-    assert exc.value.errors == ["run.register_as: registering needs run.tracking=mlflow",
-                                "run.register_as: must be a model name without '/', '@' or quotes, got 'a/b'"]
-    with pytest.raises(C.ConfigError, match="run.experiment: needs a name"):
-        C.load(C.FinetuneConfig, data={"data": {"train": "x"}, "run": {"tracking": "mlflow", "experiment": " "}})

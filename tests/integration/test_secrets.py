@@ -10,8 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-7c1e", "HF_TOKEN": "planted-hf-93ab",
            "MY_API_KEY": "planted-api-5d20", "AWS_SESSION_TOKEN": "planted-session-e4f8"}
 
@@ -48,23 +46,3 @@ def test_secrets_reach_local_workers_but_no_ray_log():
         assert logs, "Ray wrote no runtime-env log here: the check above looked in the wrong place"
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def test_serve_hands_no_api_key_to_replicas_in_a_runtime_env(monkeypatch):
-    from bertray.config import ServeConfig
-    from bertray.serve import build_app
-
-    monkeypatch.setenv("MY_API_KEY", PLANTED["MY_API_KEY"])
-    app = build_app(ServeConfig(model="m", api_key_env="MY_API_KEY"))
-    assert PLANTED["MY_API_KEY"] not in json.dumps(app._bound_deployment.ray_actor_options)
-
-
-@pytest.mark.parametrize("name,secret", [("AWS_SECRET_ACCESS_KEY", True), ("AWS_ACCESS_KEY_ID", False),
-                                         ("HF_TOKEN", True), ("HF_HUB_OFFLINE", False),
-                                         ("BERTRAY_API_KEY", True), ("AWS_ENDPOINT_URL", False)])
-def test_which_forwarded_variables_count_as_secrets(name, secret, monkeypatch):
-    from bertray import runtime
-
-    monkeypatch.setenv(name, "x")
-    assert runtime.is_secret(name) is secret
-    assert (name in runtime.worker_env()) is not secret

@@ -1,14 +1,8 @@
-"""Typed config: defaults, YAML + --set overrides, and every problem reported at once (exit 2 before Ray)."""
-import subprocess
-import sys
-from pathlib import Path
-
+"""Typed config: defaults, YAML + --set overrides, and every problem reported at once; the checks of the LoRA
+adapter and of MLflow tracking settings."""
 import pytest
 
-from bertray import cli
 from bertray import config as C
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_yaml_holds_only_differences_and_overrides_are_typed(tmp_path):
@@ -73,36 +67,6 @@ def test_int8_and_bf16_are_cpu_options_for_labeling_and_serving():
                   overrides=["quantize=bf16"]).quantize == "bf16"
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("demo-*.yaml")), ids=lambda p: p.name)
-def test_demo_configs_validate(path):
-    assert cli.main(["validate", str(path)]) == 0
-
-
-def test_cli_exits_2_before_ray_starts(tmp_path, capsys, monkeypatch):
-    import ray
-
-    # Other tests in the session may already hold a Ray connection, so "Ray is not
-    # initialised" proves nothing here; instead any attempt to start Ray fails the test.
-    def no_ray(*a, **k):
-        raise AssertionError("ray.init was called for an invalid config")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    f = tmp_path / "bad.yaml"
-    f.write_text("data: {train: x.parquet}\ntrain: {epochs: -1}\n")
-    assert cli.main(["finetune", "--config", str(f), "--num-workers", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "train.epochs: must be > 0" in err and "run.num_workers: must be > 0" in err
-    assert cli.main(["validate", str(f)]) == 2
-
-
-def test_validate_subprocess_no_traceback(tmp_path):
-    f = tmp_path / "bad.yaml"
-    f.write_text("model: [not, a, mapping]\n")
-    r = subprocess.run([sys.executable, "-m", "bertray.cli", "validate", str(f)], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr and "model: expected a mapping" in r.stderr
-
-
 def test_serve_batches_have_a_size_and_no_timers():
     """Batching waits on no timer any more (bertray.batching), so the old timer keys are unknown, not ignored."""
     with pytest.raises(C.ConfigError, match="max_batch_size: must be > 0, got 0"):
@@ -123,48 +87,6 @@ def test_every_float_setting_must_be_finite_and_all_are_reported_at_once(tmp_pat
         assert f"{key}: must be a finite number, got {value}" in msg, msg
 
 
-@pytest.mark.parametrize("content,words", [
-    (bytes(range(128, 256)), "not a text file (byte 0 is not UTF-8)"),
-    (b"optim: [1, 2\n", "not valid YAML at line 2 column 1"),
-    (b"optim:\n  lr: 1.0e-5\noptim:\n  lr: 2.0e-5\n", "key 'optim' given twice (first at line 1)"),
-    (b"optim:\n  lr: 1.0e-5\n  lr: 2.0e-5\n", "key 'lr' given twice (first at line 2)"),
-    (None, "is a folder; give the path of a YAML config file"),
-])
-def test_unreadable_configs_get_one_line_from_validate_and_every_stage(tmp_path, capsys, content, words):
-    from bertray import cli
-
-    path = tmp_path / "c.yaml"
-    path.mkdir() if content is None else path.write_bytes(content)
-    for argv in (["validate", str(path)], ["validate", "--stage", "label", str(path)],
-                 ["finetune", "--config", str(path)], ["label", "--config", str(path)]):
-        assert cli.main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 2, (argv, err)
-
-
-def test_a_shorthand_flag_that_contradicts_a_set_is_refused(capsys):
-    from bertray import cli
-
-    assert cli.main(["finetune", "--num-workers", "2", "--set", "run.num_workers=4", "--set", "data.train=x"]) == 2
-    assert "--num-workers 2 contradicts --set run.num_workers=4; give one of them" in capsys.readouterr().err
-    cfg = cli.build_config("finetune", None, ["run.num_workers=2", "data.train=x"], {"num_workers": "2"})
-    assert cfg.run.num_workers == 2  # saying the same thing twice is fine
-
-
-def test_passthrough_takes_comma_separated_columns():
-    from bertray import cli
-
-    cfg = cli.build_config("label", None, [], {"model": "m", "input": "i", "output": "o", "passthrough": "a, b,c"})
-    assert cfg.passthrough == ["a", "b", "c"]
-
-
-def test_predict_refuses_an_empty_text_as_serve_does(capsys):
-    from bertray import cli
-
-    assert cli.main(["predict", "unused-model", "fine", "  "]) == 1
-    assert capsys.readouterr().err == "error: text 2: empty text\n"
-
-
 def test_training_on_every_window_needs_chunked_long_texts_and_single_texts():
     data = {"data": {"train": "x"}, "model": {"train_windows": "all"}}
     with pytest.raises(C.ConfigError, match="model.train_windows: 'all' needs model.long_text: chunk"):
@@ -179,3 +101,52 @@ def test_loading_leaves_the_callers_dict_as_it_was():
     data = {"data": {"train": "x"}, "model": {"max_length": 64}}
     C.load(C.FinetuneConfig, data=data, overrides=["model.max_length=32", "data.text_pair_column=b"])
     assert data == {"data": {"train": "x"}, "model": {"max_length": 64}}
+
+
+def test_adapter_settings_are_checked_all_at_once():
+    with pytest.raises(C.ConfigError) as e:
+        C.load(C.FinetuneConfig, data={"data": {"train": "x"}, "model": {
+            "freeze_encoder": True, "adapter": {"kind": "lora", "r": 0, "alpha": -2, "dropout": 1.0, "target": []}}})
+    assert e.value.errors == [
+        "model.adapter.r: must be > 0, got 0",
+        "model.adapter.alpha: must be > 0, got -2",
+        "model.adapter.dropout: must be in [0, 1), got 1.0",
+        "model.adapter.target: needs module names such as [query, value], got []",
+        "model.freeze_encoder: contradicts model.adapter.kind=lora (the base is frozen and the adapter trains); drop one",
+    ]
+    with pytest.raises(C.ConfigError, match="model.freeze_layers: contradicts model.adapter.kind=lora"):
+        C.load(C.FinetuneConfig, data={"data": {"train": "x"}}, overrides=["model.adapter.kind=lora",
+                                                                          "model.freeze_layers=2"])
+    with pytest.raises(C.ConfigError, match="model.adapter: adapters are for fine-tuning"):
+        C.load(C.PretrainConfig, data={"data": {"train": "x"}}, overrides=["model.adapter.kind=lora"])
+    cfg = C.load(C.FinetuneConfig, data={"data": {"train": "x"}},
+                 overrides=["model.adapter.kind=lora", "model.adapter.r=4", "model.adapter.target=key"])
+    assert (cfg.model.adapter.r, cfg.model.adapter.alpha, cfg.model.adapter.target) == (4, 16, ["key"])
+    assert C.FinetuneConfig().model.adapter.kind == "none"
+
+
+def test_rank_and_alpha_are_sweepable_and_each_value_is_checked():
+    def sweep(space: dict, kind: str = "lora") -> C.TuneConfig:
+        return C.load(C.TuneConfig, data={"data": {"train": "x"}, "model": {"adapter": {"kind": kind}},
+                                          "search": {"space": space}})
+
+    cfg = sweep({"model.adapter.r": {"choice": [4, 8, 16]}, "model.adapter.alpha": {"randint": [8, 32]}})
+    assert C.parse_space(cfg.search.space) == ({"model.adapter.r": ("choice", [4, 8, 16]),
+                                                "model.adapter.alpha": ("randint", [8, 32])}, [])
+    with pytest.raises(C.ConfigError) as e:
+        sweep({"model.adapter.r": {"choice": [4, 0]}, "model.adapter.alpha": {"uniform": [1, 2]}})
+    assert e.value.errors == [
+        "search.space.model.adapter.alpha: uniform draws floats but model.adapter.alpha is int; use randint or choice",
+        "search.space.model.adapter.r: value 0 is not allowed: model.adapter.r: must be > 0, got 0",
+    ]
+    with pytest.raises(C.ConfigError, match="model.adapter.r: has no effect without an adapter"):
+        sweep({"model.adapter.r": {"choice": [4, 8]}}, kind="none")
+
+
+def test_tracking_config_is_checked_up_front():
+    with pytest.raises(C.ConfigError) as exc:
+        C.load(C.FinetuneConfig, data={"data": {"train": "x"}, "run": {"register_as": "a/b"}})
+    assert exc.value.errors == ["run.register_as: registering needs run.tracking=mlflow",
+                                "run.register_as: must be a model name without '/', '@' or quotes, got 'a/b'"]
+    with pytest.raises(C.ConfigError, match="run.experiment: needs a name"):
+        C.load(C.FinetuneConfig, data={"data": {"train": "x"}, "run": {"tracking": "mlflow", "experiment": " "}})

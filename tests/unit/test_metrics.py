@@ -1,4 +1,4 @@
-"""bertray.metrics: multi-label scores agree with scikit-learn's, and thresholds are tuned per label."""
+"""bertray.metrics: single- and multi-label scores agree with scikit-learn's, and thresholds are tuned per label."""
 from __future__ import annotations
 
 import numpy as np
@@ -56,3 +56,17 @@ def test_labels_on_orders_each_rows_labels_by_probability_and_keeps_those_at_the
     assert [order[i][on[i]].tolist() for i in range(3)] == [[2], [], [0, 2]]  # at a threshold counts; ties keep id order
     one_order, one_on = M.labels_on(probs[2], np.array([0.5, 0.5, 0.5], dtype=np.float32))  # one row, as Predictor
     assert one_order[one_on].tolist() == [0, 1]
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    p[:5] = 0
+    m = M.from_confusion(M.confusion(y, p, 3), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, p)
+    assert [m["per_class"][k]["recall"] for k in "abc"] == pytest.approx(rec.tolist())
+    assert m["confusion_matrix"][0][0] == int(((y == 0) & (p == 0)).sum())

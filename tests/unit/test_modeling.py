@@ -1,13 +1,16 @@
-"""bertray.modeling: resolving model folders, and refusing damaged weights before any worker loads them."""
+"""bertray.modeling: resolving model folders, refusing damaged weights and heads before any worker loads them,
+truncation and windows of long texts, and building a classifier with a LoRA adapter."""
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from bertray import config as C
 from bertray import modeling
 
 
@@ -103,3 +106,59 @@ def test_unused_trainable_weights_are_found_and_frozen_or_used_ones_are_not():
     def fails(m):
         raise TypeError("needs other inputs")
     assert modeling.unused_trainable(Wrapped(clf, fails)) is None
+
+
+def test_truncation_policies():
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    words = [f"w{i}" for i in range(200)]
+    text = " ".join(words)
+    for policy in ("head", "tail", "head+tail"):
+        ids, cut = modeling.encode(tok, [text, "short"], 32, policy)
+        assert len(ids[0]) == 32 and cut == 1 and ids[0][0] == tok.cls_token_id and ids[0][-1] == tok.sep_token_id
+    head = tok.decode(modeling.encode(tok, [text], 32, "head")[0][0], skip_special_tokens=True)
+    tail = tok.decode(modeling.encode(tok, [text], 32, "tail")[0][0], skip_special_tokens=True)
+    both = tok.decode(modeling.encode(tok, [text], 32, "head+tail")[0][0], skip_special_tokens=True)
+    assert head.startswith("w0") and tail.endswith("w199") and both.startswith("w0") and both.endswith("w199")
+
+
+def test_windows_cover_the_text_within_max_length_and_overlap_as_asked():
+    from bertray import modeling
+
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    text = " ".join(f"w{i}" for i in range(200))
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    ids, counts = modeling.windows(tok, [text, "short one", ""], 64, 16)
+    assert counts.tolist()[1:] == [1, 1] and counts[0] == len(ids) - 2
+    inner = [w[1:-1] for w in ids[: counts[0]]]
+    assert all(len(w) <= 64 for w in ids) and inner[0] == body[:62] and inner[-1][-5:] == body[-5:]
+    assert all(a[-16:] == b[:16] for a, b in zip(inner, inner[1:-1]))  # consecutive windows share 16 tokens
+    assert sorted({t for w in inner for t in w}) == sorted(set(body))  # nothing of the text is left out
+    pooled = modeling.pool_windows(np.array([[1.0, 0.0], [3.0, 2.0], [5.0, -1.0]]), np.array([2, 1]), "mean")
+    assert pooled.tolist() == [[2.0, 1.0], [5.0, -1.0]]
+    assert modeling.pool_windows(np.array([[1.0, 0.0], [3.0, -2.0]]), np.array([2]), "max").tolist() == [[3.0, 0.0]]
+
+
+def _model_cfg(base: str, **adapter) -> C.ModelConfig:
+    return C.load(C.FinetuneConfig, data={"data": {"train": "x"},
+                                          "model": {"base": base, "adapter": {"kind": "lora", **adapter}}}).model
+
+
+def test_only_the_adapter_and_the_new_head_train(tiny_bert):
+    model = modeling.build_classifier(_model_cfg(tiny_bert, r=2), ["a", "b", "c"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "classifier.modules_to_save" in n for n in trainable), trainable
+    assert {n.split(".attention.self.")[1].split(".")[0] for n in trainable if "lora_" in n} == {"query", "value"}
+    assert model.config.num_labels == 3
+
+
+def test_targets_the_model_lacks_are_refused_in_one_line_naming_its_layers(tiny_bert):
+    with pytest.raises(modeling.ModelError) as e:
+        modeling.check_adapter(_model_cfg(tiny_bert, target=["q_lin", "value"]))
+    assert str(e.value) == (f"model.adapter.target: q_lin names no module of {tiny_bert!r} "
+                            "(BertForSequenceClassification); its linear layers are called dense, key, query, value")
+    with pytest.raises(modeling.ModelError) as e:
+        modeling.check_adapter(_model_cfg(tiny_bert, target=["LayerNorm"]))
+    assert str(e.value).startswith(f"model.adapter: PEFT cannot put lora adapters on {tiny_bert!r}")
+    assert "is not supported" in str(e.value) and "\n" not in str(e.value)
+    modeling.check_adapter(_model_cfg(tiny_bert, target=["attention.output.dense"]))  # a dotted name ending
+    modeling.check_adapter(C.ModelConfig(base="/no/such/model"))  # no adapter: nothing to check here

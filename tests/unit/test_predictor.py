@@ -384,67 +384,6 @@ def test_int8_takes_8_bit_activations_where_the_kernels_sum_exactly():
     assert err8 < 0.75 * err7, (err8, err7)
 
 
-def test_serve_refuses_a_model_that_is_not_a_classifier_before_starting_anything(tmp_path):
-    """Checked on the two JSON files before Ray Serve starts: otherwise each replica fails on it in turn and Serve
-    ends with a traceback of its own."""
-    from transformers import BertConfig
-
-    from bertray import serve
-    from bertray.config import ServeConfig
-    from bertray.modeling import ModelError
-
-    tiny = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
-    BertConfig(**tiny, architectures=["BertModel"]).save_pretrained(tmp_path / "encoder")
-    with pytest.raises(ModelError, match=r"encoder: not a sequence-classification model .*\['BertModel'\]"):
-        serve.run(ServeConfig(model=str(tmp_path / "encoder")))
-
-    BertConfig(**tiny, architectures=["BertForMaskedLM"]).save_pretrained(tmp_path / "mlm")
-    (tmp_path / "mlm" / "bertray.json").write_text('{"kind": "mlm"}')
-    with pytest.raises(ModelError, match="'mlm' checkpoint, not a classifier"):
-        serve.run(ServeConfig(model=str(tmp_path / "mlm")))
-    with pytest.raises(ModelError, match="no such model folder"):
-        serve.run(ServeConfig(model=str(tmp_path / "missing")))
-
-
-def test_a_mistyped_relative_path_is_named_as_missing_not_left_to_the_replicas(tmp_path, monkeypatch):
-    """'runs/nope' reads as a Hugging Face Hub id; with no such folder and no such hub model (tests run with
-    HF_HUB_OFFLINE=1) the message says both, before Serve starts. A run folder points at its model/."""
-    from bertray import serve
-    from bertray.config import ServeConfig
-    from bertray.modeling import ModelError
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match="runs/nope: no such local folder, and no Hugging Face Hub model by that "
-                                         "name could be fetched"):
-        serve.run(ServeConfig(model="runs/nope"))
-    (tmp_path / "runs" / "demo" / "model").mkdir(parents=True)
-    (tmp_path / "runs" / "demo" / "model" / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match=r"runs/demo: folder has no config.json; expected a model folder "
-                                         r"\(did you mean runs/demo/model\?\)"):
-        serve.run(ServeConfig(model="runs/demo"))
-
-
-def test_predict_refuses_a_text_that_is_not_unicode_in_one_line(tiny_classifier, capsys):
-    """Bytes on a command line that are not UTF-8 reach Python as lone surrogates, which the tokenizer raises on."""
-    from bertray import cli
-
-    assert cli.main(["predict", tiny_classifier, "fine", "bad \udcff byte"]) == 1
-    err = capsys.readouterr().err
-    assert err == "error: text 2: not valid Unicode: lone surrogate '\\udcff' at character 4 (its bytes are not UTF-8)\n"
-
-
-def test_evaluate_counts_texts_that_are_not_utf8_and_scores_the_rest(tiny_classifier, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from bertray.evaluate import evaluate
-
-    texts = pa.array([b"a good film", b"\xed\xa0\xbd oops", b"an awful film"], pa.binary()).view(pa.string())
-    pq.write_table(pa.table({"text": texts, "label": [1, 0, 0]}), tmp_path / "eval.parquet")
-    result = evaluate(tiny_classifier, str(tmp_path / "eval.parquet"), str(tmp_path / "out"))
-    assert result["n"] == 2 and result["data_report"]["dropped"] == {"invalid_text": 1}
-
-
 def _multi_label_classifier(folder: Path) -> str:
     """A plain Hugging Face multi-label BERT (problem_type set, as transformers writes it), 3 labels."""
     import torch
@@ -501,17 +440,3 @@ def test_pairs_are_scored_as_the_model_scores_them_with_segment_ids(plain_spread
     with torch.no_grad():
         flat = torch.softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, -1)
     assert not np.allclose(probs, flat.numpy(), atol=1e-4)
-
-
-def test_predict_refuses_single_texts_for_a_pair_model_in_one_line(plain_spread_classifier, tmp_path, capsys):
-    import json
-    import shutil
-
-    from bertray import cli
-
-    folder = tmp_path / "pairs"
-    shutil.copytree(plain_spread_classifier, folder)
-    (folder / "bertray.json").write_text(json.dumps({"kind": "classifier", "text_pair": True}))
-    assert cli.main(["predict", str(folder), "only one text"]) == 1
-    err = capsys.readouterr().err
-    assert "classifies sentence pairs" in err and len(err.strip().splitlines()) == 1

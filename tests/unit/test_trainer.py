@@ -1,4 +1,5 @@
-"""Run identity (bertray.trainer.start_run): which re-runs resume, which are refused, and the default run name."""
+"""Run identity (bertray.trainer.start_run): which re-runs resume, which are refused, and the default run name;
+and the TorchTrainer a cluster without a dashboard gets."""
 from __future__ import annotations
 
 import json
@@ -178,3 +179,17 @@ def test_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_folder_is_claim
     assert not (tmp_path / "runs").exists()  # nothing claimed: the same command without --use-gpu starts cleanly
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
     trainer.start_run(_cfg(tmp_path, **{"run.use_gpu": "true", "run.num_workers": 2}), "finetune", _data())
+
+
+def test_trainer_without_a_dashboard_leaves_out_the_placement_group_cleaner():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from bertray import trainer
+
+    assert trainer.torch_trainer_cls(dashboard=True) is TorchTrainer
+    local = trainer.torch_trainer_cls(dashboard=False)
+    # If Ray renames the private hook, this fails, instead of the cleaner's warnings silently coming back.
+    assert issubclass(local, TorchTrainer) and "_create_default_callbacks" in vars(local)
+    kept = object()
+    assert trainer.without_pg_cleaner([PlacementGroupCleanerCallback(), kept]) == [kept]

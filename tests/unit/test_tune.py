@@ -138,16 +138,6 @@ def test_mixed_precision_follows_gpus_per_trial():
     _load({"space": {"optim.lr": {"choice": [1.0e-3]}}, "gpus_per_trial": 0.5}, train={"mixed_precision": "bf16"})
 
 
-def test_cli_maps_per_trial_flags(tmp_path):
-    from bertray import cli
-
-    path = tmp_path / "s.yaml"
-    path.write_text("data: {train: t.parquet}\nsearch:\n  space:\n    optim.lr: {loguniform: [1.0e-5, 1.0e-3]}\n")
-    cfg = cli.build_config("tune", str(path), ["search.num_samples=3"], {"gpus_per_trial": "0.25", "cpus_per_trial": "2"})
-    assert (cfg.search.gpus_per_trial, cfg.search.cpus_per_trial, cfg.search.num_samples) == (0.25, 2.0, 3)
-    assert cli.detect_stage(str(path)) == "tune"
-
-
 def test_param_space_maps_kinds_to_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 

@@ -330,20 +330,3 @@ def test_chunked_long_texts_pool_their_own_windows_back_to_their_rows(tmp_path, 
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(pred.predict(good).probs, want, atol=1e-5)  # serve and evaluate score alike
     assert np.ptp(want[:, 0]) > 0.05  # the rows' scores differ: a row scored with another's windows would show
-
-
-def test_windows_cover_the_text_within_max_length_and_overlap_as_asked():
-    from bertray import modeling
-
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    text = " ".join(f"w{i}" for i in range(200))
-    body = tok(text, add_special_tokens=False)["input_ids"]
-    ids, counts = modeling.windows(tok, [text, "short one", ""], 64, 16)
-    assert counts.tolist()[1:] == [1, 1] and counts[0] == len(ids) - 2
-    inner = [w[1:-1] for w in ids[: counts[0]]]
-    assert all(len(w) <= 64 for w in ids) and inner[0] == body[:62] and inner[-1][-5:] == body[-5:]
-    assert all(a[-16:] == b[:16] for a, b in zip(inner, inner[1:-1]))  # consecutive windows share 16 tokens
-    assert sorted({t for w in inner for t in w}) == sorted(set(body))  # nothing of the text is left out
-    pooled = modeling.pool_windows(np.array([[1.0, 0.0], [3.0, 2.0], [5.0, -1.0]]), np.array([2, 1]), "mean")
-    assert pooled.tolist() == [[2.0, 1.0], [5.0, -1.0]]
-    assert modeling.pool_windows(np.array([[1.0, 0.0], [3.0, -2.0]]), np.array([2]), "max").tolist() == [[3.0, 0.0]]

@@ -1,10 +1,14 @@
-"""Who takes HTTP requests (ServeConfig.ingress), and what bertray hands Serve's controller for it.
+"""bertray.serve without a Ray cluster: what it hands Serve's controller and replicas, and what it refuses before
+Serve starts.
 
-Serve reads its ingress settings from the environment of its processes, so `start_http` passes them in the
-controller's runtime env; these tests read what it passes (serve.start recorded, no Ray cluster). That the
-settings take effect in a running Serve is checked in tests/integration/serve."""
+Who takes HTTP requests (ServeConfig.ingress): Serve reads its ingress settings from the environment of its
+processes, so `start_http` passes them in the controller's runtime env; these tests read what it passes
+(serve.start recorded). The application `build_app` makes hands replicas no API key in a runtime env (Ray logs
+those), and a model that is missing or not a classifier is refused before anything starts. That the settings
+take effect in a running Serve is checked in tests/integration/serve."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,6 +24,8 @@ from bertray import serve as S
 _PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
 _FILES = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
           "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH")
+# A value that must never show up in what Ray is handed (tests/integration/test_secrets.py plants the same).
+PLANTED = {"MY_API_KEY": "planted-api-5d20"}
 
 
 @pytest.fixture()
@@ -141,10 +147,50 @@ def test_a_bind_error_on_one_of_haproxys_own_ports_names_that_port(monkeypatch):
     assert S._bind_error(both, "127.0.0.1", 8000, env).startswith("Ray Serve's HAProxy could not listen on port 21000")
 
 
-def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
-    """Ports the kernel hands out for outgoing connections (32768-60999 on Linux) can be taken between the pick and
-    HAProxy's bind, as once in CI; the picked ones lie below that range and above Ray's worker ports."""
-    from bertray.runtime import free_ports
+def test_serve_hands_no_api_key_to_replicas_in_a_runtime_env(monkeypatch):
+    from bertray.config import ServeConfig
+    from bertray.serve import build_app
 
-    ports = free_ports(50)
-    assert len(set(ports)) == 50 and all(20000 <= p < 30000 for p in ports), ports
+    monkeypatch.setenv("MY_API_KEY", PLANTED["MY_API_KEY"])
+    app = build_app(ServeConfig(model="m", api_key_env="MY_API_KEY"))
+    assert PLANTED["MY_API_KEY"] not in json.dumps(app._bound_deployment.ray_actor_options)
+
+
+def test_serve_refuses_a_model_that_is_not_a_classifier_before_starting_anything(tmp_path):
+    """Checked on the two JSON files before Ray Serve starts: otherwise each replica fails on it in turn and Serve
+    ends with a traceback of its own."""
+    from transformers import BertConfig
+
+    from bertray import serve
+    from bertray.config import ServeConfig
+    from bertray.modeling import ModelError
+
+    tiny = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    BertConfig(**tiny, architectures=["BertModel"]).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ModelError, match=r"encoder: not a sequence-classification model .*\['BertModel'\]"):
+        serve.run(ServeConfig(model=str(tmp_path / "encoder")))
+
+    BertConfig(**tiny, architectures=["BertForMaskedLM"]).save_pretrained(tmp_path / "mlm")
+    (tmp_path / "mlm" / "bertray.json").write_text('{"kind": "mlm"}')
+    with pytest.raises(ModelError, match="'mlm' checkpoint, not a classifier"):
+        serve.run(ServeConfig(model=str(tmp_path / "mlm")))
+    with pytest.raises(ModelError, match="no such model folder"):
+        serve.run(ServeConfig(model=str(tmp_path / "missing")))
+
+
+def test_a_mistyped_relative_path_is_named_as_missing_not_left_to_the_replicas(tmp_path, monkeypatch):
+    """'runs/nope' reads as a Hugging Face Hub id; with no such folder and no such hub model (tests run with
+    HF_HUB_OFFLINE=1) the message says both, before Serve starts. A run folder points at its model/."""
+    from bertray import serve
+    from bertray.config import ServeConfig
+    from bertray.modeling import ModelError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="runs/nope: no such local folder, and no Hugging Face Hub model by that "
+                                         "name could be fetched"):
+        serve.run(ServeConfig(model="runs/nope"))
+    (tmp_path / "runs" / "demo" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"runs/demo: folder has no config.json; expected a model folder "
+                                         r"\(did you mean runs/demo/model\?\)"):
+        serve.run(ServeConfig(model="runs/demo"))
