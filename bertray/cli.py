@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
             else:
                 sp.add_argument(flag, action="store_true", help=f"same as --set {key}={'true' if kind == 'flag' else kind}")
     v = sub.add_parser("validate", help="check a config file and exit (0 ok, 2 problems)")
-    v.add_argument("file")
+    v.add_argument("file", help="the YAML config file to check")
     v.add_argument("--stage", choices=list(STAGES), help="which stage it configures (default: guessed from its sections)")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e = sub.add_parser("evaluate", help="metrics JSON and confusion-matrix PNG of MODEL on labeled DATA")

@@ -16,7 +16,8 @@ _PROPAGATE = ("AWS_", "HF_", "BERTRAY_", "TRANSFORMERS_", "MLFLOW_", "TOKENIZERS
 # Never passed that way: Ray writes a runtime env, values and all, to its logs (runtime_env_agent.log, readable
 # by every user of the node). A local cluster started here inherits them with the rest of this process's
 # environment; on a running cluster they come from the nodes' own (an IAM role, a Kubernetes Secret).
-_SECRET = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|_KEY)", re.IGNORECASE)
+# Whole words of the name, so TOKENIZERS_PARALLELISM (a setting) is forwarded while HF_TOKEN is not.
+_SECRET = re.compile(r"(?:^|_)(?:SECRETS?|TOKENS?|PASSWORD|PASSWD|CREDENTIALS?|KEY|APIKEY)(?:_|$)", re.IGNORECASE)
 _NOT_SECRET = ("AWS_ACCESS_KEY_ID",)  # the key's public half; S3 needs it beside the secret one
 
 

@@ -42,7 +42,9 @@ def test_a_port_in_use_is_never_picked_and_too_few_free_ones_is_an_error(monkeyp
 
 @pytest.mark.parametrize("name,secret", [("AWS_SECRET_ACCESS_KEY", True), ("AWS_ACCESS_KEY_ID", False),
                                          ("HF_TOKEN", True), ("HF_HUB_OFFLINE", False),
-                                         ("BERTRAY_API_KEY", True), ("AWS_ENDPOINT_URL", False)])
+                                         ("BERTRAY_API_KEY", True), ("AWS_ENDPOINT_URL", False),
+                                         ("AWS_SESSION_TOKEN", True), ("MLFLOW_TRACKING_PASSWORD", True),
+                                         ("TOKENIZERS_PARALLELISM", False)])  # a word of the name, not a part
 def test_which_forwarded_variables_count_as_secrets(name, secret, monkeypatch):
     from bertray import runtime
 
@@ -51,16 +53,11 @@ def test_which_forwarded_variables_count_as_secrets(name, secret, monkeypatch):
     assert (name in runtime.worker_env()) is not secret
 
 
-# TOKENIZERS_PARALLELISM contains TOKEN, so is_secret drops it and workers always get "false" (reported, not fixed
-# here); strict, so this fails once bertray/runtime.py forwards it.
-_DROPPED_AS_SECRET = pytest.mark.xfail(strict=True, reason="is_secret matches TOKEN in TOKENIZERS_PARALLELISM")
-
-
 # What workers on other nodes need from the driver's environment: the S3 endpoint, offline model loading, the
 # model cache, the MLflow server of models:/ URIs, thread counts.
 @pytest.mark.parametrize("name", ["AWS_ENDPOINT_URL", "AWS_REGION", "HF_HUB_OFFLINE", "BERTRAY_CACHE",
                                   "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS",
-                                  pytest.param("TOKENIZERS_PARALLELISM", marks=_DROPPED_AS_SECRET)])
+                                  "TOKENIZERS_PARALLELISM"])
 def test_worker_env_forwards_the_settings_workers_need_with_their_values(monkeypatch, name):
     monkeypatch.setenv(name, "set-by-the-user")
     assert runtime.worker_env()[name] == "set-by-the-user"
