@@ -162,7 +162,11 @@ def train_loop_per_worker(config: dict) -> str | None:
     """Entry point for Ray Train (`TorchTrainer(train_loop_per_worker, train_loop_config=config)`) and Tune.
 
     config: {"cfg": stage config (dataclass), "objective": Objective, "session": "train"|"tune",
-             "overrides": {dotted key: value} applied by Tune per trial}."""
+             "overrides": {dotted key: value} applied by Tune per trial}, or {"sealed": [a reference to it]}."""
+    if "sealed" in config:
+        import ray
+
+        config = ray.get(config["sealed"][0])
     session = _TuneSession() if config.get("session") == "tune" else _Session()
     cfg = config["cfg"]
     if config.get("overrides"):

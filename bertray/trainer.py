@@ -271,9 +271,13 @@ def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | 
     # Rank 0 logs the run's metrics to MLflow as it trains. A sweep's data-parallel trials (named by their trial)
     # report to Tune instead, whose callback logs each trial as a child run.
     tracker = tracked_run(cfg) if name is None else None
+    # Ray Train's controller unpickles train_loop_config, and unpickling the objective would import torch's and
+    # transformers' model code there too; behind an object reference only the workers load it (BENCHMARKS.md,
+    # "Ray Train start-up").
+    payload = ray.put({"cfg": cfg, "objective": objective, "session": "train", "tracker": tracker})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "objective": objective, "session": "train", "tracker": tracker},
+        train_loop_config={"sealed": [payload]},
         datasets=datasets,  # Ray Data streams (pretraining); each worker reads its shard
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
