@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from bertray import data as D
+from bertray import hf_data
 from bertray import metrics as M
 from bertray import storage
 from bertray.config import DataConfig
@@ -21,6 +22,8 @@ def evaluate(model: str, data_uri: str, out: str, text_columns: list[str] | None
              quantize: str | None = None, max_rows: int | None = None, backend: str = "torch",
              text_pair_column: str | None = None, label_delimiter: str | None = None,
              long_text: str | None = None, max_length: int | None = None) -> dict:
+    if not hf_data.is_hf(data_uri):
+        D.data_files(data_uri)  # a wrong data path fails in one line before the model loads
     predictor = Predictor(model, quantize=quantize, backend=backend, long_text=long_text, max_length=max_length)
     if predictor.text_pair and not text_pair_column:
         raise D.DataError(f"{model}: the model was trained on sentence pairs; name the second text's column with "
