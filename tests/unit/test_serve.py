@@ -14,12 +14,15 @@ import os
 import shutil
 import stat
 import tempfile
+from pathlib import Path
 
 import pytest
 
 from bertray import cli
 from bertray import config as C
 from bertray import serve as S
+
+REPO = Path(__file__).resolve().parents[2]
 
 _PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
 _FILES = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
@@ -194,3 +197,23 @@ def test_a_mistyped_relative_path_is_named_as_missing_not_left_to_the_replicas(t
     with pytest.raises(ModelError, match=r"runs/demo: folder has no config.json; expected a model folder "
                                          r"\(did you mean runs/demo/model\?\)"):
         serve.run(ServeConfig(model="runs/demo"))
+
+
+def test_shipped_serve_config_is_valid_and_builds_the_app():
+    """cluster/serve_config.yaml (for `serve deploy` / a RayService) passes Serve's schema, and its import path
+    turns its args into the application; a bad arg is refused with the ServeConfig error."""
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from bertray.config import ConfigError
+
+    raw = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    (app_cfg,) = ServeDeploySchema.model_validate(raw).applications
+    module, _, attr = app_cfg.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert isinstance(builder(app_cfg.args), Application)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        builder({**app_cfg.args, "max_batch_size": "lots"})

@@ -264,3 +264,31 @@ def test_planned_trials():
     assert C.planned_trials(C.SearchConfig(algorithm="grid"), space) == 6
     assert C.planned_trials(C.SearchConfig(algorithm="random", num_samples=4), space) == 12
     assert C.planned_trials(C.SearchConfig(algorithm="optuna", num_samples=5), {}) == 5
+
+
+def test_unknown_field_and_bad_distribution_exit_2_before_any_trial(tmp_path, capsys, monkeypatch):
+    import ray
+    import yaml
+
+    from bertray import cli
+
+    def no_ray(*a, **k):
+        raise AssertionError("ray.init was called for an invalid sweep")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    cfg = {"model": {"base": "embedded"}, "data": {"train": "train.parquet"},
+           "run": {"name": "sweep", "storage": str(tmp_path / "runs")},
+           "search": {"algorithm": "optuna", "space": {
+               "optim.learning_rate": {"loguniform": [1.0e-5, 1.0e-3]},
+               "train.batch_size": {"grid": [16, 32]},
+               "optim.weight_decay": {"loguniform": [0.0, 0.1]},
+               "train.epochs": {"normal": [1, 2]}}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["tune", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "search.space.optim.learning_rate: unknown config field; did you mean optim.lr" in err
+    assert "search.space.optim.weight_decay: loguniform needs lo > 0" in err
+    assert "search.space.train.epochs: expected one of" in err
+    assert "search.algorithm: optuna samples, it cannot run the grid of train.batch_size" in err
+    assert not (tmp_path / "runs").exists()
