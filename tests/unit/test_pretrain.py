@@ -1,4 +1,4 @@
-"""Masked-LM pieces without Ray: packing, masking, the held-out sample, column checks, the masked-only head."""
+"""Masked-LM pieces without Ray: masking, the held-out sample, column checks, the masked-only head."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +11,7 @@ from bertray import config as C
 from bertray import data as D
 from bertray import modeling
 from bertray import pretrain as P
+from bertray.mlm_stream import STAGE_COUNTS
 
 
 @pytest.fixture(scope="module")
@@ -25,36 +26,6 @@ def vocab(tok):
 
 def _cfg(**mlm) -> C.PretrainConfig:
     return C.load(C.PretrainConfig, data={"data": {"train": "x.parquet"}, "model": {"max_length": 16}, "mlm": mlm})
-
-
-def test_packing_fills_sequences_and_keeps_every_token(tok):
-    cfg = _cfg(packing=True)
-    texts = ["a short one", "another rather short sentence here", "x", "the last text of the pass"]
-    stream = P.SequenceStream(tok, cfg)
-    seqs = stream.sequences(texts[:2]) + stream.sequences(texts[2:]) + stream.flush()
-    assert all(len(s) == 16 for s in seqs[:-1]) and len(seqs[-1]) <= 16
-    assert all(s[0] == tok.cls_token_id and s[-1] == tok.sep_token_id for s in seqs)
-    body = [t for s in seqs for t in s[1:-1]]
-    expected = []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        expected += ids + [tok.sep_token_id]
-    assert body == expected[:-1]  # documents joined by [SEP], nothing dropped, no trailing [SEP][SEP]
-
-
-def test_truncation_mode_one_text_per_sequence(tok):
-    cfg = _cfg(packing=False)
-    stream = P.SequenceStream(tok, cfg)
-    seqs = stream.sequences(["short", "word " * 40])
-    assert len(seqs) == 2 and len(seqs[1]) == 16 and stream.counts["truncated"] == 1
-    assert stream.flush() == []
-
-
-def test_stream_counts_dropped_texts(tok):
-    cfg = _cfg()
-    stream = P.SequenceStream(tok, cfg, holdout=frozenset({"kept out"}))
-    kept = stream.texts(pa.table({"text": ["fine", None, "   ", "kept out", "also fine"]}), "mem")
-    assert kept == ["fine", "also fine"]
-    assert dict(stream.counts) == {"texts_read": 5, "null_text": 1, "empty_text": 1, "held_out": 1}
 
 
 def test_masking_rates_and_never_special(vocab):
@@ -156,35 +127,15 @@ def test_held_out_sample_from_last_file(tmp_path):
     assert report["source"].endswith("part-1.parquet") and report["held_out_from_training"]
 
 
-def test_the_tokenize_stage_packs_a_batch_and_attaches_its_counts():
-    """What each Ray Data task of the stream does: the workers get token ids, never text."""
-    cfg = C.load(C.PretrainConfig, data={"data": {"train": "x.parquet"}, "model": {"base": "embedded", "max_length": 16}})
-    texts = ["a short one", None, "  ", "kept out", "another rather short sentence here, a little longer", "x"]
-    out = P.tokenize_batch(pa.table({"text": texts}), cfg, frozenset({"kept out"}))
-    assert out.column_names == ["input_ids", *P._STAGE_COUNTS]
-    seqs = out.column("input_ids").to_pylist()
-    tok = modeling.cached_tokenizer("embedded")
-    stream = P.SequenceStream(tok, cfg)
-    assert seqs == stream.sequences(["a short one", "another rather short sentence here, a little longer", "x"]) \
-        + stream.flush()
-    assert all(len(s) == 16 for s in seqs[:-1]) and len(seqs) > 1
-    counts = {k: out.column(k).to_pylist() for k in P._STAGE_COUNTS}
-    assert {k: v[0] for k, v in counts.items()} == {"texts_read": 6, "null_text": 1, "empty_text": 1, "held_out": 1,
-                                                     "truncated": 0}
-    assert all(sum(v[1:]) == 0 for v in counts.values())  # counted once, on the first row
-    nothing = P.tokenize_batch(pa.table({"text": [None, ""]}), cfg, frozenset())
-    assert nothing.column("input_ids").to_pylist() == [[]] and nothing.column("texts_read").to_pylist() == [2]
-
-
 def test_the_collate_pads_masks_and_sums_the_counts(vocab):
     cfg = _cfg()
     table = pa.table({"input_ids": pa.array([[101, 7592, 2088, 102], [], [101, 2023, 102]], pa.list_(pa.int32())),
-                      **{k: pa.array([3, 0, 1]) for k in P._STAGE_COUNTS}})
+                      **{k: pa.array([3, 0, 1]) for k in STAGE_COUNTS}})
     collate = P.SequenceCollate(vocab, cfg.mlm, [42, 0, 0, 0], pad_multiple=8)
     batch = collate(table)
     assert batch["input_ids"].shape == (2, 8)  # the empty row dropped, padded to a multiple of 8
     assert batch["attention_mask"].sum(dim=1).tolist() == [4, 3]
-    assert batch["counts"].tolist() == [4] * len(P._STAGE_COUNTS)
+    assert batch["counts"].tolist() == [4] * len(STAGE_COUNTS)
     assert (batch["masked_labels"] >= 0).all() and len(batch["masked_index"]) >= 1
     again = P.SequenceCollate(vocab, cfg.mlm, [42, 0, 0, 0], pad_multiple=8)(table)
     assert torch.equal(again["input_ids"], batch["input_ids"])  # masks drawn from (seed, batch number)

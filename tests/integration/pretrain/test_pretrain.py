@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertray import checkpoint, modeling, pretrain, storage
+from bertray.mlm_stream import STAGE_COUNTS
 from bertray.config import ModelConfig
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
@@ -89,7 +90,7 @@ def test_a_hugging_face_dataset_streams_the_sequences_its_parquet_copy_does(ray_
         cfg = pretrain_config(tiny_bert, source, str(tmp_path / "runs"), name)
         rows = pretrain.read_stream(pretrain.train_source(cfg.data), cfg).take_all()
         streams[name] = (sorted(tuple(r["input_ids"]) for r in rows if len(r["input_ids"])),
-                         {k: sum(int(r[k]) for r in rows) for k in pretrain._STAGE_COUNTS})
+                         {k: sum(int(r[k]) for r in rows) for k in STAGE_COUNTS})
     assert streams["hf"] == streams["parquet"] and streams["text"][0] == streams["parquet"][0]
     counts = streams["hf"][1]
     assert counts["texts_read"] == len(texts) and counts["null_text"] == counts["empty_text"] == 1
