@@ -193,3 +193,30 @@ def test_trainer_without_a_dashboard_leaves_out_the_placement_group_cleaner():
     assert issubclass(local, TorchTrainer) and "_create_default_callbacks" in vars(local)
     kept = object()
     assert trainer.without_pg_cleaner([PlacementGroupCleanerCallback(), kept]) == [kept]
+
+
+def test_ray_trains_controller_is_handed_a_reference_and_the_workers_what_it_refers_to(tmp_path, monkeypatch):
+    """Ray Train's controller unpickles train_loop_config: it gets an object reference, so the stage's config and
+    objective (whose classes import the model code) are unpickled only where the loop runs."""
+    import ray
+
+    from bertray import train_loop
+    from bertray.train_loop import Objective
+
+    from ray.train.torch import TorchTrainer
+
+    cfg, objective, put = _cfg(tmp_path), Objective(), {}
+    monkeypatch.setattr(trainer, "torch_trainer_cls", lambda: TorchTrainer)  # asks a running Ray for its dashboard
+    monkeypatch.setattr(ray, "put", lambda value: put.setdefault("ref", ("ref", value))[0])
+    built = trainer.build_trainer(cfg, objective)
+    assert built.train_loop_config == {"sealed": ["ref"]}
+    sealed = put["ref"][1]
+    assert sealed["cfg"] is cfg and sealed["objective"] is objective and sealed["session"] == "train"
+
+    seen = {}
+    monkeypatch.setattr(ray, "get", lambda ref: put["ref"][1] if ref == "ref" else None)
+    monkeypatch.setattr(train_loop, "Loop", lambda cfg, objective, session, tracker: seen.update(
+        cfg=cfg, objective=objective) or type("L", (), {"run": lambda self: "done"})())
+    monkeypatch.setattr(train_loop, "_Session", lambda: type("S", (), {"rank": 0, "world": 1, "device": "cpu"})())
+    assert train_loop.train_loop_per_worker(built.train_loop_config) == "done"
+    assert seen == {"cfg": cfg, "objective": objective}
