@@ -87,6 +87,20 @@ def minilm_classifier(folder: Path, labels: list[str], max_length: int = 128) ->
     return str(folder)
 
 
+def tiny_bert(folder: Path) -> str:
+    """A random BERT encoder of 2 layers, width 32, with the embedded MiniLM's tokenizer: for benchmarks of what
+    surrounds the model (ingest, start-up, memory of the data), where the model's own cost would only add noise."""
+    from transformers import BertConfig, BertModel
+
+    from bertray import modeling
+
+    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def run_on_trained_model(args, measure, report) -> int:
     """What the benchmarks of a trained classifier (precision.py, packing.py) do around their measurement: refuse a
     missing --model with the way to make one, measure, write the raw result to --json if given, print Markdown."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, shared_data
+from common import machine, shared_data, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,18 +101,6 @@ def corpus(path: Path, rows: int, seed: int = 0) -> None:
     ends = np.cumsum(lengths)
     texts = [" ".join(flat[e - n:e]) for e, n in zip(ends, lengths)]
     pq.write_table(pa.table({"text": texts, "label": rng.integers(0, 2, size=rows)}), path)
-
-
-def tiny_bert(folder: Path) -> str:
-    from transformers import BertConfig, BertModel
-
-    from bertray import modeling
-
-    tok = modeling.load_tokenizer(modeling.resolve("embedded"))
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 def run_size(rows: int, work: Path, model: str, src: str, cpus: int, steps: int) -> dict:
