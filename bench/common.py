@@ -101,6 +101,19 @@ def tiny_bert(folder: Path) -> str:
     return str(folder)
 
 
+def command(script: str, argv: list[str] | None) -> str:
+    """How this run was started, for the Markdown a benchmark prints."""
+    return f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def report(out: dict, json_path: str | None, markdown) -> int:
+    """Write the raw result to `json_path` if given and print its Markdown; the exit code of a benchmark's main."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    print(markdown(out))
+    return 0
+
+
 def run_on_trained_model(args, measure, report) -> int:
     """What the benchmarks of a trained classifier (precision.py, packing.py) do around their measurement: refuse a
     missing --model with the way to make one, measure, write the raw result to --json if given, print Markdown."""

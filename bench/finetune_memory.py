@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, shared_data, tiny_bert
+from common import command, machine, report, shared_data, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,11 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_size(n, work, model, str(Path(args.bertray_src).resolve()), args.cpus, args.steps)
                    for n in args.rows]
     out = {"machine": info, "args": vars(args), "results": results,
-           "command": "python bench/finetune_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    print(markdown(out))
-    return 0
+           "command": command("finetune_memory.py", argv)}
+    return report(out, args.json, markdown)
 
 
 def markdown(out: dict) -> str:

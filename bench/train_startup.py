@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, machine, shared_data, tiny_bert
+from common import REPO, command, machine, report, shared_data, tiny_bert
 
 CHILD = r"""
 import json, sys, threading, time
@@ -99,11 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 for key in results[name]:
                     results[name][key] += r[key]
     out = {"machine": info, "sources": sources, "results": results, "args": vars(args),
-           "command": "python bench/train_startup.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    print(markdown(out))
-    return 0
+           "command": command("train_startup.py", argv)}
+    return report(out, args.json, markdown)
 
 
 def markdown(out: dict) -> str:
