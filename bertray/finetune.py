@@ -19,6 +19,7 @@ from bertray import modeling, runtime, storage, trainer
 from bertray.config import FinetuneConfig, ModelConfig
 from bertray.modeling import TokenIds
 from bertray.metrics import confusion, from_confusion, mode_of, multilabel_report, tune_thresholds
+from bertray.token_stages import encode_block
 from bertray.train_loop import Objective
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def tokenize(texts: list[str], m: ModelConfig, pairs: list[str] | None = None,
     # One block runs as one task either way; in a Ray Data pipeline it also waits for the executor and a worker
     # that imports transformers and loads the tokenizer, seconds beside its milliseconds of encoding
     # (BENCHMARKS.md, "Fine-tuning ingest: small splits").
-    return _token_ids([_encode_block(table, m.base, m.max_length, m.truncation, overlap)], len(texts), overlap)
+    return _token_ids([encode_block(table, m.base, m.max_length, m.truncation, overlap)], len(texts), overlap)
 
 
 def tokenize_on_cluster(table, m: ModelConfig, overlap: int | None = None) -> tuple[TokenIds, np.ndarray | None]:
@@ -156,7 +157,7 @@ def tokenize_on_cluster(table, m: ModelConfig, overlap: int | None = None) -> tu
     lo, hi = _TOKENIZE_BLOCK_ROWS
     rows = min(hi, max(lo, math.ceil(n / (2 * cpus))))
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)])
-    ds = ds.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
+    ds = ds.map_batches(encode_block, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation,
                                    "overlap": overlap})
     ds.context.enable_progress_bars = False
@@ -191,21 +192,6 @@ def _token_ids(blocks: list, n: int, overlap: int | None) -> tuple[TokenIds, np.
         return ids, None
     rows = np.concatenate([b.column("row").to_numpy() for b in blocks])
     return ids, np.bincount(rows, minlength=n).astype(np.int64)
-
-
-def _encode_block(block, base: str, max_length: int, truncation: str, overlap: int | None = None):
-    """A block's token ids, one row per sequence: each text's, or (`overlap`) each of its windows, under its row
-    and its window's index in that text, of how many."""
-    import pyarrow as pa
-
-    pairs = block.column("pair").to_pylist() if "pair" in block.column_names else None
-    ids, _, windows = modeling.tokenize(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length,
-                                        truncation, overlap, pairs)
-    rows = block.column("row").to_numpy()
-    counts = np.ones(len(rows), np.int64) if windows is None else windows
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    return pa.table({"row": np.repeat(rows, counts), "window": (np.arange(counts.sum()) - starts).astype(np.int32),
-                     "of": np.repeat(counts, counts).astype(np.int32), "ids": pa.array(ids, pa.list_(pa.int32()))})
 
 
 def plan_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, group_by_length: bool) -> list[np.ndarray]:

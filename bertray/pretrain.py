@@ -47,7 +47,7 @@ from bertray import checkpoint as ckpt_io
 from bertray import data as D
 from bertray import hf_data, modeling, runtime, storage, trainer
 from bertray.config import ConfigError, DataConfig, MLMConfig, PretrainConfig
-from bertray.mlm_stream import STAGE_COUNTS, SequenceStream, tokenize_batch
+from bertray.token_stages import STAGE_COUNTS, SequenceStream, tokenize_batch
 from bertray.train_loop import Objective
 
 log = logging.getLogger(__name__)

@@ -80,11 +80,12 @@ def test_encoded_blocks_sliced_anywhere_and_shuffled_come_back_whole_and_in_orde
 
     import pyarrow as pa
 
-    from bertray.finetune import _encode_block, _in_order, _token_ids
+    from bertray.finetune import _in_order, _token_ids
+    from bertray.token_stages import encode_block
 
     texts = [" ".join(f"word{i}" for i in range(n)) for n in (3, 40, 0, 25, 7, 60)]
     table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": texts})
-    whole = _encode_block(table, "embedded", 16, "head", overlap=4)
+    whole = encode_block(table, "embedded", 16, "head", overlap=4)
     assert whole.num_rows > 2 * len(texts)
     cuts = [0, 1, 3, 4, 9, 10, 11, 17, whole.num_rows]  # inside texts' windows as well as between texts
     slices = [whole.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]

@@ -11,7 +11,7 @@ from bertray import config as C
 from bertray import data as D
 from bertray import modeling
 from bertray import pretrain as P
-from bertray.mlm_stream import STAGE_COUNTS
+from bertray.token_stages import STAGE_COUNTS
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertray import checkpoint, modeling, pretrain, storage
-from bertray.mlm_stream import STAGE_COUNTS
+from bertray.token_stages import STAGE_COUNTS
 from bertray.config import ModelConfig
 
 QUERY = "encoder.layer.0.attention.self.query.weight"

@@ -1,8 +1,9 @@
-"""Pretraining's CPU stage: texts -> token sequences, packed (or truncated) for masked-LM, as Ray Data tasks.
+"""The CPU stages that turn texts into token ids in Ray Data tasks across the cluster: fine-tuning's encoded blocks
+(encode_block) and pretraining's packed stream (tokenize_batch, SequenceStream).
 
-A module apart from bertray.pretrain, which imports the training loop: the tokenize tasks across the cluster, and
-Ray Train's controller (which unpickles the stream it hands the workers), load this module, the tokenizer and
-numpy/pyarrow, not the training loop and the model classes (BENCHMARKS.md, "Ray Train start-up").
+A module apart from the stages, which import the training loop: the tasks, and Ray Train's controller (which
+unpickles the stream it hands pretraining's workers), load this module, the tokenizer and numpy/pyarrow, not the
+training loop and the model classes (BENCHMARKS.md, "Ray Train start-up").
 """
 from __future__ import annotations
 
@@ -14,6 +15,20 @@ import pyarrow as pa
 from bertray import data as D
 from bertray import modeling
 from bertray.config import PretrainConfig
+
+def encode_block(block, base: str, max_length: int, truncation: str, overlap: int | None = None):
+    """Fine-tuning's stage (finetune.tokenize): a block of row, text (and pair) columns -> its token ids, one row per
+    sequence: each text's, or (`overlap`) each of its windows, under its row and its window's index in that text,
+    of how many."""
+    pairs = block.column("pair").to_pylist() if "pair" in block.column_names else None
+    ids, _, windows = modeling.tokenize(modeling.cached_tokenizer(base), block.column("text").to_pylist(), max_length,
+                                        truncation, overlap, pairs)
+    rows = block.column("row").to_numpy()
+    counts = np.ones(len(rows), np.int64) if windows is None else windows
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return pa.table({"row": np.repeat(rows, counts), "window": (np.arange(counts.sum()) - starts).astype(np.int32),
+                     "of": np.repeat(counts, counts).astype(np.int32), "ids": pa.array(ids, pa.list_(pa.int32()))})
+
 
 # Counted by the tokenize stage; sequences and tokens are counted where they are trained on.
 STAGE_COUNTS = ("texts_read", "null_text", "empty_text", "held_out", "truncated")

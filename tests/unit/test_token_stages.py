@@ -1,4 +1,5 @@
-"""Pretraining's tokenize stage without Ray: packing, truncation, what it counts, and that it stays light."""
+"""The tokenize stages without Ray: pretraining's packing, truncation and counts, and that the module stays light
+(fine-tuning's encode_block is tested with the driver side that reassembles its blocks, in test_finetune.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from bertray import config as C
 from bertray import modeling
-from bertray.mlm_stream import STAGE_COUNTS, SequenceStream, tokenize_batch
+from bertray.token_stages import STAGE_COUNTS, SequenceStream, tokenize_batch
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,11 @@ def test_the_tokenize_stage_packs_a_batch_and_attaches_its_counts():
     assert nothing.column("input_ids").to_pylist() == [[]] and nothing.column("texts_read").to_pylist() == [2]
 
 
-def test_the_stage_loads_neither_the_training_loop_nor_the_model_classes():
-    """What a tokenize task (and Ray Train's controller, which unpickles the stream) imports to run the stage."""
-    code = ("import sys; from bertray import mlm_stream; mlm_stream.modeling.cached_tokenizer('embedded'); "
-            "print(sorted(m for m in ('bertray.pretrain', 'bertray.train_loop', 'transformers.modeling_utils') "
-            "if m in sys.modules))")
+def test_the_stages_load_neither_the_training_loop_nor_the_model_classes():
+    """What a tokenize task (and Ray Train's controller, which unpickles the stream) imports to run the stages."""
+    code = ("import sys, pyarrow as pa; from bertray import token_stages as t; "
+            "t.encode_block(pa.table({'row': [0], 'text': ['a text']}), 'embedded', 16, 'head'); "
+            "print(sorted(m for m in ('bertray.finetune', 'bertray.pretrain', 'bertray.train_loop', "
+            "'transformers.modeling_utils') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
