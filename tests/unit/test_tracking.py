@@ -1,16 +1,13 @@
 """bertray.tracking without an MLflow server: a config as params, the tracking URI every process agrees on, the
-models:/ URIs (their syntax, the cache a version is downloaded into once, the registry's errors in one line), and a
-Run that logs in batches, travels without its client and stops logging after its first failed request."""
+models:/ URIs (their syntax, a registry that does not answer), and a Run, against a real MLflow SQLite store, that
+logs everything in requests MLflow accepts, travels without its client and stops logging after its first failed
+request. What a server adds is tested against a real `mlflow server` in tests/integration/test_mlflow.py."""
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import requests
 
 from bertray import config as C
 from bertray import modeling, tracking, trainer
@@ -50,88 +47,19 @@ def test_a_malformed_models_uri_is_one_clear_error_before_any_server_is_asked(ur
         modeling.resolve(uri)  # how every stage reaches it
 
 
-class _Registry:
-    """Stands in for MlflowClient's registry calls: version 3 of 'm', also known as @champion."""
-
-    def __init__(self, calls: list, error: Exception | None = None):
-        self.calls, self.error = calls, error
-
-    def _version(self, name, version):
-        if self.error is not None:
-            raise self.error
-        return SimpleNamespace(name=name, version=version, source="mlflow-artifacts:/1/abc/artifacts/model")
-
-    def get_model_version(self, name, version):
-        self.calls.append(("version", name, version))
-        return self._version(name, version)
-
-    def get_model_version_by_alias(self, name, alias):
-        self.calls.append(("alias", name, alias))
-        return self._version(name, "3")
-
-
-@pytest.fixture()
-def registry(monkeypatch, tmp_path):
-    """`f(error=None)`: a registry (no server) that answers, or raises `error`; returns the list of its calls,
-    downloads included. Downloads land in this test's own model cache."""
+def test_a_registry_that_does_not_answer_is_one_line_naming_the_uri_and_server(monkeypatch, tmp_path):
+    # A real request to a port nothing listens on (the registry's own behaviour is tested against a real
+    # `mlflow server` in tests/integration/test_mlflow.py).
+    port = free_ports(1)[0]
     monkeypatch.setenv("BERTRAY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens: only the fakes answer
-
-    def download(artifact_uri, dst_path, tracking_uri):
-        calls.append(("download", artifact_uri))
-        Path(dst_path).mkdir(parents=True)
-        (Path(dst_path) / "config.json").write_text(json.dumps({"id2label": {"0": "neg", "1": "pos"}}))
-        return dst_path
-
-    calls: list = []
-    monkeypatch.setattr("mlflow.artifacts.download_artifacts", download)
-
-    def make(error: Exception | None = None) -> list:
-        monkeypatch.setattr(tracking, "_client", lambda uri: _Registry(calls, error))
-        return calls
-
-    return make
-
-
-def test_a_registered_version_is_downloaded_once_into_the_private_cache(registry, tmp_path):
-    calls = registry()
-    folder = tracking.model_dir("models:/m/3")
-    assert folder.parent == tmp_path / "cache" and (folder / "config.json").exists()
-    assert calls == [("version", "m", "3"), ("download", "mlflow-artifacts:/1/abc/artifacts/model")]
-    assert tracking.model_dir("models:/m/3") == folder and len(calls) == 2  # a version's files never change
-    assert tracking.model_dir("models:/m@champion") == folder  # the alias is asked for, its version is cached
-    assert calls[2:] == [("alias", "m", "champion")]
-    assert not [p for p in (tmp_path / "cache").iterdir() if p != folder]  # no download folder left behind
-
-
-def test_a_version_is_cached_per_tracking_server(registry, monkeypatch):
-    calls = registry()
-    first = tracking.model_dir("models:/m/3")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:10")  # another server's version 3 of 'm'
-    assert tracking.model_dir("models:/m/3") != first and [c[0] for c in calls].count("download") == 2
-
-
-def _mlflow_error(code: str) -> Exception:
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos import databricks_pb2
-
-    return MlflowException(f"{code} happened\nmore detail", error_code=getattr(databricks_pb2, code))
-
-
-@pytest.mark.parametrize("error,says", [
-    (lambda: _mlflow_error("RESOURCE_DOES_NOT_EXIST"), "no such registered model version in the MLflow registry at "
-                                                       "http://127.0.0.1:9 (set MLFLOW_TRACKING_URI"),
-    (lambda: _mlflow_error("INVALID_PARAMETER_VALUE"), "no such registered model version"),
-    (lambda: _mlflow_error("INTERNAL_ERROR"), "cannot use the MLflow registry at http://127.0.0.1:9: "
-                                              "INTERNAL_ERROR happened"),
-    (lambda: requests.ConnectionError("refused\nat 127.0.0.1:9"), "cannot use the MLflow registry at "
-                                                                  "http://127.0.0.1:9: refused"),
-])
-def test_registry_errors_are_one_line_naming_the_uri_and_server(registry, error, says):
-    registry(error())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(modeling.ModelError) as exc:
         tracking.model_dir("models:/m/3")
-    assert str(exc.value).startswith(f"models:/m/3: {says}") and "\n" not in str(exc.value), str(exc.value)
+    says = str(exc.value)
+    assert says.startswith(f"models:/m/3: cannot use the MLflow registry at http://127.0.0.1:{port}: ") and \
+        "\n" not in says, says
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_first_line_of_an_error():
@@ -153,54 +81,52 @@ def test_the_tracking_uri_is_absolute_so_every_process_finds_the_same_store(tmp_
         assert tracking.tracking_uri() == absolute, given
 
 
-class _Client:
-    """Records log_batch calls; `fail` makes every call raise, as a server that went away does."""
+@pytest.fixture()
+def store(tmp_path):
+    """A real MLflow store (SQLite, in this process: no server) with one experiment and two runs:
+    (tracking URI, client, experiment id, run id, another run id)."""
+    from mlflow import MlflowClient
 
-    def __init__(self, fail: bool = False):
-        self.batches, self.fail = [], fail
-
-    def log_batch(self, run_id, metrics=(), params=(), tags=()):
-        if self.fail:
-            raise OSError("connection refused")
-        self.batches.append((run_id, list(metrics), list(params), list(tags)))
-
-
-def _run(client: _Client) -> tracking.Run:
-    run = tracking.Run("http://127.0.0.1:9", "7", "run-1")
-    run._state["client"] = client
-    return run
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("unit", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri, client, exp, client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
 
 
-def test_params_go_in_batches_of_100_and_metrics_leave_out_what_is_not_a_number():
-    client = _Client()
-    run = _run(client)
-    run.log_params({f"k{i}": str(i) for i in range(250)})
-    assert [len(params) for _, _, params, _ in client.batches] == [100, 100, 50]
-    client.batches.clear()
+def test_more_params_than_one_request_takes_all_arrive_and_metrics_leave_out_what_is_not_a_number(store):
+    uri, client, exp, run_id, _ = store
+    run = tracking.Run(uri, exp, run_id)
+    run.log_params({f"k{i}": str(i) for i in range(250)})  # MLflow refuses more than 100 in one request
     run.log_metrics({"loss": 0.5, "step": 4, "accuracy": 1, "done": True, "note": "x"}, step=4)
-    ((run_id, metrics, _, _),) = client.batches
-    assert run_id == "run-1" and {(m.key, m.value, m.step) for m in metrics} == {("loss", 0.5, 4), ("accuracy", 1.0, 4)}
+    data = client.get_run(run_id).data
+    assert data.params == {f"k{i}": str(i) for i in range(250)}
+    assert data.metrics == {"loss": 0.5, "accuracy": 1.0}
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4]
 
 
-def test_a_failed_request_warns_once_and_the_run_and_its_children_log_nothing_more(caplog):
-    client = _Client(fail=True)
-    run = _run(client)
+def test_a_failed_request_warns_once_and_the_run_and_its_children_log_nothing_more(store, caplog):
+    uri, client, exp, run_id, other = store
+    run = tracking.Run(uri, exp, "no-such-run")
     with caplog.at_level(logging.WARNING, logger="bertray.tracking"):
         run.log_params({"a": "1"})
-        client.fail = False  # even once the server is back: this process has stopped logging
+        run.child(other).set_tags({"best": "yes"})  # a run that exists: still nothing, this process has stopped
         run.log_metrics({"loss": 0.5}, step=1)
-        run.child("run-2").set_tags({"best": "yes"})
-    assert client.batches == []
+    assert "best" not in client.get_run(other).data.tags
     (record,) = caplog.records
-    assert "MLflow: could not log params at http://127.0.0.1:9 (connection refused)" in record.getMessage()
+    assert f"MLflow: could not log params at {uri} (" in record.getMessage()
     assert "the run goes on" in record.getMessage()
 
 
-def test_a_run_travels_to_the_workers_without_its_client():
-    run = _run(_Client())  # a client of a class defined here: pickling it would fail
+def test_a_run_travels_to_the_workers_without_its_client(store):
+    uri, client, exp, run_id, _ = store
+    run = tracking.Run(uri, exp, run_id)
+    run.set_tags({"opened": "a client"})
+    assert "client" in run._state
     copy = pickle.loads(pickle.dumps(run))
-    assert copy.describe() == {"tracking_uri": "http://127.0.0.1:9", "experiment_id": "7", "run_id": "run-1"}
+    assert copy.describe() == {"tracking_uri": uri, "experiment_id": exp, "run_id": run_id}
     assert copy._state == {}  # opens its own client when it first logs
+    copy.set_tags({"from": "a copy"})
+    assert {"opened", "from"} <= set(client.get_run(run_id).data.tags)
 
 
 def test_unreachable_server_at_start_is_a_config_error(tmp_path, monkeypatch):
