@@ -167,6 +167,8 @@ def train_loop_per_worker(config: dict) -> str | None:
         import ray
 
         config = ray.get(config["sealed"][0])
+    if config.get("quiet"):
+        _quiet_train_reports()
     session = _TuneSession() if config.get("session") == "tune" else _Session()
     cfg = config["cfg"]
     if config.get("overrides"):
@@ -528,6 +530,16 @@ def _remove_orphaned_scratch() -> None:
     if removed:
         log.info("removed %d scratch director%s left in %s by killed processes", removed,
                  "y" if removed == 1 else "ies", tempfile.gettempdir())
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train logs the repr of every report (metrics and checkpoint) at INFO under a logger named by its file's
+    path, which RunConfig's LoggingConfig does not reach (it filters `ray.train.*` names); the same level here."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: its loggers are its LoggingConfig's
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _seed(seed: int) -> None:

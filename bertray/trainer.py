@@ -14,7 +14,7 @@ import numpy as np
 
 from bertray import checkpoint as ckpt_io
 from bertray import metrics as M
-from bertray import storage
+from bertray import runtime, storage
 from bertray.config import ConfigError, to_dict
 from bertray.train_loop import Objective, TrainingDiverged, train_loop_per_worker
 
@@ -274,7 +274,8 @@ def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | 
     # Ray Train's controller unpickles train_loop_config, and unpickling the objective would import torch's and
     # transformers' model code there too; behind an object reference only the workers load it (BENCHMARKS.md,
     # "Ray Train start-up").
-    payload = ray.put({"cfg": cfg, "objective": objective, "session": "train", "tracker": tracker})
+    quiet = not runtime.verbose()
+    payload = ray.put({"cfg": cfg, "objective": objective, "session": "train", "tracker": tracker, "quiet": quiet})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"sealed": [payload]},
@@ -290,6 +291,9 @@ def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | 
                 checkpoint_score_attribute=objective.metric,
                 checkpoint_score_order=objective.mode),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (worker-group start, every checkpoint's path) stay in its log files
+            # unless -v: the console shows bertray's progress lines.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
             **storage_kwargs,
         ),
     )

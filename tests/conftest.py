@@ -261,3 +261,15 @@ def sst2_small(tmp_path_factory) -> Path:
     pq.write_table(val, out / "validation.parquet")
     shutil.copy(SST2 / "labels.json", out / "labels.json")
     return out
+
+
+@pytest.fixture()
+def root_log_level():
+    """`f(level)`: set the root logger's level for this test (setLevel, so loggers' cached levels follow), then
+    restore it. DEBUG is what `bertray -v` sets."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    yield root.setLevel
+    root.setLevel(before)

@@ -2,6 +2,8 @@
 handed in its runtime env (settings, never secrets), and the refusal of local storage on a multi-node cluster."""
 from __future__ import annotations
 
+import importlib
+import logging
 import socket
 
 import pytest
@@ -102,3 +104,17 @@ def test_local_storage_is_refused_only_on_a_multi_node_cluster(monkeypatch, node
     assert str(exc.value).startswith(f"run.storage={uri!r} is a local path but the Ray cluster has 3 nodes")
     monkeypatch.setenv("BERTRAY_ALLOW_LOCAL_STORAGE", "1")  # an NFS mount, said so
     runtime.check_shared_storage(uri, "run.storage")
+
+
+@pytest.mark.parametrize("root_level,console_level", [(logging.INFO, logging.WARNING), (logging.DEBUG, logging.INFO)])
+def test_ray_datas_console_lines_are_left_to_its_log_file_unless_verbose(monkeypatch, root_log_level, root_level,
+                                                                         console_level):
+    importlib.import_module("ray.data")  # which configures its loggers: a console handler at INFO, a file handler
+
+    handlers = {h.get_name(): h for h in logging.getLogger("ray.data").handlers}
+    for h in handlers.values():
+        monkeypatch.setattr(h, "level", logging.INFO if h.get_name() == "console" else logging.NOTSET)
+    root_log_level(root_level)
+    runtime.quiet_ray_data()
+    assert handlers["console"].level == console_level
+    assert handlers["file"].level == logging.NOTSET  # ray-data.log keeps every line

@@ -3,6 +3,7 @@ and the TorchTrainer a cluster without a dashboard gets."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -212,11 +213,32 @@ def test_ray_trains_controller_is_handed_a_reference_and_the_workers_what_it_ref
     assert built.train_loop_config == {"sealed": ["ref"]}
     sealed = put["ref"][1]
     assert sealed["cfg"] is cfg and sealed["objective"] is objective and sealed["session"] == "train"
+    # Not verbose (pytest's root logger is at WARNING): Ray Train's own INFO lines stay in its log files.
+    assert sealed["quiet"] is True and built.run_config.logging_config.log_level == "WARNING"
 
     seen = {}
     monkeypatch.setattr(ray, "get", lambda ref: put["ref"][1] if ref == "ref" else None)
     monkeypatch.setattr(train_loop, "Loop", lambda cfg, objective, session, tracker: seen.update(
         cfg=cfg, objective=objective) or type("L", (), {"run": lambda self: "done"})())
     monkeypatch.setattr(train_loop, "_Session", lambda: type("S", (), {"rank": 0, "world": 1, "device": "cpu"})())
+    from ray.train.v2._internal.execution import context
+
+    reports = logging.getLogger(context.__file__)  # where Ray Train logs each report's repr
+    monkeypatch.setattr(reports, "level", logging.NOTSET)
     assert train_loop.train_loop_per_worker(built.train_loop_config) == "done"
     assert seen == {"cfg": cfg, "objective": objective}
+    assert not reports.isEnabledFor(logging.INFO)
+
+
+def test_verbose_runs_keep_ray_trains_own_lines(tmp_path, monkeypatch, root_log_level):
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from bertray.train_loop import Objective
+
+    monkeypatch.setattr(trainer, "torch_trainer_cls", lambda: TorchTrainer)
+    put = {}
+    monkeypatch.setattr(ray, "put", lambda value: put.setdefault("value", value) and "ref")
+    root_log_level(logging.DEBUG)
+    built = trainer.build_trainer(_cfg(tmp_path), Objective())
+    assert put["value"]["quiet"] is False and built.run_config.logging_config.log_level == "INFO"
