@@ -161,6 +161,7 @@ def tokenize_on_cluster(table, m: ModelConfig, overlap: int | None = None) -> tu
                         fn_kwargs={"base": m.base, "max_length": m.max_length, "truncation": m.truncation,
                                    "overlap": overlap})
     ds.context.enable_progress_bars = False
+    runtime.quiet_ray_data()
     return _token_ids(_in_order(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")), n), n, overlap)
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 # No bertray.modeling here: it imports torch and transformers, which the build+write tasks never use, and a fresh
 # Ray worker spends seconds importing them; the functions that need it import it themselves.
-from bertray import data, storage
+from bertray import data, runtime, storage
 from bertray.config import ConfigError, LabelConfig
 from bertray.metrics import labels_on
 
@@ -422,6 +422,7 @@ def _execute(cfg: LabelConfig, plan: Plan, pending: list[Unit], actors: int, ear
     ctx = ray.data.DataContext.get_current()
     bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # our progress lines below say units/rows/throughput; the bars only repeat it
+    runtime.quiet_ray_data()  # the pipeline's own start/plan/end lines likewise
     task_cpus, tasks = _task_resources(cfg, actors, ray.cluster_resources())
     cpu_stage = dict(batch_size=1, batch_format="pyarrow", num_cpus=task_cpus,
                      compute=ray.data.TaskPoolStrategy(size=min(tasks, len(pending))))

@@ -176,6 +176,7 @@ def read_stream(source: Source, cfg: PretrainConfig, holdout: frozenset = frozen
                         fn_kwargs={"cfg": cfg, "holdout": holdout})
     # Every pass over the stream is a new Ray Data execution; its progress bars would drown the training lines.
     ds.context.enable_progress_bars = False
+    runtime.quiet_ray_data()
     return ds
 
 

@@ -1,7 +1,6 @@
 """Process-level setup that only entry points (CLI, jobs/) call: never on import."""
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -72,11 +71,11 @@ def verbose() -> bool:
 
 def quiet_ray_data() -> None:
     """Ray Data prints each pipeline's start, plan and end on the console; bertray prints its own progress, so unless
-    -v those lines go only to Ray Data's log file (ray-data.log in Ray's session folder), which keeps them all."""
+    -v those lines go only to Ray Data's log file (ray-data.log in Ray's session folder), which keeps them all.
+    Called where bertray builds a pipeline (importing Ray Data sets up its loggers), not at start-up: importing it
+    would cost every stage, serving included, most of a second."""
     if verbose():
         return
-    importlib.import_module("ray.data")  # which configures its loggers
-
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
             handler.setLevel(logging.WARNING)
@@ -105,7 +104,6 @@ def init_ray(address: str | None = None) -> None:
                  ", ".join(held))
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
              **({} if address else {"include_dashboard": False}))
-    quiet_ray_data()
     res = ray.cluster_resources()
     log.info("Ray %s: %d node(s), %s CPUs, %s GPUs", "cluster at " + address if address else "local",
              len([n for n in ray.nodes() if n["Alive"]]), res.get("CPU", 0), res.get("GPU", 0))

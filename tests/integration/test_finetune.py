@@ -1,5 +1,7 @@
 """Fine-tuning on a real local Ray cluster: 2 DDP workers, S3 storage on a loopback server, fault tolerance."""
+import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -218,7 +220,7 @@ def test_a_loss_that_stops_being_finite_ends_the_run_in_one_line_and_exports_not
     assert not (tmp_path / "runs" / "diverged" / "model").exists()
 
 
-def test_texts_are_tokenized_once_across_the_cluster_in_order(ray_cluster, sst2_small):
+def test_texts_are_tokenized_once_across_the_cluster_in_order(ray_cluster, sst2_small, monkeypatch):
     """Ray Data tasks tokenize; the blocks come back in any order and are put back in row order, equal to
     tokenizing in one process. The workers then receive ids only."""
     from bertray import data as D
@@ -228,10 +230,16 @@ def test_texts_are_tokenized_once_across_the_cluster_in_order(ray_cluster, sst2_
     texts = [f"{s} {i}" for i in range(15) for s in sentences]  # 6,000: several blocks of at least 2,048
     m = C.ModelConfig(base="embedded", max_length=24, truncation="head+tail")
     tok = modeling.load_tokenizer(modeling.resolve("embedded"))
+    importlib.import_module("ray.data")  # which sets up its loggers, the console handler at INFO
+
+    console = {h.get_name(): h for h in logging.getLogger("ray.data").handlers}["console"]
+    monkeypatch.setattr(console, "level", logging.INFO)  # as a fresh driver has it
     ids, windows = finetune.tokenize(texts, m)
     expected, _ = modeling.encode(tok, texts, 24, "head+tail")
     assert windows is None
     assert len(ids) == len(texts) and all(ids[i].tolist() == expected[i] for i in range(len(texts)))
+    # Not verbose (pytest's root logger is at WARNING): the pipeline's own lines went to Ray Data's log file only.
+    assert console.level == logging.WARNING
     # Cut into windows: each text's windows, in text order, and how many each has.
     ids, windows = finetune.tokenize(texts, m, overlap=4)
     expected, counts = modeling.windows(tok, texts, 24, 4)
