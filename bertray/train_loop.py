@@ -162,11 +162,11 @@ def train_loop_per_worker(config: dict) -> str | None:
     """Entry point for Ray Train (`TorchTrainer(train_loop_per_worker, train_loop_config=config)`) and Tune.
 
     config: {"cfg": stage config (dataclass), "objective": Objective, "session": "train"|"tune",
-             "overrides": {dotted key: value} applied by Tune per trial}, or {"sealed": [a reference to it]}."""
+             "overrides": {dotted key: value} applied by Tune per trial}, or {"sealed": an object reference to it}."""
     if "sealed" in config:
         import ray
 
-        config = ray.get(config["sealed"][0])
+        config = ray.get(config["sealed"])
     if config.get("quiet"):
         _quiet_train_reports()
     session = _TuneSession() if config.get("session") == "tune" else _Session()

@@ -278,7 +278,7 @@ def build_trainer(cfg, objective: Objective, callbacks: tuple = (), name: str | 
     payload = ray.put({"cfg": cfg, "objective": objective, "session": "train", "tracker": tracker, "quiet": quiet})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"sealed": [payload]},
+        train_loop_config={"sealed": payload},
         datasets=datasets,  # Ray Data streams (pretraining); each worker reads its shard
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,

@@ -210,7 +210,7 @@ def test_ray_trains_controller_is_handed_a_reference_and_the_workers_what_it_ref
     monkeypatch.setattr(trainer, "torch_trainer_cls", lambda: TorchTrainer)  # asks a running Ray for its dashboard
     monkeypatch.setattr(ray, "put", lambda value: put.setdefault("ref", ("ref", value))[0])
     built = trainer.build_trainer(cfg, objective)
-    assert built.train_loop_config == {"sealed": ["ref"]}
+    assert built.train_loop_config == {"sealed": "ref"}
     sealed = put["ref"][1]
     assert sealed["cfg"] is cfg and sealed["objective"] is objective and sealed["session"] == "train"
     # Not verbose (pytest's root logger is at WARNING): Ray Train's own INFO lines stay in its log files.
