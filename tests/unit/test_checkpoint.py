@@ -12,7 +12,6 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           BertForSequenceClassification)
 
 from bertray import checkpoint, modeling
-from bertray import config as C
 from bertray.train_loop import _load_weights
 
 
@@ -47,11 +46,6 @@ def test_a_plain_hugging_face_folder_has_no_meta(tmp_path):
     assert checkpoint.read_meta(tmp_path / "plain") is None
 
 
-def _model_cfg(base: str, **adapter) -> C.ModelConfig:
-    return C.load(C.FinetuneConfig, data={"data": {"train": "x"},
-                                          "model": {"base": base, "adapter": {"kind": "lora", **adapter}}}).model
-
-
 @pytest.fixture(scope="module")
 def mlm_base(tmp_path_factory) -> str:
     """A tiny masked-LM BERT: what further pretraining exports, and a base without a pooler."""
@@ -64,10 +58,10 @@ def mlm_base(tmp_path_factory) -> str:
     return str(out)
 
 
-def test_an_adapter_checkpoint_is_small_and_rebuilds_exactly_on_a_base_without_a_pooler(mlm_base, tmp_path):
+def test_an_adapter_checkpoint_is_small_and_rebuilds_exactly_on_a_base_without_a_pooler(mlm_base, tmp_path, lora_model_cfg):
     """The base has no pooler, so the classifier's pooler starts random: it is trained and saved with the head, and
     a resume or export that rebuilds the model under another seed gives the same scores."""
-    cfg, tok = _model_cfg(mlm_base, r=4, alpha=8), AutoTokenizer.from_pretrained(mlm_base)
+    cfg, tok = lora_model_cfg(mlm_base, r=4, alpha=8), AutoTokenizer.from_pretrained(mlm_base)
     torch.manual_seed(1)
     model = modeling.build_classifier(cfg, ["neg", "pos"])
     with torch.no_grad():  # stand-in for training: move every trainable weight

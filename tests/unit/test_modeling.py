@@ -138,27 +138,22 @@ def test_windows_cover_the_text_within_max_length_and_overlap_as_asked():
     assert modeling.pool_windows(np.array([[1.0, 0.0], [3.0, -2.0]]), np.array([2]), "max").tolist() == [[3.0, 0.0]]
 
 
-def _model_cfg(base: str, **adapter) -> C.ModelConfig:
-    return C.load(C.FinetuneConfig, data={"data": {"train": "x"},
-                                          "model": {"base": base, "adapter": {"kind": "lora", **adapter}}}).model
-
-
-def test_only_the_adapter_and_the_new_head_train(tiny_bert):
-    model = modeling.build_classifier(_model_cfg(tiny_bert, r=2), ["a", "b", "c"])
+def test_only_the_adapter_and_the_new_head_train(tiny_bert, lora_model_cfg):
+    model = modeling.build_classifier(lora_model_cfg(tiny_bert, r=2), ["a", "b", "c"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "classifier.modules_to_save" in n for n in trainable), trainable
     assert {n.split(".attention.self.")[1].split(".")[0] for n in trainable if "lora_" in n} == {"query", "value"}
     assert model.config.num_labels == 3
 
 
-def test_targets_the_model_lacks_are_refused_in_one_line_naming_its_layers(tiny_bert):
+def test_targets_the_model_lacks_are_refused_in_one_line_naming_its_layers(tiny_bert, lora_model_cfg):
     with pytest.raises(modeling.ModelError) as e:
-        modeling.check_adapter(_model_cfg(tiny_bert, target=["q_lin", "value"]))
+        modeling.check_adapter(lora_model_cfg(tiny_bert, target=["q_lin", "value"]))
     assert str(e.value) == (f"model.adapter.target: q_lin names no module of {tiny_bert!r} "
                             "(BertForSequenceClassification); its linear layers are called dense, key, query, value")
     with pytest.raises(modeling.ModelError) as e:
-        modeling.check_adapter(_model_cfg(tiny_bert, target=["LayerNorm"]))
+        modeling.check_adapter(lora_model_cfg(tiny_bert, target=["LayerNorm"]))
     assert str(e.value).startswith(f"model.adapter: PEFT cannot put lora adapters on {tiny_bert!r}")
     assert "is not supported" in str(e.value) and "\n" not in str(e.value)
-    modeling.check_adapter(_model_cfg(tiny_bert, target=["attention.output.dense"]))  # a dotted name ending
+    modeling.check_adapter(lora_model_cfg(tiny_bert, target=["attention.output.dense"]))  # a dotted name ending
     modeling.check_adapter(C.ModelConfig(base="/no/such/model"))  # no adapter: nothing to check here

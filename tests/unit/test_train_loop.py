@@ -14,15 +14,10 @@ from bertray import modeling
 from bertray.train_loop import _load_weights
 
 
-def _model_cfg(base: str, **adapter) -> C.ModelConfig:
-    return C.load(C.FinetuneConfig, data={"data": {"train": "x"},
-                                          "model": {"base": base, "adapter": {"kind": "lora", **adapter}}}).model
-
-
-def test_a_full_checkpoint_is_not_loaded_into_an_adapter_model_or_the_reverse(tiny_bert, tmp_path):
+def test_a_full_checkpoint_is_not_loaded_into_an_adapter_model_or_the_reverse(tiny_bert, tmp_path, lora_model_cfg):
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     full = modeling.build_classifier(C.ModelConfig(base=tiny_bert), ["a", "b"])
-    adapted = modeling.build_classifier(_model_cfg(tiny_bert), ["a", "b"])
+    adapted = modeling.build_classifier(lora_model_cfg(tiny_bert), ["a", "b"])
     checkpoint.save(tmp_path / "full", full, tok, {"kind": "classifier"})
     checkpoint.save(tmp_path / "adapter", adapted, tok, {"kind": "classifier"})
     with pytest.raises(RuntimeError, match="does not match the model"):
