@@ -61,12 +61,15 @@ def worker_env() -> dict[str, str]:
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose():  # the job's workers (a sweep's trials that run Ray Train, say) print Ray's lines too
+        env["BERTRAY_VERBOSE"] = "1"
     return env
 
 
 def verbose() -> bool:
-    """Whether the user asked to see Ray's own progress lines too (`bertray -v` logs at debug level)."""
-    return logging.getLogger().isEnabledFor(logging.DEBUG)
+    """Whether the user asked to see Ray's own progress lines too: `bertray -v` (which logs at debug level) in the
+    driver, BERTRAY_VERBOSE=1 in the workers it starts."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG) or os.environ.get("BERTRAY_VERBOSE") == "1"
 
 
 def quiet_ray_data() -> None:

@@ -87,6 +87,18 @@ def test_worker_env_quietens_workers_unless_the_user_said_otherwise(monkeypatch)
     assert runtime.worker_env()["TRANSFORMERS_VERBOSITY"] == "info"
 
 
+def test_verbose_reaches_the_workers_the_job_starts(monkeypatch, root_log_level):
+    monkeypatch.delenv("BERTRAY_VERBOSE", raising=False)
+    root_log_level(logging.INFO)
+    assert not runtime.verbose() and "BERTRAY_VERBOSE" not in runtime.worker_env()
+    root_log_level(logging.DEBUG)  # bertray -v in the driver
+    env = runtime.worker_env()
+    assert env["BERTRAY_VERBOSE"] == "1"
+    root_log_level(logging.INFO)  # a worker: Ray's default logging, the job's env
+    monkeypatch.setenv("BERTRAY_VERBOSE", env["BERTRAY_VERBOSE"])
+    assert runtime.verbose()
+
+
 @pytest.mark.parametrize("nodes,uri,allowed", [
     (1, "runs", True),  # one machine: a local folder is shared by every worker
     (3, "s3://bucket/runs", True),
