@@ -106,7 +106,9 @@ def _publish(staging: Path, uri: str, meta: dict) -> str:
     return uri
 
 
-def label_names(model_config) -> list[str]:
-    """Label names in id order from a HF config's id2label."""
-    id2label = {int(k): v for k, v in (model_config.id2label or {}).items()}
+def label_names(config: dict) -> list[str]:
+    """Label names in id order from a config.json's id2label. transformers leaves its default out of the file: no
+    id2label is num_labels (2 unless given) labels named LABEL_0, LABEL_1, ..."""
+    default = {i: f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
+    id2label = {int(k): v for k, v in (config.get("id2label") or default).items()}
     return [id2label[i] for i in range(len(id2label))]

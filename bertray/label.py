@@ -36,9 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# No bertray.modeling here: it imports torch and transformers, which the build+write tasks never use, and a fresh
-# Ray worker spends seconds importing them; the functions that need it import it themselves.
-from bertray import data, runtime, storage
+# No bertray.predictor here: it imports torch and the model classes, which only the inference actors use; a fresh
+# Ray worker spends seconds importing them.
+from bertray import data, modeling, runtime, storage
 from bertray.config import ConfigError, LabelConfig
 from bertray.metrics import labels_on
 
@@ -147,8 +147,6 @@ def run(cfg: LabelConfig) -> dict:
 
 def make_plan(cfg: LabelConfig) -> Plan:
     """List and check every input file from its footer (no data read); split files into units."""
-    from bertray import modeling
-
     # Checked on the driver, from the config files alone, so a wrong model fails before any actor starts.
     label_names, meta, multi_label = modeling.classifier_labels(cfg.model)
     if meta.get("text_pair") and not cfg.text_pair_column:
@@ -445,9 +443,7 @@ def _execute(cfg: LabelConfig, plan: Plan, pending: list[Unit], actors: int, ear
 
 def _thresholds(plan: Plan) -> list[float]:
     """A multi-label model's decision threshold per label, as its Predictor applies them."""
-    from bertray.modeling import thresholds
-
-    return thresholds(plan.meta, plan.label_names).tolist()
+    return modeling.thresholds(plan.meta, plan.label_names).tolist()
 
 
 def _collect(cfg: LabelConfig, rows, pending: list[Unit], plan: Plan, earlier: dict) -> dict[str, dict]:
@@ -512,9 +508,7 @@ def _kept(cfg: LabelConfig, schema: pa.Schema) -> list[pa.Field]:
 def _encoder(model: str, max_length: int | None, long_text: str | None = None) -> tuple[Any, int, str, Any]:
     """(tokenizer, max_length, truncation, chunking) as the model's Predictor encodes, loaded once per worker process
     and without the weights, which a tokenize task has no use for."""
-    from bertray.modeling import encoding  # not bertray.predictor, whose model code a tokenize task has no use for
-
-    enc = encoding(model, max_length, long_text)
+    enc = modeling.encoding(model, max_length, long_text, tokenize_only=True)
     return enc.tokenizer, enc.max_length, enc.truncation, enc.chunking
 
 
@@ -533,8 +527,6 @@ def encode_texts(texts: list, encoder: tuple[Any, int, str, Any],
     (sequence i is ids[offsets[i]:offsets[i + 1]]): half the bytes of int64 ids, a ninth of a list of Python ints.
     Also how many texts were cut at max_length, and how many windows each text has (1 unless chunking, where a
     long text is several sequences). With `pairs`, a row needs both texts, encoded as one pair."""
-    from bertray import modeling
-
     tokenizer, max_length, truncation, chunking = encoder
     reasons = [reason(t) for t in texts]
     if pairs is not None:
@@ -626,7 +618,6 @@ class Infer:
     def __init__(self, cfg: LabelConfig, label_names: list[str]):
         import torch
 
-        from bertray import modeling
         from bertray.predictor import Predictor
 
         # Ray gives the actor `cpus_per_actor` CPUs; match torch's threads so actors don't oversubscribe cores.
@@ -647,10 +638,9 @@ class Infer:
             settings = (batch.column("max_length")[i].as_py(), batch.column("truncation")[i].as_py(),
                         batch.column("chunking")[i].as_py())
             if settings != (pred.max_length, pred.truncation, json.dumps(pred.chunking)):
-                from bertray.modeling import ModelError
-
-                raise ModelError(f"{self.cfg.model}: unit tokenized with max_length, truncation, chunking {settings}, "
-                                 f"but the model runs with {(pred.max_length, pred.truncation, pred.chunking)}")
+                raise modeling.ModelError(
+                    f"{self.cfg.model}: unit tokenized with max_length, truncation, chunking {settings}, "
+                    f"but the model runs with {(pred.max_length, pred.truncation, pred.chunking)}")
             flat = batch.column("ids")[i].values.to_numpy(zero_copy_only=False)
             offsets = batch.column("offsets")[i].values.to_numpy(zero_copy_only=False)
             windows = batch.column("windows")[i].values.to_numpy(zero_copy_only=False)
@@ -663,9 +653,7 @@ class Infer:
     def predict(self, flat: np.ndarray, offsets: np.ndarray, windows: np.ndarray | None = None) -> np.ndarray:
         """(texts, classes) probabilities, CHUNK_ROWS texts at a time: predict_ids takes Python lists of ids.
         `windows`: how many sequences each text has (more than one where a long text was chunked)."""
-        from bertray.modeling import TokenIds
-
-        ids = TokenIds(flat, offsets)
+        ids = modeling.TokenIds(flat, offsets)
         windows = np.ones(len(ids), np.int64) if windows is None else windows
         first = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)  # text t's sequences: first[t]..first[t+1]
         chunked = bool((windows != 1).any())

