@@ -172,6 +172,9 @@ def ray_cluster(s3_server):
     # Serve retries a replica that cannot load its model three times, each a new process importing torch; once is
     # enough for the tests that provoke it. Set before the raylet starts, so the Serve controller inherits it.
     os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
+    # As bertray's own local start does (runtime.init_ray): one machine has no node to pre-empt, and Ray Train's
+    # watcher would be one more process per run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {k: os.environ[k] for k in os.environ
