@@ -306,7 +306,8 @@ class ClassificationObjective(Objective):
     def build_model(self):
         model = modeling.build_classifier(self.cfg.model, self.label_names, self.multi_label)
         # Pairs need the segment ids only where the model reads them (BERT, not RoBERTa).
-        self.sep_id = self._tokenizer.sep_token_id if self.pairs and modeling.uses_segments(model.config.to_dict()) else None
+        segments = self.pairs and modeling.uses_segments(model.config.to_dict())
+        self.sep_id = self._tokenizer.sep_token_id if segments else None
         return model
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
