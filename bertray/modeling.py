@@ -480,8 +480,7 @@ def classifier_labels(model_uri: str) -> tuple[list[str], dict, bool]:
     meta, config = _classifier(model_uri, folder)
     if not config.get("id2label"):
         raise ModelError(f"{model_uri}: config.json names no labels (id2label); expected a classifier checkpoint")
-    id2label = {int(k): v for k, v in config["id2label"].items()}
-    return [id2label[i] for i in range(len(id2label))], meta, problem_type(config) == "multi_label_classification"
+    return checkpoint.label_names(config), meta, problem_type(config) == "multi_label_classification"
 
 
 def _classifier(model_uri: str, folder: str) -> tuple[dict, dict]:

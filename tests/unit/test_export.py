@@ -16,7 +16,6 @@ from bertray.modeling import ModelError
 from bertray.predictor import Predictor
 
 LABELS = ["negative", "positive"]
-SST2 = Path(os.environ.get("BERTRAY_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")) / "sst2"
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +26,14 @@ def model_cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def texts() -> list[str]:
+def sst2_validation(shared_data) -> str:
+    return str(shared_data / "sst2" / "validation.parquet")
+
+
+@pytest.fixture(scope="module")
+def texts(sst2_validation) -> list[str]:
     """300 SST-2 validation sentences."""
-    return pq.read_table(SST2 / "validation.parquet", columns=["text"]).column("text").to_pylist()[:300]
+    return pq.read_table(sst2_validation, columns=["text"]).column("text").to_pylist()[:300]
 
 
 def _save(folder: Path, model, tokenizer) -> str:
@@ -100,11 +104,11 @@ def test_export_folder_is_a_self_describing_onnx_model(tiny, tiny_onnx):
 
 
 @pytest.mark.parametrize("model", ["tiny", "minilm"])
-def test_onnxruntime_scores_match_pytorch_within_tolerance(model, request, texts, tmp_path):
+def test_onnxruntime_scores_match_pytorch_within_tolerance(model, request, texts, tmp_path, sst2_validation):
     uri = request.getfixturevalue(model)
     out = tmp_path / "onnx"
-    meta = export.run(uri, str(out), sample=str(SST2 / "validation.parquet"))
-    assert meta["parity"]["sample"]["source"] == str(SST2 / "validation.parquet")
+    meta = export.run(uri, str(out), sample=sst2_validation)
+    assert meta["parity"]["sample"]["source"] == sst2_validation
     assert meta["parity"]["fp32"]["max_abs_prob_diff"] <= export.TOLERANCE
 
     expected = Predictor(uri).predict(texts).probs
@@ -248,8 +252,8 @@ def test_backend_options_that_cannot_go_together(tiny, tiny_onnx):
     assert C.load(C.LabelConfig, data={"model": "m", "input": "i", "output": "o"}).backend == "torch"
 
 
-def test_cli_evaluate_through_onnxruntime(tiny, tiny_onnx, tmp_path, capsys):
-    data = str(SST2 / "validation.parquet")
+def test_cli_evaluate_through_onnxruntime(tiny, tiny_onnx, tmp_path, capsys, sst2_validation):
+    data = sst2_validation
     assert cli.main(["evaluate", tiny, data, "--out", str(tmp_path / "torch"), "--max-rows", "200"]) == 0
     torch_summary = json.loads(capsys.readouterr().out)
     assert cli.main(["evaluate", tiny_onnx, data, "--out", str(tmp_path / "ort"), "--max-rows", "200",
